@@ -1,0 +1,297 @@
+"""Configuration: defaults (each key documented), validation, JSON load/save, overrides.
+
+A config is a plain ``dict`` so it travels to worker processes and into
+``run_report.json`` unchanged. Unknown keys are kept (a newer or older version may
+use them); known keys are validated and coerced, and a wrong value raises
+:class:`ConfigError` naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+
+class ConfigError(ValueError):
+    """A user-caused configuration problem, carried as a locale key and its parameters."""
+
+    def __init__(self, key: str, **params: Any) -> None:
+        self.key = key
+        self.params = params
+        super().__init__(f"{key}: {params}")
+
+
+@dataclass(frozen=True)
+class Option:
+    default: Any
+    doc: str
+    kind: str  # "bool" | "int" | "float" | "str" | "choice" | "list"
+    choices: tuple[Any, ...] = ()
+    minimum: float | None = None
+    maximum: float | None = None
+
+    def allowed(self) -> str:
+        if self.kind == "choice":
+            return ", ".join(str(c) for c in self.choices)
+        if self.kind in ("int", "float"):
+            low = "-inf" if self.minimum is None else self.minimum
+            high = "inf" if self.maximum is None else self.maximum
+            return f"{self.kind} in [{low}, {high}]"
+        return self.kind
+
+
+def _choice(default: str, doc: str, *choices: str) -> Option:
+    return Option(default, doc, "choice", tuple(choices))
+
+
+OPTIONS: dict[str, Option] = {
+    # --- general -------------------------------------------------------------------
+    "language": _choice("en", "Language of messages, log and widgets.", "en", "fr"),
+    "workflow": _choice(
+        "auto",
+        "auto: SDS if sds_mode and Seestar data, else Mosaic-First for Seestar, else classic.",
+        "auto", "classic", "mosaic_first", "sds",
+    ),
+    "output_basename": Option("mosaic", "Base name of the output files (<base>_science.fits ...).", "str"),
+    "auto_detect_seestar": Option(True, "Detect Seestar frames from INSTRUME/CREATOR/TELESCOP.", "bool"),
+    "force_seestar_mode": Option(False, "Treat every frame as Seestar whatever its header says.", "bool"),
+    "max_memory_mb": Option(0, "Host memory budget in MB for stacking blocks; 0 = half the available RAM.", "int", minimum=0),
+    "cache_dir": Option("", "Where spill files go; empty = OUTPUT/.zemosaic_cache.", "str"),
+    "num_workers": Option(0, "Threads for reading/reprojecting frames; 0 = number of CPU cores (max 8).", "int", minimum=0),
+    # --- pixels ----------------------------------------------------------------------
+    "hot_pixel_correction": Option(True, "Replace hot pixels on the CFA plane (per colour site) before debayering.", "bool"),
+    "hot_pixel_sigma": Option(8.0, "A CFA pixel this many robust sigmas above its same-colour neighbours is hot.", "float", minimum=3.0),
+    "debayer_method": _choice("bilinear", "CFA interpolation.", "bilinear"),
+    # --- canvas and resampling ----------------------------------------------------------
+    "canvas_padding_pct": Option(2.0, "Padding around the union of footprints, percent of the canvas size.", "float", minimum=0.0, maximum=100.0),
+    "canvas_pixel_scale_arcsec": Option(0.0, "Canvas pixel scale; 0 = median of the frames.", "float", minimum=0.0),
+    "canvas_orientation": _choice("north_up", "Canvas orientation.", "north_up"),
+    "resample_method": _choice("bilinear", "Resampling kernel.", "bilinear", "bicubic", "lanczos3"),
+    "control_grid_tolerance_px": Option(0.01, "Max error of the interpolated pixel mapping, in pixels.", "float", minimum=1e-5, maximum=0.5),
+    "autocrop": Option(True, "Crop the final canvas to the covered area plus a margin.", "bool"),
+    "autocrop_margin_px": Option(8, "Margin kept around the covered area when cropping.", "int", minimum=0),
+    "min_coverage_keep": Option(0.0, "Mask final pixels whose coverage is below this fraction of the local expected coverage.", "float", minimum=0.0, maximum=1.0),
+    # --- stacking ------------------------------------------------------------------------
+    "stacking_normalize_method": _choice(
+        "linear_fit", "Bring frames to one flux scale before combining.", "none", "sky_mean", "linear_fit",
+    ),
+    "stacking_weighting_method": _choice("noise_variance", "Per-frame weights.", "none", "noise_variance"),
+    "stacking_rejection_algorithm": _choice(
+        "kappa_sigma", "Per-pixel outlier rejection.", "none", "kappa_sigma", "winsorized_sigma_clip", "linear_fit_clip",
+    ),
+    "stacking_kappa_low": Option(3.0, "Lower rejection threshold in sigma.", "float", minimum=0.1),
+    "stacking_kappa_high": Option(3.0, "Upper rejection threshold in sigma.", "float", minimum=0.1),
+    "stacking_max_iterations": Option(5, "Iterations of the rejection loop.", "int", minimum=1, maximum=50),
+    "stacking_winsor_sigma": Option(1.5, "Winsorisation clamp (sigma) used by winsorized_sigma_clip.", "float", minimum=0.5),
+    "stacking_final_combine": _choice("mean", "How kept values are combined.", "mean", "median"),
+    # --- outputs -----------------------------------------------------------------------------
+    "preview_max_side": Option(4096, "Long side of the PNG preview in pixels.", "int", minimum=64),
+    "preview_stretch_percentiles": Option([0.5, 99.8], "Black/white percentiles of the preview stretch.", "list"),
+    # --- GPU (seed 002): one policy; the three flags below are kept in sync -------------
+    "use_gpu_phase5": Option(True, "Use the GPU for reprojection and assembly when available.", "bool"),
+    "stack_use_gpu": Option(True, "Use the GPU for stacking when available.", "bool"),
+    "use_gpu_stack": Option(True, "Legacy alias of stack_use_gpu (kept in sync).", "bool"),
+    "gpu_strict": Option(False, "Fail instead of falling back to the CPU when the GPU cannot be used (--gpu on).", "bool"),
+    "gpu_device_id": Option(0, "CUDA device used by this run.", "int", minimum=0),
+    "gpu_safety_fraction": Option(0.8, "Share of free GPU memory a stage may plan to use.", "float", minimum=0.05, maximum=1.0),
+    # --- SDS (seed 000) ---------------------------------------------------------------------
+    "sds_mode": Option(False, "ZeSupaDupStack: stack batches of Seestar frames into mega-tiles, then stack those.", "bool"),
+    "sds_coverage_threshold": Option(0.92, "A batch may close once it covers this fraction of the union footprint.", "float", minimum=0.0, maximum=1.0),
+    "sds_min_batch_size": Option(5, "Frames a batch needs before coverage may close it.", "int", minimum=1),
+    "sds_target_batch_size": Option(10, "A batch is closed at this size even below the coverage threshold.", "int", minimum=1),
+    "sds_min_coverage_keep": Option(0.4, "Final SDS pixels below this fraction of the local expected coverage are masked.", "float", minimum=0.0, maximum=1.0),
+    "preplan_master_groups": Option([], "Explicit groups/batches: lists of frame paths.", "list"),
+    # --- classic ------------------------------------------------------------------------------
+    "cluster_panel_threshold": Option(0.0, "Max separation (deg) between frame centres of one pointing group; 0 = automatic.", "float", minimum=0.0),
+    "cluster_orientation_split_deg": Option(0.0, "Split groups whose field orientation differs by more than this; 0 = off.", "float", minimum=0.0),
+    "max_raw_per_master_tile": Option(0, "Cap on frames per master tile; 0 = automatic from the memory budget.", "int", minimum=0),
+    "apply_intertile_photometry": Option(True, "Phase 4.5: match tile gains/offsets on their overlaps.", "bool"),
+    "final_assembly_method": _choice("reproject_coadd", "Classic final assembly.", "reproject_coadd", "incremental"),
+    "two_pass_coverage_renorm": Option(True, "Second assembly pass that removes residual gain steps along coverage changes.", "bool"),
+    # --- plate solving ------------------------------------------------------------------------------
+    "solve_missing_wcs": Option(True, "Plate-solve frames without a valid WCS when a solver is installed.", "bool"),
+    "astrometry_index_dir": Option("", "Folder of astrometry.net index files; empty = the system's.", "str"),
+    "write_wcs_to_inputs": Option(False, "Write solved WCS into the input files (off: inputs are never touched).", "bool"),
+    # --- resume -----------------------------------------------------------------------------------------
+    "resume": _choice("auto", "Reuse finished work units from OUTPUT/.zemosaic_cache.", "auto", "off", "force"),
+    "cache_retention": _choice("run_end", "Remove the cache after a successful run, or keep it.", "run_end", "keep"),
+}
+
+DEFAULT_CONFIG: dict[str, Any] = {key: option.default for key, option in OPTIONS.items()}
+
+GPU_STACK_ALIASES = ("stack_use_gpu", "use_gpu_stack")
+
+
+def default_config() -> dict[str, Any]:
+    """A fresh copy of the defaults (lists are copied so callers may mutate them)."""
+    return json.loads(json.dumps(DEFAULT_CONFIG))
+
+
+def user_config_path() -> Path:
+    """The per-user config file (XDG on Linux, Application Support on macOS, APPDATA on Windows)."""
+    if sys.platform.startswith("win"):
+        base = Path(os.environ.get("APPDATA", Path.home() / "AppData" / "Roaming"))
+    elif sys.platform == "darwin":
+        base = Path.home() / "Library" / "Application Support"
+    else:
+        base = Path(os.environ.get("XDG_CONFIG_HOME", Path.home() / ".config"))
+    return base / "napari-zemosaic" / "config.json"
+
+
+def _coerce_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    if isinstance(value, str) and value.strip().lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(value)
+
+
+def _coerce(option: Option, value: Any) -> Any:
+    if option.kind == "bool":
+        return _coerce_bool(value)
+    if option.kind == "int":
+        if isinstance(value, bool):
+            raise ValueError(value)
+        number = float(value)
+        if number != int(number):
+            raise ValueError(value)
+        return int(number)
+    if option.kind == "float":
+        if isinstance(value, bool):
+            raise ValueError(value)
+        number = float(value)
+        if number != number:  # NaN
+            raise ValueError(value)
+        return number
+    if option.kind == "str":
+        if not isinstance(value, str):
+            raise ValueError(value)
+        return value
+    if option.kind == "choice":
+        text = str(value).strip().lower().replace("-", "_")
+        for choice in option.choices:
+            if str(choice) == text:
+                return choice
+        raise ValueError(value)
+    if option.kind == "list":
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(value)
+        return list(value)
+    raise ValueError(value)  # pragma: no cover - every kind is handled above
+
+
+def validate_config(config: Mapping[str, Any], explicit_keys: Iterable[str] = ()) -> dict[str, Any]:
+    """Defaults filled in, known keys coerced, unknown keys kept, GPU aliases synchronised.
+
+    ``explicit_keys`` are the keys the user set in this call (``--set``, a widget):
+    when only one of the GPU stacking aliases was set, the other follows it.
+    """
+    merged = default_config()
+    merged.update(config)
+    for key, option in OPTIONS.items():
+        value = merged[key]
+        try:
+            coerced = _coerce(option, value)
+        except (ValueError, TypeError, OverflowError):
+            raise ConfigError("config_error_invalid_value", key=key, value=repr(value), allowed=option.allowed()) from None
+        if option.kind in ("int", "float"):
+            if (option.minimum is not None and coerced < option.minimum) or (
+                option.maximum is not None and coerced > option.maximum
+            ):
+                raise ConfigError("config_error_invalid_value", key=key, value=repr(value), allowed=option.allowed())
+        merged[key] = coerced
+    _sync_gpu_aliases(merged, set(explicit_keys))
+    # SDS sizes follow the seed's coercion: at least 1, and a target never below the minimum.
+    merged["sds_target_batch_size"] = max(merged["sds_target_batch_size"], merged["sds_min_batch_size"])
+    return merged
+
+
+def _sync_gpu_aliases(config: dict[str, Any], explicit_keys: set[str]) -> None:
+    if "use_gpu_stack" in explicit_keys and "stack_use_gpu" not in explicit_keys:
+        config["stack_use_gpu"] = config["use_gpu_stack"]
+    else:
+        config["use_gpu_stack"] = config["stack_use_gpu"]
+
+
+def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The raw mapping stored in a JSON config file; a clear error when it is not one."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError("config_error_file_missing", path=str(path)) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError("config_error_not_json", path=str(path), detail=str(exc)) from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError("config_error_not_json", path=str(path), detail=str(exc)) from None
+    if not isinstance(data, dict):
+        raise ConfigError("config_error_not_json", path=str(path), detail="top level is not an object")
+    return data
+
+
+def load_config(path: str | os.PathLike[str] | None = None, *, use_user_file: bool = True) -> dict[str, Any]:
+    """Defaults, then the user's config file (if any), then ``path`` (if given), validated."""
+    config: dict[str, Any] = {}
+    user_file = user_config_path()
+    if use_user_file and path is None and user_file.is_file():
+        config.update(read_config_file(user_file))
+    if path is not None:
+        config.update(read_config_file(path))
+    try:
+        return validate_config(config, explicit_keys=config.keys())
+    except ConfigError as exc:
+        exc.params.setdefault("path", str(path or user_file))
+        raise
+
+
+def save_config(config: Mapping[str, Any], path: str | os.PathLike[str] | None = None) -> Path:
+    """Write ``config`` as JSON atomically (temp file + rename); returns the path."""
+    target = Path(path) if path is not None else user_config_path()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    with temp.open("w", encoding="utf-8") as handle:
+        json.dump(dict(config), handle, indent=2, sort_keys=True)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temp, target)
+    return target
+
+
+def parse_set_option(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` from the command line; VALUE is read as JSON when it parses, else as text."""
+    if "=" not in text:
+        raise ConfigError("config_error_bad_set", text=text)
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError("config_error_bad_set", text=text)
+    try:
+        value: Any = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return key, value
+
+
+def apply_overrides(config: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """``config`` with ``overrides`` applied and validated (aliases follow what was set)."""
+    merged = dict(config)
+    merged.update(overrides)
+    return validate_config(merged, explicit_keys=overrides.keys())
+
+
+def option_docs() -> dict[str, str]:
+    """Key → one-line documentation, for ``zemosaic info`` and the README."""
+    return {key: option.doc for key, option in OPTIONS.items()}
+
+
+Coercer = Callable[[Any], Any]
