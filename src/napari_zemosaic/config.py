@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable, Mapping
 class ConfigError(ValueError):
     """A user-caused configuration problem, carried as a locale key and its parameters."""
 
-    def __init__(self, key: str, **params: Any) -> None:
+    def __init__(self, key: str, /, **params: Any) -> None:
         self.key = key
         self.params = params
         super().__init__(f"{key}: {params}")

@@ -95,10 +95,10 @@ class Reporter:
 class LogFileListener:
     """Writes one line per log event (in the run's language) to ``zemosaic.log``."""
 
-    def __init__(self, path: str, language: str | None = None) -> None:
+    def __init__(self, path: str, language: str | None = None, mode: str = "a") -> None:
         self.path = path
         self.language = language
-        self._handle = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
+        self._handle = open(path, mode, encoding="utf-8")  # noqa: SIM115 - closed by close()
 
     def __call__(self, event: Event) -> None:
         if isinstance(event, LogEvent):

@@ -1,0 +1,1 @@
+"""The mosaic engine: pure Python, never imports napari or Qt."""

@@ -1,0 +1,411 @@
+"""The run: ingest → filter → canvas → stacking → assembly → outputs, as a generator of events.
+
+``iter_run`` yields :class:`~napari_zemosaic.events.ProgressEvent` and
+:class:`~napari_zemosaic.events.LogEvent` objects and returns a :class:`MosaicResult`
+(``StopIteration.value``), so the CLI, napari thread workers and scripts all drive the
+same code. Closing the generator (or a cancel request) stops at the next event: the
+report says ``cancelled`` and no final file is left half-written.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Generator, Iterable, Sequence
+
+import numpy as np
+
+from .. import __version__
+from ..config import validate_config
+from ..events import Event, LogEvent, LogFileListener, Reporter
+from .canvas import Canvas, autocrop_slices, build_canvas, crop_canvas
+from .context import RunCancelled, RunContext, UserError, peak_rss_mb
+from .frames import FrameError, FrameInfo, read_frame_info, scan_inputs
+from .mosaic_first import CanvasStack, mosaic_first
+from .outputs import (
+    OutputError,
+    alpha_from_coverage,
+    check_output_dir,
+    write_json,
+    write_preview_png,
+    write_science_fits,
+)
+
+WORKFLOWS_AVAILABLE = ("mosaic_first",)
+
+
+@dataclass
+class ExcludedFrame:
+    path: str
+    reason_key: str
+    detail: str = ""
+
+    def to_dict(self) -> dict[str, str]:
+        return {"path": self.path, "reason_key": self.reason_key, "detail": self.detail}
+
+
+@dataclass
+class IngestResult:
+    """P1: every file found, the usable frames and the excluded ones with their reasons."""
+
+    found: list[Path]
+    usable: list[FrameInfo]
+    excluded: list[ExcludedFrame]
+    warnings: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def all_seestar(self) -> bool:
+        return bool(self.usable) and all(info.is_seestar for info in self.usable)
+
+
+@dataclass
+class MosaicResult:
+    status: str
+    output_dir: Path
+    report: dict[str, Any]
+    science_path: Path | None = None
+    preview_path: Path | None = None
+    report_path: Path | None = None
+    log_path: Path | None = None
+    data: np.ndarray | None = None  # (C, H, W) linear
+    alpha: np.ndarray | None = None
+    coverage: np.ndarray | None = None
+    canvas: Canvas | None = None
+    frames: list[FrameInfo] = field(default_factory=list)
+
+    @property
+    def wcs(self) -> Any:
+        return None if self.canvas is None else self.canvas.wcs
+
+
+# ----------------------------------------------------------------------------------- P1
+
+
+def ingest(
+    input_dir: Path,
+    output_dir: Path | None,
+    config: dict[str, Any],
+    reporter: Reporter,
+    include: Iterable[str | Path] | None = None,
+) -> Generator[Event, None, IngestResult]:
+    """Scan INPUT, read headers only, validate WCS; unusable files are excluded with a reason."""
+    if not input_dir.is_dir():
+        raise UserError("input_error_missing", path=str(input_dir))
+    found = scan_inputs(input_dir, output_dir)
+    if include is not None:
+        wanted = {str(Path(p).resolve()) for p in include}
+        found = [p for p in found if str(p.resolve()) in wanted]
+    reporter.info("ingest_info_found", count=len(found), path=str(input_dir))
+    usable: list[FrameInfo] = []
+    excluded: list[ExcludedFrame] = []
+    for number, path in enumerate(found, start=1):
+        try:
+            info = read_frame_info(
+                path,
+                auto_detect_seestar=bool(config["auto_detect_seestar"]),
+                force_seestar_mode=bool(config["force_seestar_mode"]),
+            )
+        except FrameError as exc:
+            excluded.append(ExcludedFrame(str(path), exc.reason_key, exc.detail))
+            reporter.warning(exc.reason_key, path=str(path), detail=exc.detail)
+        else:
+            if info.wcs is None:
+                reason = info.wcs_reason or "frame_excluded_no_wcs"
+                detail = getattr(info, "wcs_detail", "") or ""
+                excluded.append(ExcludedFrame(str(path), reason, detail))
+                reporter.warning(reason, path=str(path), detail=detail)
+            else:
+                usable.append(info)
+        reporter.progress("P1", number, len(found), "progress_files", name=path.name)
+        yield from reporter.pop_pending()
+    warnings: list[dict[str, Any]] = []
+    sizes = sorted({info.shape for info in usable})
+    if len(sizes) > 1:
+        text = ", ".join(f"{w}x{h}" for h, w in sizes)
+        warnings.append({"key": "frames_warn_mixed_sizes", "sizes": text})
+        reporter.warning("frames_warn_mixed_sizes", sizes=text)
+    reporter.info("ingest_info_summary", used=len(usable), excluded=len(excluded))
+    yield from reporter.pop_pending()
+    return IngestResult(found, usable, excluded, warnings)
+
+
+# ----------------------------------------------------------------------------------- P2
+
+
+def choose_workflow(requested: str, config: dict[str, Any], ingest_result: IngestResult) -> tuple[str, list[dict]]:
+    """The workflow to run and the fallbacks taken to get there (design.md §2)."""
+    fallbacks: list[dict[str, Any]] = []
+    seestar = ingest_result.all_seestar
+    if requested == "auto":
+        if config["sds_mode"] and seestar:
+            wanted = "sds"
+        elif seestar:
+            wanted = "mosaic_first"
+        else:
+            wanted = "classic"
+    else:
+        wanted = requested
+    if wanted not in WORKFLOWS_AVAILABLE:
+        fallbacks.append(
+            {"from": wanted, "to": "mosaic_first", "reason_key": "workflow_fallback_not_available", "detail": wanted}
+        )
+        wanted = "mosaic_first"
+    return wanted, fallbacks
+
+
+def output_channels(frames: Sequence[FrameInfo]) -> int:
+    """1 when every frame is mono, else 3 (mono frames are then repeated into R, G and B)."""
+    return 1 if all(info.n_channels == 1 and info.layout == "mono" for info in frames) else 3
+
+
+# ------------------------------------------------------------------------------- the run
+
+
+def _provenance(config: dict[str, Any], workflow: str, n_frames: int) -> dict[str, tuple[Any, str]]:
+    return {
+        "WORKFLOW": (workflow, "napari-zemosaic workflow"),
+        "NCOMBINE": (n_frames, "frames combined"),
+        "NORMMETH": (config["stacking_normalize_method"], "photometric normalisation"),
+        "WEIGHTS": (config["stacking_weighting_method"], "frame weighting"),
+        "REJECT": (config["stacking_rejection_algorithm"], "pixel rejection"),
+        "KAPPALO": (config["stacking_kappa_low"], "rejection kappa low"),
+        "KAPPAHI": (config["stacking_kappa_high"], "rejection kappa high"),
+        "COMBINE": (config["stacking_final_combine"], "combine method"),
+        "RESAMPLE": (config["resample_method"], "resampling kernel"),
+    }
+
+
+class _Run:
+    """State and report of one run (helper of :func:`iter_run`)."""
+
+    def __init__(self, input_dir: Path, output_dir: Path, config: dict[str, Any], ctx: RunContext) -> None:
+        self.input_dir = input_dir
+        self.output_dir = output_dir
+        self.config = config
+        self.ctx = ctx
+        self.started = time.time()
+        self.report: dict[str, Any] = {
+            "status": "running",
+            "version": __version__,
+            "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "input_dir": str(input_dir),
+            "output_dir": str(output_dir),
+            "workflow_requested": config["workflow"],
+            "workflow_used": None,
+            "fallbacks": [],
+            "config": config,
+            "frames": {"found": 0, "used": 0, "excluded": [], "warnings": []},
+            "sds": None,
+            "canvas": None,
+            "compute": {"backend_by_stage": {}, "gpu": None, "gpu_fallbacks": []},
+            "timings_s": ctx.timings_s,
+            "peak_rss_mb": None,
+            "outputs": {},
+        }
+
+    @property
+    def base(self) -> str:
+        return self.config["output_basename"]
+
+    def report_path(self) -> Path:
+        return self.output_dir / "run_report.json"
+
+    def finish(self, status: str, error: dict[str, Any] | None = None) -> None:
+        self.report["status"] = status
+        if error:
+            self.report["error"] = error
+        self.report["elapsed_s"] = round(time.time() - self.started, 3)
+        self.report["peak_rss_mb"] = round(peak_rss_mb(), 1)
+        if self.ctx.policy is not None and hasattr(self.ctx.policy, "to_report"):
+            self.report["compute"] = self.ctx.policy.to_report()
+        self.report["outputs"].setdefault("log", str(self.output_dir / "zemosaic.log"))
+        try:
+            write_json(self.report_path(), self.report)
+            self.report["outputs"]["report"] = str(self.report_path())
+        except OSError:
+            pass  # the folder vanished or filled up: the caller still gets the report in memory
+
+
+def _build_policy(config: dict[str, Any], reporter: Reporter) -> Any:
+    """The per-run GPU/CPU decision (engine/gpu.py); None means "numpy everywhere"."""
+    try:
+        from .gpu import ComputePolicy
+    except ImportError:  # gpu.py is optional in minimal installs
+        return None
+    return ComputePolicy.from_config(config, reporter=reporter)
+
+
+def iter_run(
+    input_dir: str | Path,
+    output_dir: str | Path,
+    config: dict[str, Any] | None = None,
+    *,
+    include: Iterable[str | Path] | None = None,
+    listeners: Sequence[Callable[[Event], None]] = (),
+    cancel_event: threading.Event | None = None,
+) -> Generator[Event, None, MosaicResult]:
+    """Run the whole pipeline; yields events, returns the :class:`MosaicResult`.
+
+    ``include`` restricts the run to these input files (the napari Frame filter's selection).
+    Raises :class:`UserError` for problems the user can fix (exit code 2 in the CLI).
+    """
+    input_dir, output_dir = Path(input_dir).expanduser().resolve(), Path(output_dir).expanduser().resolve()
+    config = validate_config(config or {})
+    try:
+        check_output_dir(output_dir)
+    except OutputError as exc:
+        raise UserError(exc.key, **exc.params) from None
+    log_listener = LogFileListener(str(output_dir / "zemosaic.log"), config["language"], mode="w")
+    reporter = Reporter([log_listener, *listeners])
+    cache_dir = Path(config["cache_dir"]) if config["cache_dir"] else output_dir / ".zemosaic_cache"
+    ctx = RunContext(config, reporter, output_dir, cache_dir, cancel_event=cancel_event or threading.Event())
+    run = _Run(input_dir, output_dir, config, ctx)
+    try:
+        reporter.info("run_info_start", version=__version__, input=str(input_dir), output=str(output_dir))
+        ctx.policy = _build_policy(config, reporter)
+        yield from ctx.drain()
+        result = yield from _run_body(run, include)
+        return result
+    except UserError as exc:
+        reporter.error(exc.key, **exc.params)
+        run.finish("failed", {"key": exc.key, "params": exc.params})
+        yield from reporter.pop_pending()
+        raise
+    except (RunCancelled, GeneratorExit, KeyboardInterrupt):
+        reporter.warning("run_warn_cancelled")
+        run.finish("cancelled")
+        raise
+    except Exception as exc:
+        reporter.error("run_error_internal", error=f"{type(exc).__name__}: {exc}")
+        run.finish("failed", {"key": "run_error_internal", "detail": traceback.format_exc()})
+        raise
+    finally:
+        log_listener.close()
+
+
+def _run_body(run: _Run, include: Iterable[str | Path] | None) -> Generator[Event, None, MosaicResult]:
+    ctx, config, reporter = run.ctx, run.config, run.ctx.reporter
+
+    # P1 ------------------------------------------------------------------------------
+    with ctx.timed("P1"):
+        ingested = yield from ingest(run.input_dir, run.output_dir, config, reporter, include)
+    frames_report = run.report["frames"]
+    frames_report["found"] = len(ingested.found)
+    frames_report["excluded"] = [e.to_dict() for e in ingested.excluded]
+    frames_report["warnings"] = ingested.warnings
+    if not ingested.usable:
+        raise UserError("run_error_no_usable_frames", found=len(ingested.found), excluded=len(ingested.excluded))
+
+    # P2 ------------------------------------------------------------------------------
+    with ctx.timed("P2"):
+        workflow, fallbacks = choose_workflow(config["workflow"], config, ingested)
+        for fallback in fallbacks:
+            reporter.warning(fallback["reason_key"], workflow=fallback["from"], to=fallback["to"])
+        run.report["fallbacks"].extend(fallbacks)
+        run.report["workflow_used"] = workflow
+        reporter.info("run_info_workflow", workflow=workflow, frames=len(ingested.usable))
+    yield from ctx.drain()
+
+    # P4: the global canvas ------------------------------------------------------------
+    frames = ingested.usable
+    with ctx.timed("P4"):
+        canvas = build_canvas(
+            [info.wcs for info in frames],
+            [info.shape for info in frames],
+            pixel_scale_arcsec=float(config["canvas_pixel_scale_arcsec"]),
+            padding_pct=float(config["canvas_padding_pct"]),
+        )
+        reporter.info("canvas_info_built", width=canvas.shape[1], height=canvas.shape[0])
+    yield from ctx.drain()
+
+    # P3 / P4.5 / P5: stacking ------------------------------------------------------------
+    n_channels = output_channels(frames)
+    stacked: CanvasStack = yield from mosaic_first(frames, canvas, ctx, n_channels)
+    for index, key, detail in stacked.frames_failed:
+        frames_report["excluded"].append(ExcludedFrame(str(frames[index].path), key, detail).to_dict())
+    used_frames = [frames[i] for i in stacked.frames_used]
+    frames_report["used"] = len(used_frames)
+    frames_report["normalisation"] = [
+        {"path": str(frames[i].path), "gain": stacked.normalisation.gains[i].tolist(),
+         "offset": stacked.normalisation.offsets[i].tolist()}
+        for i in stacked.frames_used
+    ]
+    if not used_frames:
+        raise UserError("run_error_no_usable_frames", found=len(ingested.found), excluded=len(frames_report["excluded"]))
+
+    with ctx.timed("P5"):
+        data, weight, count, canvas = _crop(stacked, config)
+        alpha = alpha_from_coverage(weight, data)
+        run.report["canvas"] = canvas.to_dict()
+        run.report["canvas"]["block_side"] = stacked.block_side
+        run.report["canvas"]["spilled"] = stacked.spilled
+    yield from ctx.drain()
+
+    # P6: outputs -------------------------------------------------------------------------
+    with ctx.timed("P6"):
+        science = run.output_dir / f"{run.base}_science.fits"
+        preview = run.output_dir / f"{run.base}_preview.png"
+        write_science_fits(
+            science, data, alpha, weight, canvas.header(), _provenance(config, run.report["workflow_used"], len(used_frames))
+        )
+        percentiles = tuple(float(p) for p in config["preview_stretch_percentiles"][:2])
+        write_preview_png(preview, data, alpha, int(config["preview_max_side"]), percentiles)  # type: ignore[arg-type]
+        run.report["outputs"].update({"science": str(science), "preview": str(preview)})
+        reporter.info("run_info_outputs", science=str(science), preview=str(preview))
+    reporter.info("run_info_done", frames=len(used_frames), seconds=round(time.time() - run.started, 1))
+    ctx.cleanup_cache()
+    run.finish("ok")
+    yield from ctx.drain()
+    return MosaicResult(
+        status="ok",
+        output_dir=run.output_dir,
+        report=run.report,
+        science_path=science,
+        preview_path=preview,
+        report_path=run.report_path(),
+        log_path=run.output_dir / "zemosaic.log",
+        data=data,
+        alpha=alpha,
+        coverage=weight,
+        canvas=canvas,
+        frames=used_frames,
+    )
+
+
+def _crop(stacked: CanvasStack, config: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray, Canvas]:
+    data, weight, count, canvas = stacked.data, stacked.weight, stacked.count, stacked.canvas
+    if not config["autocrop"] or not (weight > 0).any():
+        return data, weight, count, canvas
+    rows, cols = autocrop_slices(weight > 0, int(config["autocrop_margin_px"]))
+    return (
+        np.ascontiguousarray(data[:, rows, cols]),
+        np.ascontiguousarray(weight[rows, cols]),
+        np.ascontiguousarray(count[rows, cols]),
+        crop_canvas(canvas, (rows, cols)),
+    )
+
+
+def run(
+    input_dir: str | Path,
+    output_dir: str | Path,
+    config: dict[str, Any] | None = None,
+    on_event: Callable[[Event], None] | None = None,
+    **kwargs: Any,
+) -> MosaicResult:
+    """Drain :func:`iter_run` (for scripts and tests); ``on_event`` sees every event."""
+    generator = iter_run(input_dir, output_dir, config, **kwargs)
+    while True:
+        try:
+            event = next(generator)
+        except StopIteration as stop:
+            return stop.value
+        if on_event is not None:
+            on_event(event)
+
+
+def log_messages(events: Iterable[Event]) -> list[LogEvent]:
+    return [event for event in events if isinstance(event, LogEvent)]
