@@ -43,7 +43,7 @@ class _LenientParams(dict):
         return "{" + key + "}"
 
 
-def tr(key: str, language: str | None = None, **params: Any) -> str:
+def tr(key: str, language: str | None = None, /, **params: Any) -> str:
     """The text of ``key`` in ``language`` (default: current), formatted with ``params``.
 
     Falls back to English, then to the key itself, so a missing translation never

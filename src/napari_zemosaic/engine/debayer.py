@@ -1,8 +1,9 @@
 """CFA (Bayer) handling: colour-site masks, hot-pixel correction and bilinear debayering.
 
 Every function takes the array module ``xp`` (``numpy`` or ``cupy``) and uses only
-operations both provide (slicing, ``pad(mode="reflect")``, ufuncs, ``nonzero`` and
-fancy indexing), so the CPU and the GPU compute the same function.
+operations both provide (slicing, ``pad(mode="reflect")``, ufuncs with ``out=``,
+``flatnonzero``, ``take``, ``sort`` and fancy indexing; no SciPy), so the CPU and the GPU
+compute the same function.
 
 Geometry. A Bayer pattern name such as ``"GRBG"`` lists the colours of the 2x2 cell
 row by row: ``[[G, R], [B, G]]`` with the top-left at array index ``[0, 0]``. Every
@@ -23,20 +24,27 @@ full-size mask or convolution is ever built.
 Hot pixels. A hot pixel is a *single-site* excess: it stands far above the median
 of its 8 same-colour neighbours while its immediate neighbours (any colour) do not.
 The second condition is what keeps star cores intact: a star with a FWHM of 2-3 px
-lifts the pixels next to its peak as well, a hot pixel does not. Concretely, with
-``r = value - median8_same_colour`` and ``s_c`` the robust (MAD) spread of ``r`` over
-colour plane ``c``:
+lifts the pixels next to its peak as well, a hot pixel does not. With ``s_c`` the
+robust spread (1.4826 x MAD, on a strided subsample) of ``value - median8`` over the
+sites of colour ``c``, a pixel is hot when
 
-* the pixel is a candidate when ``z = r / s_c > sigma``;
-* it is hot when, in addition, the median ``z`` of its 8 immediate neighbours is below
-  ``ISOLATION_FRACTION * z`` (for a hot pixel that median is ~0 +- 0.4; next to a star
-  peak it is roughly half of the peak's ``z``);
-* a hot pixel is replaced by its same-colour neighbour median.
+1. ``z = (value - median8) / s_c > sigma`` (``median8``: its 8 same-colour neighbours), and
+2. its immediate neighbours show no comparable excess: with
+   ``e = (value - min8) / s_c`` computed for every pixel, the second largest ``e`` among
+   its 8 immediate neighbours is below ``max(ISOLATION_FRACTION * z, ISOLATION_FLOOR)``.
+   A hot pixel never lies in its neighbours' same-colour rings, so around it ``e`` is
+   pure noise (second largest of 8 is ~2 and almost never above 5). On a star, every
+   wing pixel has neighbours nearer the peak whose ``e`` is larger than its own, and the
+   peak's neighbours carry ~0.6 of its excess. "Second largest" rather than "largest"
+   so that two adjacent hot pixels do not shield each other.
 
-To stay fast on full frames the exact 8-neighbour median is computed only where it can
-matter: ``value - min8 > sigma * s_c`` is a necessary condition (``min8 <= median8``),
-costs seven ``minimum`` calls, and leaves a few thousand candidates, at which the
-medians are gathered and evaluated with a small sorting network.
+A hot pixel is replaced by its same-colour neighbour median.
+
+Speed: ``e`` is cheap for the whole frame (``min8`` is five ``minimum`` calls sharing
+3-wide row minima) and, because ``min8 <= median8``, ``e > sigma`` is necessary for
+``z > sigma``. The exact medians (a min/max selection network) are evaluated only
+at those candidates, gathered with flat ``take`` indices; star pixels make up most of
+them, typically a few thousand per frame.
 """
 
 from __future__ import annotations
@@ -46,12 +54,14 @@ from typing import Any
 
 PATTERNS: tuple[str, ...] = ("RGGB", "BGGR", "GRBG", "GBRG")
 
-#: A candidate is hot only if the median z of its 8 immediate neighbours is below this
-#: fraction of its own z (see the module docstring for why).
+#: A candidate is hot only if the second largest excess (over min8, in noise units) of its
+#: 8 immediate neighbours is below ``max(ISOLATION_FRACTION * z, ISOLATION_FLOOR)``
+#: (see the module docstring for why).
 ISOLATION_FRACTION = 0.1
+ISOLATION_FLOOR = 5.0
 
 #: Pixels per colour plane used for the noise estimate (a strided subsample).
-_NOISE_SAMPLES_PER_PHASE = 40_000
+_NOISE_SAMPLES_PER_PHASE = 20_000
 
 #: Offsets (dy, dx) of the 8 same-colour neighbours of a Bayer site.
 _SAME_COLOUR_OFFSETS: tuple[tuple[int, int], ...] = tuple(
@@ -70,11 +80,6 @@ def normalize_pattern(pattern: str) -> str:
     if name not in PATTERNS:
         raise ValueError(f"unknown Bayer pattern {pattern!r}; expected one of {PATTERNS}")
     return name
-
-
-def site_colour(pattern: str, dy: int, dx: int) -> str:
-    """Colour letter (R, G or B) of phase ``(dy, dx)`` of ``pattern``."""
-    return normalize_pattern(pattern)[2 * (dy % 2) + (dx % 2)]
 
 
 def cfa_site_masks(pattern: str, shape: tuple[int, int], xp: Any) -> dict[str, Any]:
@@ -96,6 +101,15 @@ def _phase_view(padded: Any, pad: int, shape: tuple[int, int], dy: int, dx: int,
     """Strided view of ``padded`` holding, for every pixel of phase (dy, dx), its neighbour at (oy, ox)."""
     height, width = shape
     return padded[pad + dy + oy : pad + height + oy : 2, pad + dx + ox : pad + width + ox : 2]
+
+
+def _mean_of(weight: float, *views: Any) -> Any:
+    """``weight * sum(views)`` summed pairwise ((a + b) + (c + d)), so equal inputs give an exact mean."""
+    total = views[0] + views[1]
+    if len(views) == 4:
+        total += views[2] + views[3]
+    total *= weight
+    return total
 
 
 def debayer_bilinear(cfa: Any, pattern: str, xp: Any) -> Any:
@@ -120,12 +134,12 @@ def debayer_bilinear(cfa: Any, pattern: str, xp: Any) -> Any:
             # The other site of this row of the cell says which colour runs along the row.
             row_colour = name[2 * dy + (1 - dx)]
             column_colour = "B" if row_colour == "R" else "R"
-            rgb[channel[row_colour], rows, cols] = (at(0, -1) + at(0, 1)) * 0.5
-            rgb[channel[column_colour], rows, cols] = (at(-1, 0) + at(1, 0)) * 0.5
+            rgb[channel[row_colour], rows, cols] = _mean_of(0.5, at(0, -1), at(0, 1))
+            rgb[channel[column_colour], rows, cols] = _mean_of(0.5, at(-1, 0), at(1, 0))
         else:
             other = "B" if colour == "R" else "R"
-            rgb[channel["G"], rows, cols] = ((at(0, -1) + at(0, 1)) + (at(-1, 0) + at(1, 0))) * 0.25
-            rgb[channel[other], rows, cols] = ((at(-1, -1) + at(-1, 1)) + (at(1, -1) + at(1, 1))) * 0.25
+            rgb[channel["G"], rows, cols] = _mean_of(0.25, at(0, -1), at(0, 1), at(-1, 0), at(1, 0))
+            rgb[channel[other], rows, cols] = _mean_of(0.25, at(-1, -1), at(-1, 1), at(1, -1), at(1, 1))
     return rgb
 
 
@@ -188,17 +202,9 @@ def _residual_noise_by_colour(padded: Any, pad: int, shape: tuple[int, int], nam
     return {colour: _robust_sigma(xp.concatenate(parts), xp) for colour, parts in residuals.items()}
 
 
-def _sigma_map_at(ys: Any, xs: Any, noise: dict[str, float], name: str, xp: Any) -> Any:
-    """Per-pixel residual noise for pixels at (ys, xs), looked up from their Bayer phase."""
-    table = xp.asarray(
-        [[noise[name[0]], noise[name[1]]], [noise[name[2]], noise[name[3]]]], dtype=xp.float32
-    )
-    return table[ys % 2, xs % 2]
-
-
-def _median8_at(padded: Any, pad: int, ys: Any, xs: Any, xp: Any) -> Any:
-    """Same-colour 8-neighbour median at pixels (ys, xs) of the unpadded frame."""
-    return median_of_8([padded[ys + pad + oy, xs + pad + ox] for oy, ox in _SAME_COLOUR_OFFSETS], xp)
+def _phase_table(noise: dict[str, float], name: str, xp: Any) -> Any:
+    """(2, 2) array of the per-colour noise laid out like the Bayer cell."""
+    return xp.asarray([[noise[name[0]], noise[name[1]]], [noise[name[2]], noise[name[3]]]], dtype=xp.float32)
 
 
 def correct_hot_pixels(cfa: Any, pattern: str, sigma: float, xp: Any) -> tuple[Any, int]:
@@ -210,51 +216,62 @@ def correct_hot_pixels(cfa: Any, pattern: str, sigma: float, xp: Any) -> tuple[A
     _require_cfa(cfa)
     name = normalize_pattern(pattern)
     plane = xp.asarray(cfa, dtype=xp.float32)
-    shape = (int(plane.shape[0]), int(plane.shape[1]))
-    height, width = shape
+    height, width = shape = (int(plane.shape[0]), int(plane.shape[1]))
+    corrected = plane.copy()
     if height < 4 or width < 4:
-        return plane.copy(), 0
-    # 3 = 2 (same-colour ring) + 1 (immediate neighbours of a candidate, for the isolation test)
-    pad = 3
+        return corrected, 0
+    pad = 2
     padded = xp.pad(plane, pad, mode="reflect")
     noise = _residual_noise_by_colour(padded, pad, shape, name, xp)
-    if not all(value == value for value in noise.values()):  # NaN: a colour plane has no finite pixel
-        return plane.copy(), 0
+    if any(value != value for value in noise.values()):  # NaN: a colour plane has no finite pixel
+        return corrected, 0
+    noise_by_phase = _phase_table(noise, name, xp)
 
-    # Necessary condition: value - min8 >= value - median8 > sigma * s_c.
-    candidate = xp.zeros(shape, dtype=bool)
+    # Stage 1, whole frame: excess over the darkest same-colour neighbour, in units of
+    # that colour's noise. min8 <= median8, so "excess > sigma" is necessary for a hot pixel.
+    # min8 = min(row above, row below, left, right); the 3-wide row minima are shared.
+    # Buffers are reused in place (out=) to keep large temporaries few.
+    row_min = xp.minimum(padded[:, :-4], padded[:, 2:-2])
+    xp.minimum(row_min, padded[:, 4:], out=row_min)
+    excess = xp.minimum(row_min[:height], row_min[4:])
+    del row_min
+    xp.minimum(excess, padded[pad:-pad, :width], out=excess)
+    xp.minimum(excess, padded[pad:-pad, 4:], out=excess)
+    xp.subtract(plane, excess, out=excess)
     for dy, dx in _PHASES:
-        views = [_phase_view(padded, pad, shape, dy, dx, oy, ox) for oy, ox in _SAME_COLOUR_OFFSETS]
-        lowest = views[0]
-        for view in views[1:]:
-            lowest = xp.minimum(lowest, view)
-        centre = _phase_view(padded, pad, shape, dy, dx, 0, 0)
-        threshold = float(sigma) * noise[name[2 * dy + dx]]
-        candidate[dy::2, dx::2] = (centre - lowest) > threshold
-    ys, xs = xp.nonzero(candidate)
-    if int(ys.size) == 0:
-        return plane.copy(), 0
+        excess[dy::2, dx::2] *= 1.0 / noise[name[2 * dy + dx]]
+    flat_hits = xp.flatnonzero(excess > float(sigma))
+    if int(flat_hits.size) == 0:
+        return corrected, 0
+    ys, xs = flat_hits // width, flat_hits % width
 
-    local_median = _median8_at(padded, pad, ys, xs, xp)
-    z = (plane[ys, xs] - local_median) / _sigma_map_at(ys, xs, noise, name, xp)
+    # Stage 2, candidates only: the exact same-colour median and z = residual / noise.
+    padded_flat = padded.ravel()
+    padded_width = width + 2 * pad
+    flat = (ys + pad) * padded_width + (xs + pad)
+    local_median = median_of_8(
+        [xp.take(padded_flat, flat + oy * padded_width + ox) for oy, ox in _SAME_COLOUR_OFFSETS], xp
+    )
+    z = (xp.take(padded_flat, flat) - local_median) / noise_by_phase[ys % 2, xs % 2]
     outlier = z > float(sigma)
     ys, xs, z, local_median = ys[outlier], xs[outlier], z[outlier], local_median[outlier]
     if int(ys.size) == 0:
-        return plane.copy(), 0
+        return corrected, 0
 
-    # Isolation test: z of each of the 8 immediate neighbours (reflected at the edges).
-    neighbour_z = []
-    for oy, ox in _IMMEDIATE_OFFSETS:
-        ny = _reflect_index(ys + oy, height, xp)
-        nx = _reflect_index(xs + ox, width, xp)
-        residual = plane[ny, nx] - _median8_at(padded, pad, ny, nx, xp)
-        neighbour_z.append(residual / _sigma_map_at(ny, nx, noise, name, xp))
-    support = median_of_8(neighbour_z, xp)
-    isolated = support < ISOLATION_FRACTION * z
-    ys, xs, local_median = ys[isolated], xs[isolated], local_median[isolated]
-
-    corrected = plane.copy()
-    corrected[ys, xs] = local_median
+    # Stage 3, isolation: the excess of the 8 immediate neighbours (any colour). Their
+    # "excess over min8" is >= their z, so this errs on the side of keeping star pixels.
+    excess_flat = excess.ravel()
+    neighbour_excess = xp.stack(
+        [
+            xp.take(excess_flat, _reflect_index(ys + oy, height, xp) * width + _reflect_index(xs + ox, width, xp))
+            for oy, ox in _IMMEDIATE_OFFSETS
+        ]
+    )
+    # Second largest, not largest: one adjacent hot pixel must not shield another.
+    support = xp.sort(neighbour_excess, axis=0)[-2]
+    isolated = support < xp.maximum(ISOLATION_FRACTION * z, ISOLATION_FLOOR)
+    ys, xs = ys[isolated], xs[isolated]
+    corrected[ys, xs] = local_median[isolated]
     return corrected, int(ys.size)
 
 

@@ -42,7 +42,7 @@ from .context import RunContext
 from .frames import FrameError, FrameInfo, estimate_background_noise, load_frame
 from .photometry import CoarsePiece, Normalisation, coarse_piece, solve_normalisation
 from .reproject import reproject_frame
-from .stack import StackParams, apply_normalisation, noise_weights, stack_cube
+from .stack import StackParams, noise_weights, stack_cube
 
 BBox = tuple[int, int, int, int]  # (y0, y1, x0, x1), end-exclusive, canvas pixels
 
@@ -200,23 +200,23 @@ def stack_block(
     pieces: Sequence[tuple[int, int, int, np.ndarray]],
     block_box: BBox,
     n_channels: int,
-    gains: np.ndarray,
-    offsets: np.ndarray,
+    normalisation: Normalisation,
     weights: np.ndarray,
     params: StackParams,
     xp: Any = np,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Stack the pieces of one canvas block (pure work unit): returns data, weight, count."""
+    """Stack the pieces of one canvas block (pure work unit): returns data, weight, count.
+
+    ``normalisation`` and ``weights`` are aligned with ``pieces`` (slot i ↔ piece i).
+    """
     y0, y1, x0, x1 = block_box
-    cube = np.full((len(pieces), n_channels, y1 - y0, x1 - x0), np.nan, dtype=np.float32)
+    cube = xp.full((len(pieces), n_channels, y1 - y0, x1 - x0), xp.nan, dtype=xp.float32)
     for slot, (_, py0, px0, piece) in enumerate(pieces):
         _, ph, pw = piece.shape
-        cube[slot, :, py0 - y0 : py0 - y0 + ph, px0 - x0 : px0 - x0 + pw] = piece
-    if xp is not np:
-        cube = xp.asarray(cube)
-        gains, offsets, weights = xp.asarray(gains), xp.asarray(offsets), xp.asarray(weights)
-    cube = apply_normalisation(cube, gains, offsets, xp)
-    result = stack_cube(cube, params, weights=weights, xp=xp)
+        plane = normalisation.background_plane(slot, py0, px0, ph, pw, xp)
+        gain = xp.asarray(normalisation.gains[slot], dtype=xp.float32)[:, None, None]
+        cube[slot, :, py0 - y0 : py0 - y0 + ph, px0 - x0 : px0 - x0 + pw] = (xp.asarray(piece) - plane) / gain
+    result = stack_cube(cube, params, weights=xp.asarray(weights), xp=xp)
     arrays = (result.data, result.weight, result.count)
     if xp is not np:
         arrays = tuple(array.get() for array in arrays)
@@ -324,7 +324,7 @@ def mosaic_first(
     # --- P4.5: photometric normalisation of the frames --------------------------------------
     with ctx.timed("P4.5"):
         norm_used = solve_normalisation(
-            [coarse[i] for i in used], coarse_shape, config["stacking_normalize_method"]
+            [coarse[i] for i in used], coarse_shape, config["stacking_normalize_method"], bin_px=PHOTOMETRY_BIN_PX
         )
         ctx.reporter.info(
             "mf_info_normalisation",
@@ -335,15 +335,16 @@ def mosaic_first(
         )
     yield from ctx.drain()
 
-    gains = np.ones((len(frames), n_channels))
-    offsets = np.zeros((len(frames), n_channels))
+    normalisation = Normalisation.identity(len(frames), n_channels, PHOTOMETRY_BIN_PX)
     noise_all = np.ones((len(frames), n_channels))
     for slot, index in enumerate(used):
-        gains[index], offsets[index] = norm_used.gains[slot], norm_used.offsets[slot]
+        normalisation.gains[index] = norm_used.gains[slot]
+        normalisation.offsets[index] = norm_used.offsets[slot]
+        normalisation.tilts[index] = norm_used.tilts[slot]
+        normalisation.centres[index] = norm_used.centres[slot]
         noise_all[index] = noises[index]
-    normalisation = Normalisation(gains, offsets, norm_used.iterations, norm_used.converged)
+    normalisation.iterations, normalisation.converged = norm_used.iterations, norm_used.converged
     weights = _frame_weights(config, noise_all, normalisation)
-    stack_gains, stack_offsets = normalisation.as_stack_terms()
 
     # --- P5: stack block by block ----------------------------------------------------------
     height, width = canvas.shape
@@ -361,7 +362,7 @@ def mosaic_first(
                 by, bx = block
                 box = (by * side, min((by + 1) * side, height), bx * side, min((bx + 1) * side, width))
                 data, weight, count = stack_block(
-                    pieces, box, n_channels, stack_gains[idx], stack_offsets[idx], weights[idx], params, xp_stack
+                    pieces, box, n_channels, normalisation.subset(idx), weights[idx], params, xp_stack
                 )
                 out_data[:, box[0] : box[1], box[2] : box[3]] = data
                 out_weight[box[0] : box[1], box[2] : box[3]] = weight

@@ -73,7 +73,8 @@ class MosaicResult:
     log_path: Path | None = None
     data: np.ndarray | None = None  # (C, H, W) linear
     alpha: np.ndarray | None = None
-    coverage: np.ndarray | None = None
+    coverage: np.ndarray | None = None  # (H, W) weighted frame count (the COVERAGE extension)
+    count: np.ndarray | None = None  # (H, W) frames kept per pixel after rejection
     canvas: Canvas | None = None
     frames: list[FrameInfo] = field(default_factory=list)
 
@@ -330,9 +331,7 @@ def _run_body(run: _Run, include: Iterable[str | Path] | None) -> Generator[Even
     used_frames = [frames[i] for i in stacked.frames_used]
     frames_report["used"] = len(used_frames)
     frames_report["normalisation"] = [
-        {"path": str(frames[i].path), "gain": stacked.normalisation.gains[i].tolist(),
-         "offset": stacked.normalisation.offsets[i].tolist()}
-        for i in stacked.frames_used
+        {"path": str(frames[i].path), **stacked.normalisation.to_report(i)} for i in stacked.frames_used
     ]
     if not used_frames:
         raise UserError("run_error_no_usable_frames", found=len(ingested.found), excluded=len(frames_report["excluded"]))
@@ -371,6 +370,7 @@ def _run_body(run: _Run, include: Iterable[str | Path] | None) -> Generator[Even
         data=data,
         alpha=alpha,
         coverage=weight,
+        count=count,
         canvas=canvas,
         frames=used_frames,
     )

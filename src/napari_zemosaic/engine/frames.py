@@ -1,0 +1,841 @@
+"""Frame ingest: scan a folder, read FITS headers, detect Seestar data, load pixels.
+
+Two passes, because a night holds thousands of sub-frames:
+
+* :func:`read_frame_info` reads **headers only** (``lazy_load_hdus=True``; the HDUs after
+  the image are never touched and no pixel is read). It picks the first HDU that holds a
+  2-D or 3-D image (primary, image extension or tile-compressed ``CompImageHDU``),
+  classifies the layout (CFA, mono, RGB planes first or last), checks that the file is
+  long enough for the data its header announces (a cheap ``stat``), gathers the metadata
+  the pipeline needs (exposure, pointing, optics, Bayer pattern, Seestar or not) and
+  validates the celestial WCS. WCS problems do not raise: they are recorded in
+  ``wcs_status``/``wcs_reason`` so the pipeline can plate-solve or exclude.
+* :func:`load_frame` reads the pixels of one frame and returns float32 ``(C, H, W)``.
+  BZERO/BSCALE are applied from the raw integers (astropy's own scaling is switched off),
+  so Seestar's uint16-as-int16+32768 data comes back as exact integers. CFA frames get
+  hot-pixel correction per colour site and bilinear debayering (:mod:`.debayer`), on the
+  array module ``xp`` given (the compact uint16 array is what travels to a GPU).
+
+User-caused problems with one file raise :class:`FrameError` carrying a locale key
+(``frame_excluded_*``) and parameters; engine code never formats user text. Input files
+are only ever opened read-only.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+from astropy.io import fits
+from astropy.wcs import WCS
+
+from .debayer import PATTERNS, correct_hot_pixels, debayer_bilinear
+
+FITS_SUFFIXES: tuple[str, ...] = (".fit", ".fits", ".fts")
+#: Tile-compressed FITS (fpack) is read as well.
+COMPRESSED_FITS_SUFFIXES: tuple[str, ...] = tuple(suffix + ".fz" for suffix in FITS_SUFFIXES)
+
+# --- reason keys (locale keys; each has en + fr text with {path} and {detail}) --------------
+REASON_EMPTY_FILE = "frame_excluded_empty_file"
+REASON_NOT_FITS = "frame_excluded_not_fits"
+REASON_TRUNCATED = "frame_excluded_truncated"
+REASON_NO_IMAGE = "frame_excluded_no_image"
+REASON_UNSUPPORTED_SHAPE = "frame_excluded_unsupported_shape"
+REASON_ALL_NAN = "frame_excluded_all_nan"
+REASON_UNREADABLE = "frame_excluded_unreadable"
+REASON_NO_WCS = "frame_excluded_no_wcs"
+REASON_BAD_WCS = "frame_excluded_bad_wcs"
+
+#: Accepted WCS pixel scales (arcsec/px): smart telescopes and small refractors.
+MIN_PIXEL_SCALE_ARCSEC = 0.3
+MAX_PIXEL_SCALE_ARCSEC = 15.0
+#: Largest pixel error of the corners' pixel -> sky -> pixel round trip of a valid WCS.
+MAX_ROUND_TRIP_PX = 0.05
+
+_FITS_BLOCK = 2880
+_CARD = 80
+_WCS_TEXT_KEY = re.compile(r"^(CTYPE\d|CUNIT\d|RADESYS|RADECSYS|PS\d_\d+)$")
+_SEESTAR_TELESCOPE = re.compile(r"^\s*S(?:30|50)(?:P|PRO)?_", re.IGNORECASE)
+_WCS_KEY = re.compile(
+    r"^(NAXIS\d*|WCSAXES|CTYPE\d|CRVAL\d|CRPIX\d|CDELT\d|CUNIT\d|CROTA\d|CD\d_\d|PC\d_\d|PV\d_\d+|PS\d_\d+"
+    r"|LONPOLE|LATPOLE|RADESYS|RADECSYS|EQUINOX|EPOCH|[AB]P?_ORDER|[AB]P?_\d+_\d+|[AB]_DMAX)$"
+)
+
+
+class FrameError(Exception):
+    """A user-caused problem with one input file: a locale key, a detail and parameters.
+
+    ``params`` always holds ``detail`` (and ``path`` when known) so that
+    ``tr(error.reason_key, **error.params)`` formats the message.
+    """
+
+    def __init__(self, reason_key: str, detail: str = "", **params: Any) -> None:
+        self.reason_key = reason_key
+        self.detail = detail
+        self.params: dict[str, Any] = {"detail": detail, **params}
+        super().__init__(f"{reason_key}: {params.get('path', '')} {detail}".strip())
+
+
+@dataclass
+class FrameInfo:
+    """What the header pass knows about one frame (no pixels)."""
+
+    path: Path
+    shape: tuple[int, int]
+    n_channels: int
+    layout: str
+    bayer_pattern: str | None
+    exposure_s: float | None
+    date_obs: str | None
+    eqmode: int | None
+    ra_deg: float | None
+    dec_deg: float | None
+    focal_mm: float | None
+    pixel_um: float | None
+    header_scale_arcsec: float | None
+    instrument: str | None
+    is_seestar: bool
+    wcs: WCS | None
+    wcs_status: str
+    wcs_reason: str | None
+    hdu_index: int
+    header: fits.Header = field(repr=False)
+    wcs_detail: str = ""
+
+    @property
+    def centre(self) -> tuple[float, float] | None:
+        """(RA, Dec) in degrees of the image centre: from the WCS, else the header pointing."""
+        if self.wcs is not None:
+            height, width = self.shape
+            ra, dec = self.wcs.all_pix2world([[(width - 1) / 2.0, (height - 1) / 2.0]], 0)[0]
+            return float(ra) % 360.0, float(dec)
+        if self.ra_deg is None or self.dec_deg is None:
+            return None
+        return self.ra_deg, self.dec_deg
+
+    def to_dict(self, include_header: bool = False) -> dict[str, Any]:
+        """JSON-safe summary; the WCS as a dict of header cards (SIP included)."""
+        centre = self.centre
+        result: dict[str, Any] = {
+            "path": str(self.path),
+            "shape": [int(self.shape[0]), int(self.shape[1])],
+            "n_channels": int(self.n_channels),
+            "layout": self.layout,
+            "bayer_pattern": self.bayer_pattern,
+            "exposure_s": _json_number(self.exposure_s),
+            "date_obs": self.date_obs,
+            "eqmode": self.eqmode,
+            "ra_deg": _json_number(self.ra_deg),
+            "dec_deg": _json_number(self.dec_deg),
+            "focal_mm": _json_number(self.focal_mm),
+            "pixel_um": _json_number(self.pixel_um),
+            "header_scale_arcsec": _json_number(self.header_scale_arcsec),
+            "instrument": self.instrument,
+            "is_seestar": bool(self.is_seestar),
+            "wcs": wcs_to_dict(self.wcs) if self.wcs is not None else None,
+            "wcs_status": self.wcs_status,
+            "wcs_reason": self.wcs_reason,
+            "wcs_detail": self.wcs_detail,
+            "hdu_index": int(self.hdu_index),
+            "centre": None if centre is None else [_json_number(centre[0]), _json_number(centre[1])],
+        }
+        if include_header:
+            result["header"] = header_to_dict(self.header)
+        return result
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "FrameInfo":
+        """Rebuild a :class:`FrameInfo` from :meth:`to_dict` output (e.g. on a Dask worker)."""
+        shape = (int(data["shape"][0]), int(data["shape"][1]))
+        wcs = wcs_from_dict(data["wcs"], shape) if data.get("wcs") else None
+        header = fits.Header()
+        for key, value in (data.get("header") or {}).items():
+            header[key] = value
+        return cls(
+            path=Path(data["path"]),
+            shape=shape,
+            n_channels=int(data["n_channels"]),
+            layout=str(data["layout"]),
+            bayer_pattern=data.get("bayer_pattern"),
+            exposure_s=data.get("exposure_s"),
+            date_obs=data.get("date_obs"),
+            eqmode=data.get("eqmode"),
+            ra_deg=data.get("ra_deg"),
+            dec_deg=data.get("dec_deg"),
+            focal_mm=data.get("focal_mm"),
+            pixel_um=data.get("pixel_um"),
+            header_scale_arcsec=data.get("header_scale_arcsec"),
+            instrument=data.get("instrument"),
+            is_seestar=bool(data.get("is_seestar", False)),
+            wcs=wcs,
+            wcs_status=str(data.get("wcs_status", "valid" if wcs is not None else "missing")),
+            wcs_reason=data.get("wcs_reason"),
+            hdu_index=int(data.get("hdu_index", 0)),
+            header=header,
+            wcs_detail=str(data.get("wcs_detail") or ""),
+        )
+
+
+# ----------------------------------------------------------------------------- scanning
+
+
+def _is_fits_name(name: str) -> bool:
+    lowered = name.lower()
+    return lowered.endswith(FITS_SUFFIXES) or lowered.endswith(COMPRESSED_FITS_SUFFIXES)
+
+
+def scan_inputs(input_dir: str | os.PathLike[str], output_dir: str | os.PathLike[str] | None = None) -> list[Path]:
+    """All FITS files under ``input_dir`` (recursive, suffixes case-insensitive), sorted.
+
+    Hidden files and folders (name starting with '.') are skipped, and so is
+    ``output_dir`` when it lies inside ``input_dir`` (a mosaic is not its own input).
+    """
+    root = Path(input_dir)
+    skip_dir = Path(output_dir).resolve() if output_dir is not None else None
+    found: list[Path] = []
+    for current, dir_names, file_names in os.walk(root):
+        current_path = Path(current)
+        # Pruning dir_names in place stops os.walk from descending into them.
+        dir_names[:] = sorted(
+            name
+            for name in dir_names
+            if not name.startswith(".") and (skip_dir is None or (current_path / name).resolve() != skip_dir)
+        )
+        for name in file_names:
+            if not name.startswith(".") and _is_fits_name(name):
+                found.append(current_path / name)
+    return sorted(found)
+
+
+# ----------------------------------------------------------------------------- headers
+
+
+def is_seestar_header(header: fits.Header | dict[str, Any], force_seestar_mode: bool = False) -> bool:
+    """True for ZWO Seestar frames: INSTRUME/CREATOR/TELESCOP mention "seestar", or TELESCOP is S50_*/S30_*."""
+    if force_seestar_mode:
+        return True
+    for key in ("INSTRUME", "CREATOR", "TELESCOP"):
+        value = header.get(key)
+        if isinstance(value, str) and "seestar" in value.lower():
+            return True
+    telescope = header.get("TELESCOP")
+    return isinstance(telescope, str) and bool(_SEESTAR_TELESCOPE.match(telescope))
+
+
+def shift_bayer_pattern(pattern: str, x_offset: int = 0, y_offset: int = 0) -> str:
+    """The pattern seen from a crop that starts ``x_offset`` columns and ``y_offset`` rows in."""
+    name = pattern.upper()
+    if x_offset % 2:
+        name = name[1] + name[0] + name[3] + name[2]
+    if y_offset % 2:
+        name = name[2:] + name[:2]
+    return name
+
+
+def header_bayer_pattern(header: fits.Header) -> str | None:
+    """BAYERPAT (or COLORTYP) shifted by XBAYROFF/YBAYROFF; None when absent or not a Bayer pattern."""
+    for key in ("BAYERPAT", "COLORTYP"):
+        value = header.get(key)
+        if isinstance(value, str) and value.strip().upper() in PATTERNS:
+            x_offset = _header_int(header, "XBAYROFF") or 0
+            y_offset = _header_int(header, "YBAYROFF") or 0
+            return shift_bayer_pattern(value.strip().upper(), x_offset, y_offset)
+    return None
+
+
+def _header_float(header: fits.Header, *keys: str) -> float | None:
+    for key in keys:
+        value = header.get(key)
+        if isinstance(value, bool) or value is None:
+            continue
+        if isinstance(value, (int, float)):
+            number = float(value)
+        elif isinstance(value, str):
+            try:
+                number = float(value.strip())
+            except ValueError:
+                continue
+        else:
+            continue
+        if math.isfinite(number):
+            return number
+    return None
+
+
+def _header_int(header: fits.Header, key: str) -> int | None:
+    number = _header_float(header, key)
+    return None if number is None else int(round(number))
+
+
+def _header_str(header: fits.Header, *keys: str) -> str | None:
+    for key in keys:
+        value = header.get(key)
+        if isinstance(value, str) and value.strip():
+            return value.strip()
+    return None
+
+
+def parse_sexagesimal(text: str) -> float | None:
+    """'12 34 56.7', '12:34:56.7' or '-05 06 07' -> signed decimal value of the first unit."""
+    parts = re.split(r"[\s:hdms°'\"]+", text.strip())
+    parts = [part for part in parts if part]
+    if not parts:
+        return None
+    try:
+        numbers = [abs(float(part)) for part in parts[:3]]
+    except ValueError:
+        return None
+    value = sum(number / 60.0**index for index, number in enumerate(numbers))
+    return -value if parts[0].startswith("-") else value
+
+
+def header_pointing(header: fits.Header) -> tuple[float | None, float | None]:
+    """(RA, Dec) in degrees from RA/DEC (degrees) or OBJCTRA/OBJCTDEC (sexagesimal hours/degrees)."""
+    ra = _header_float(header, "RA")
+    dec = _header_float(header, "DEC")
+    if ra is None:
+        text = _header_str(header, "OBJCTRA", "RA")
+        hours = parse_sexagesimal(text) if text else None
+        ra = None if hours is None else hours * 15.0
+    if dec is None:
+        text = _header_str(header, "OBJCTDEC", "DEC")
+        dec = parse_sexagesimal(text) if text else None
+    if ra is not None and not 0.0 <= ra <= 360.0:
+        ra = None
+    if dec is not None and not -90.0 <= dec <= 90.0:
+        dec = None
+    return ra, dec
+
+
+# ----------------------------------------------------------------------------- WCS
+
+
+def _celestial_axes(header: fits.Header) -> tuple[int, int] | None:
+    """1-based (longitude, latitude) axis numbers from the CTYPEs, or None."""
+    n_axes = max(2, int(header.get("NAXIS", 0) or 0), int(header.get("WCSAXES", 0) or 0))
+    longitude = latitude = None
+    for axis in range(1, min(n_axes, 9) + 1):
+        ctype = header.get(f"CTYPE{axis}")
+        if not isinstance(ctype, str):
+            continue
+        name = ctype.strip().upper()
+        if name.startswith("RA") or name[1:4] == "LON":
+            longitude = longitude or axis
+        elif name.startswith("DEC") or name[1:4] == "LAT":
+            latitude = latitude or axis
+    if longitude is None or latitude is None:
+        return None
+    return longitude, latitude
+
+
+def _wcs_header(header: fits.Header) -> fits.Header:
+    """Only the WCS keywords: faster to parse, and no date 'fixes' warnings.
+
+    wcslib silently ignores a keyword it cannot parse (a CRVAL1 of 'NAN' would become
+    0), so numeric WCS keywords that are not finite numbers raise ``ValueError`` here.
+    """
+    reduced = fits.Header()
+    bad: list[str] = []
+    for card in header.cards:
+        keyword = card.keyword
+        if not _WCS_KEY.match(keyword):
+            continue
+        try:
+            value = card.value
+        except Exception:  # an unparsable card image
+            bad.append(keyword)
+            continue
+        if not _WCS_TEXT_KEY.match(keyword):
+            is_number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if not is_number:
+                if keyword not in ("EQUINOX", "EPOCH"):  # 'J2000' and the like: harmless, dropped
+                    bad.append(keyword)
+                continue
+        reduced.append((keyword, value))
+    if bad:
+        raise ValueError(f"non-numeric or non-finite WCS keyword(s): {', '.join(bad)}")
+    return reduced
+
+
+def _build_celestial_wcs(source: fits.Header | WCS) -> tuple[WCS | None, str]:
+    """The 2-D celestial WCS (SIP kept) or (None, why it is missing)."""
+    if isinstance(source, WCS):
+        if not source.has_celestial:
+            return None, "no celestial axes"
+        return (source.deepcopy() if source.naxis == 2 else source.celestial), ""
+    if not any(isinstance(source.get(f"CTYPE{axis}"), str) for axis in range(1, 10)):
+        return None, "no CTYPE keywords"
+    axes = _celestial_axes(source)
+    if axes is None:
+        ctypes = ", ".join(str(source.get(f"CTYPE{axis}")) for axis in range(1, 4) if f"CTYPE{axis}" in source)
+        return None, f"no celestial axes (CTYPE: {ctypes})"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        wcs = WCS(_wcs_header(source), relax=True, naxis=sorted(axes))
+    if not wcs.has_celestial:
+        return None, "no celestial axes"
+    return wcs, ""
+
+
+def _image_shape_for(source: fits.Header | WCS, wcs: WCS) -> tuple[int, int] | None:
+    """(H, W) of the celestial plane from NAXISn of the header, if known."""
+    if isinstance(source, fits.Header):
+        axes = _celestial_axes(source)
+        if axes is not None:
+            lon, lat = sorted(axes)
+            width, height = source.get(f"NAXIS{lon}"), source.get(f"NAXIS{lat}")
+            if isinstance(width, int) and isinstance(height, int) and width > 0 and height > 0:
+                return height, width
+    if wcs.pixel_shape is not None and len(wcs.pixel_shape) >= 2:
+        width, height = wcs.pixel_shape[:2]
+        if width and height:
+            return int(height), int(width)
+    return None
+
+
+def _wcs_problem(wcs: WCS, shape: tuple[int, int] | None) -> str:
+    """Why ``wcs`` cannot be used ('' when it is fine)."""
+    core = wcs.wcs
+    if not (np.all(np.isfinite(core.crval)) and np.all(np.isfinite(core.crpix))):
+        return "non-finite CRVAL/CRPIX"
+    matrix = np.asarray(wcs.pixel_scale_matrix, dtype=np.float64)
+    if not np.all(np.isfinite(matrix)):
+        return "non-finite CD/PC/CDELT matrix"
+    column_scales = np.sqrt((matrix**2).sum(axis=0))
+    determinant = abs(float(np.linalg.det(matrix)))
+    if not np.all(column_scales > 0) or determinant <= 1e-6 * float(np.prod(column_scales)):
+        return "singular CD/PC/CDELT matrix"
+    scales_arcsec = column_scales * 3600.0
+    if np.any(scales_arcsec < MIN_PIXEL_SCALE_ARCSEC) or np.any(scales_arcsec > MAX_PIXEL_SCALE_ARCSEC):
+        return (
+            f"pixel scale {scales_arcsec.min():.3g}-{scales_arcsec.max():.3g} arcsec/px outside "
+            f"{MIN_PIXEL_SCALE_ARCSEC}-{MAX_PIXEL_SCALE_ARCSEC}"
+        )
+    if shape is None:
+        return ""
+    height, width = shape
+    pixels = np.array(
+        [[0, 0], [width - 1, 0], [0, height - 1], [width - 1, height - 1], [(width - 1) / 2, (height - 1) / 2]],
+        dtype=np.float64,
+    )
+    world = wcs.all_pix2world(pixels, 0)
+    if not np.all(np.isfinite(world)):
+        return "non-finite footprint (corners do not map to the sky)"
+    back = wcs.all_world2pix(world, 0, tolerance=1e-6, maxiter=50, quiet=False)
+    error = float(np.max(np.abs(np.asarray(back) - pixels))) if np.all(np.isfinite(back)) else math.inf
+    if not error <= MAX_ROUND_TRIP_PX:
+        return f"footprint does not map back to pixels (error {error:.3g} px)"
+    return ""
+
+
+def validate_wcs(
+    header: fits.Header | WCS, shape: tuple[int, int] | None = None
+) -> tuple[WCS | None, str, str | None, str]:
+    """Check a frame's celestial WCS: ``(wcs, status, reason_key, detail)``.
+
+    ``status`` is "valid" (``wcs`` is the 2-D celestial WCS, SIP kept, ``pixel_shape``
+    set when the image size is known), "missing" (no celestial WCS keywords,
+    ``frame_excluded_no_wcs``) or "invalid" (singular or non-finite matrix, pixel scale
+    outside 0.3-15 arcsec/px, footprint not finite or not invertible;
+    ``frame_excluded_bad_wcs``). ``shape`` (H, W) defaults to the header's NAXISn.
+    """
+    try:
+        wcs, why_missing = _build_celestial_wcs(header)
+    except Exception as exc:  # wcslib rejects the keywords themselves
+        return None, "invalid", REASON_BAD_WCS, f"unusable WCS keywords: {exc}".strip()
+    if wcs is None:
+        return None, "missing", REASON_NO_WCS, why_missing
+    if shape is None:
+        shape = _image_shape_for(header, wcs)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            problem = _wcs_problem(wcs, shape)
+    except Exception as exc:  # e.g. NoConvergence of the SIP inverse, wcslib errors
+        problem = f"{type(exc).__name__}: {exc}".strip()
+    if problem:
+        return None, "invalid", REASON_BAD_WCS, problem
+    if shape is not None:
+        wcs.pixel_shape = (shape[1], shape[0])
+    return wcs, "valid", None, ""
+
+
+def wcs_to_dict(wcs: WCS) -> dict[str, Any]:
+    """WCS header cards (SIP included) as a JSON-safe dict."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cards = wcs.to_header(relax=True)
+    return {key: _json_value(value) for key, value in cards.items() if key not in ("COMMENT", "HISTORY", "")}
+
+
+def wcs_from_dict(cards: dict[str, Any], shape: tuple[int, int] | None = None) -> WCS:
+    """Inverse of :func:`wcs_to_dict`."""
+    header = fits.Header()
+    for key, value in cards.items():
+        header[key] = value
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        wcs = WCS(header, relax=True)
+    if shape is not None:
+        wcs.pixel_shape = (shape[1], shape[0])
+    return wcs
+
+
+# ----------------------------------------------------------------------------- file structure
+
+
+@dataclass(frozen=True)
+class _ImagePlan:
+    """Which HDU holds the image and how its axes are laid out."""
+
+    hdu_index: int
+    header: fits.Header
+    shape: tuple[int, int]
+    layout: str  # "cfa" | "mono" | "rgb_chw" | "rgb_hwc"
+    bayer_pattern: str | None
+
+
+def _data_nbytes(raw_header: fits.Header) -> int:
+    """Bytes of the data unit announced by a raw (on-disk) header, padding excluded."""
+    n_axes = int(raw_header.get("NAXIS", 0) or 0)
+    if n_axes == 0:
+        return 0
+    count = 1
+    for axis in range(1, n_axes + 1):
+        count *= int(raw_header.get(f"NAXIS{axis}", 0) or 0)
+    bytes_per_value = abs(int(raw_header.get("BITPIX", 8))) // 8
+    groups = int(raw_header.get("GCOUNT", 1) or 1)
+    heap = int(raw_header.get("PCOUNT", 0) or 0)
+    return bytes_per_value * groups * (heap + count)
+
+
+def _raw_header(hdul: fits.HDUList, index: int, path: Path) -> fits.Header:
+    """The header exactly as stored (for a compressed HDU: the binary-table header)."""
+    hdu = hdul[index]
+    if not isinstance(hdu, fits.CompImageHDU):
+        return hdu.header
+    with open(path, "rb") as handle:
+        handle.seek(hdul.fileinfo(index)["hdrLoc"])
+        return fits.Header.fromfile(handle)
+
+
+def _check_data_present(hdul: fits.HDUList, index: int, path: Path, file_size: int) -> None:
+    """Raise ``frame_excluded_truncated`` if the file ends before the HDU's data does."""
+    expected_end = int(hdul.fileinfo(index)["datLoc"]) + _data_nbytes(_raw_header(hdul, index, path))
+    if expected_end > file_size:
+        raise FrameError(
+            REASON_TRUNCATED,
+            f"file has {file_size} bytes, its header announces {expected_end}",
+            path=str(path),
+        )
+
+
+def _classify_image(header: fits.Header, dims: list[int]) -> tuple[tuple[int, int], str] | str:
+    """((H, W), layout) for a supported image; else a detail string saying why not.
+
+    ``dims`` are NAXIS1..NAXISn (FITS order, fastest first).
+    """
+    if len(dims) == 2:
+        width, height = dims
+        pattern = header_bayer_pattern(header)
+        layout = "cfa" if pattern and height >= 2 and width >= 2 else "mono"
+        return (height, width), layout
+    if len(dims) == 3:
+        first, second, third = dims
+        if third == 3:
+            return (second, first), "rgb_chw"
+        if first == 3:
+            return (third, second), "rgb_hwc"
+        if third == 1:
+            return _classify_image(header, [first, second])
+        return f"3-D image with {third} planes (NAXIS = {dims}); expected 1 or 3 colour planes"
+    return f"{len(dims)}-D image (NAXIS = {dims}); expected 2-D or 3-D"
+
+
+def _find_image(hdul: fits.HDUList, path: Path) -> _ImagePlan:
+    """The first HDU with a supported 2-D/3-D image (reading HDUs lazily, stopping there)."""
+    unsupported = ""
+    index = 0
+    while True:
+        try:
+            hdu = hdul[index]
+        except IndexError:
+            break
+        except Exception as exc:  # a later HDU's header is cut or damaged
+            if unsupported:
+                break
+            raise FrameError(REASON_TRUNCATED if _looks_cut(exc) else REASON_UNREADABLE, str(exc), path=str(path))
+        if isinstance(hdu, (fits.PrimaryHDU, fits.ImageHDU, fits.CompImageHDU)):
+            header = hdu.header
+            n_axes = int(header.get("NAXIS", 0) or 0)
+            dims = [int(header.get(f"NAXIS{axis}", 0) or 0) for axis in range(1, n_axes + 1)]
+            if n_axes > 0 and all(size > 0 for size in dims):
+                classified = _classify_image(header, dims)
+                if isinstance(classified, str):
+                    unsupported = unsupported or f"HDU {index}: {classified}"
+                else:
+                    shape, layout = classified
+                    pattern = header_bayer_pattern(header) if layout == "cfa" else None
+                    return _ImagePlan(index, header, shape, layout, pattern)
+        index += 1
+    if unsupported:
+        raise FrameError(REASON_UNSUPPORTED_SHAPE, unsupported, path=str(path))
+    raise FrameError(REASON_NO_IMAGE, f"{index} HDU(s), none with 2-D or 3-D image data", path=str(path))
+
+
+def _looks_cut(exc: Exception) -> bool:
+    text = str(exc).lower()
+    return any(word in text for word in ("truncat", "end card", "eof", "end of file", "empty or corrupt"))
+
+
+def _check_file_start(path: Path) -> int:
+    """File size after the cheap checks every FITS file must pass (exists, non-empty, 'SIMPLE  =')."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            start = handle.read(_FITS_BLOCK)
+    except OSError as exc:
+        raise FrameError(REASON_UNREADABLE, f"{type(exc).__name__}: {exc}", path=str(path)) from None
+    if size == 0:
+        raise FrameError(REASON_EMPTY_FILE, "0 bytes", path=str(path))
+    if not start.startswith(b"SIMPLE  ="):
+        raise FrameError(REASON_NOT_FITS, "the file does not start with the FITS keyword SIMPLE", path=str(path))
+    if size < _FITS_BLOCK:
+        raise FrameError(REASON_TRUNCATED, f"{size} bytes, shorter than one FITS header block", path=str(path))
+    return size
+
+
+def _open_fits(path: Path, **options: Any) -> fits.HDUList:
+    return fits.open(path, mode="readonly", lazy_load_hdus=True, **options)
+
+
+# ----------------------------------------------------------------------------- header pass
+
+
+def read_frame_info(
+    path: str | os.PathLike[str], *, auto_detect_seestar: bool = True, force_seestar_mode: bool = False
+) -> FrameInfo:
+    """Read one frame's headers (never its pixels) into a :class:`FrameInfo`.
+
+    Raises :class:`FrameError` for files that cannot be used at all; WCS problems are
+    recorded in ``wcs_status``/``wcs_reason``/``wcs_detail`` instead.
+    """
+    frame_path = Path(path)
+    file_size = _check_file_start(frame_path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with _open_fits(frame_path, memmap=True) as hdul:
+                plan = _find_image(hdul, frame_path)
+                _check_data_present(hdul, plan.hdu_index, frame_path, file_size)
+                header = fits.Header(plan.header, copy=True)
+    except FrameError:
+        raise
+    except Exception as exc:
+        reason = REASON_TRUNCATED if _looks_cut(exc) else REASON_UNREADABLE
+        raise FrameError(reason, f"{type(exc).__name__}: {exc}", path=str(frame_path)) from None
+    return _frame_info_from_header(frame_path, plan, header, auto_detect_seestar, force_seestar_mode)
+
+
+def _frame_info_from_header(
+    path: Path, plan: _ImagePlan, header: fits.Header, auto_detect_seestar: bool, force_seestar_mode: bool
+) -> FrameInfo:
+    ra, dec = header_pointing(header)
+    focal = _header_float(header, "FOCALLEN")
+    pixel = _header_float(header, "XPIXSZ", "PIXSIZE1", "PIXSIZE")
+    scale = 206.265 * pixel / focal if focal and pixel and focal > 0 and pixel > 0 else None
+    exposure = _header_float(header, "EXPTIME", "EXPOSURE")
+    wcs, status, reason, detail = validate_wcs(header, plan.shape)
+    is_seestar = force_seestar_mode or (auto_detect_seestar and is_seestar_header(header))
+    return FrameInfo(
+        path=path,
+        shape=plan.shape,
+        n_channels=3 if plan.layout.startswith("rgb") else 1,
+        layout=plan.layout,
+        bayer_pattern=plan.bayer_pattern,
+        exposure_s=exposure if exposure is not None and exposure >= 0 else None,
+        date_obs=_header_str(header, "DATE-OBS"),
+        eqmode=_header_int(header, "EQMODE"),
+        ra_deg=ra,
+        dec_deg=dec,
+        focal_mm=focal,
+        pixel_um=pixel,
+        header_scale_arcsec=scale,
+        instrument=_header_str(header, "INSTRUME"),
+        is_seestar=bool(is_seestar),
+        wcs=wcs,
+        wcs_status=status,
+        wcs_reason=reason,
+        hdu_index=plan.hdu_index,
+        header=header,
+        wcs_detail=detail,
+    )
+
+
+# ----------------------------------------------------------------------------- pixels
+
+
+def _scaled_pixels(raw: np.ndarray, header: fits.Header) -> tuple[np.ndarray, bool]:
+    """Apply BZERO/BSCALE/BLANK exactly; returns (native-endian array, may_hold_nan).
+
+    The result stays uint16/uint8 when that is exact (half the bytes to move to a GPU);
+    other data become float32 via float64 arithmetic (one rounding at the end).
+    """
+    bscale = _header_float(header, "BSCALE")
+    bzero = _header_float(header, "BZERO")
+    bscale = 1.0 if bscale is None else bscale
+    bzero = 0.0 if bzero is None else bzero
+    if raw.dtype.kind in "iu":
+        blank = _header_int(header, "BLANK")
+        has_blank = blank is not None and bool(np.any(raw == blank))
+        if not has_blank and bscale == 1.0:
+            if raw.dtype.itemsize == 2 and raw.dtype.kind == "i" and bzero == 32768.0:
+                # int16 + 32768 == uint16 with the top bit flipped: exact, and one pass
+                # (the ufunc also swaps FITS big-endian bytes to native order).
+                unsigned = raw.view(raw.dtype.str.replace("i", "u"))  # '>i2' -> '>u2'
+                return np.bitwise_xor(unsigned, np.uint16(0x8000), dtype=np.uint16), False
+            if bzero == 0.0 and raw.dtype.itemsize <= 2:
+                return raw.astype(raw.dtype.newbyteorder("=")), False
+        scaled = (raw.astype(np.float64) * bscale + bzero).astype(np.float32)
+        if has_blank:
+            scaled[raw == blank] = np.nan
+        return scaled, has_blank
+    values = raw.astype(np.float32) if bscale == 1.0 and bzero == 0.0 else (
+        raw.astype(np.float64) * bscale + bzero
+    ).astype(np.float32)
+    return values, True
+
+
+def _read_raw_image(info: FrameInfo) -> tuple[np.ndarray, fits.Header]:
+    """The unscaled data array of the frame's image HDU and that HDU's header."""
+    path = Path(info.path)
+    file_size = _check_file_start(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with _open_fits(path, memmap=False, do_not_scale_image_data=True) as hdul:
+                _check_data_present(hdul, info.hdu_index, path, file_size)
+                hdu = hdul[info.hdu_index]
+                raw = hdu.data
+                header = hdu.header
+                if raw is None:
+                    raise FrameError(REASON_NO_IMAGE, f"HDU {info.hdu_index} has no data", path=str(path))
+                raw = np.asarray(raw)
+    except FrameError:
+        raise
+    except Exception as exc:
+        reason = REASON_TRUNCATED if _looks_cut(exc) else REASON_UNREADABLE
+        raise FrameError(reason, f"{type(exc).__name__}: {exc}", path=str(path)) from None
+    return raw, header
+
+
+def _to_chw(data: Any, layout: str, shape: tuple[int, int], xp: Any) -> Any:
+    """Pixels in (C, H, W) order (2-D planes get C = 1)."""
+    if data.ndim == 3 and layout == "rgb_hwc":
+        data = xp.ascontiguousarray(xp.moveaxis(data, -1, 0))
+    elif data.ndim == 2:
+        data = data[None]
+    if tuple(data.shape[1:]) != tuple(shape):
+        raise ValueError(f"image shape {tuple(data.shape)} does not match the header pass {shape}")
+    return data
+
+
+def load_frame(
+    info: FrameInfo,
+    *,
+    hot_pixel_correction: bool = True,
+    hot_pixel_sigma: float = 8.0,
+    xp: Any = np,
+    stats: dict[str, Any] | None = None,
+) -> Any:
+    """Pixels of one frame as float32 ``(C, H, W)`` on array module ``xp``.
+
+    CFA frames are hot-pixel corrected per colour site (optional) and debayered to
+    ``C = 3``; RGB frames come as ``(3, H, W)``; mono frames as ``(1, H, W)``. If
+    ``stats`` is a dict, ``stats["hot_pixels_fixed"]`` receives the count.
+    Raises :class:`FrameError` on unreadable, truncated or all-NaN data.
+    """
+    raw, header = _read_raw_image(info)
+    host, may_hold_nan = _scaled_pixels(raw, header)
+    try:
+        data = _to_chw(xp.asarray(host), info.layout, info.shape, xp)
+    except ValueError as exc:
+        raise FrameError(REASON_UNREADABLE, str(exc), path=str(info.path)) from None
+    data = data.astype(xp.float32, copy=False)
+    if may_hold_nan and not bool(xp.isfinite(data).any()):
+        raise FrameError(REASON_ALL_NAN, "no finite pixel", path=str(info.path))
+    fixed = 0
+    if info.layout == "cfa" and info.bayer_pattern:
+        plane = data[0]
+        if hot_pixel_correction:
+            plane, fixed = correct_hot_pixels(plane, info.bayer_pattern, float(hot_pixel_sigma), xp)
+        data = debayer_bilinear(plane, info.bayer_pattern, xp)
+    if stats is not None:
+        stats["hot_pixels_fixed"] = fixed
+    return data
+
+
+def estimate_background_noise(data: Any, xp: Any = np, max_samples: int = 100_000) -> Any:
+    """Robust background sigma per channel of a (C, H, W) image, shape (C,) float32.
+
+    1.4826 x MAD of a strided subsample, iteratively clipped at 3 sigma so that stars
+    and other bright structure do not inflate it. The stride is odd so that every Bayer
+    phase of a debayered image is sampled (interpolated sites are less noisy).
+    """
+    n_channels, height, width = (int(size) for size in data.shape)
+    step = max(1, int(math.ceil(math.sqrt(height * width / max_samples))))
+    if step % 2 == 0:
+        step += 1
+    sample = data[:, ::step, ::step].reshape(n_channels, -1)
+    sigmas = [_clipped_mad_sigma(sample[channel], xp) for channel in range(n_channels)]
+    return xp.asarray(sigmas, dtype=xp.float32)
+
+
+def _clipped_mad_sigma(values: Any, xp: Any, clip: float = 3.0, iterations: int = 5) -> float:
+    values = values[xp.isfinite(values)]
+    sigma = math.nan
+    for _ in range(iterations):
+        if int(values.size) < 8:
+            break
+        median = xp.median(values)
+        deviation = xp.abs(values - median)
+        sigma = 1.4826 * float(xp.median(deviation))
+        if not sigma > 0:
+            break
+        keep = deviation <= clip * sigma
+        if bool(keep.all()):
+            break
+        values = values[keep]
+    return sigma
+
+
+# ----------------------------------------------------------------------------- JSON helpers
+
+
+def _json_number(value: float | None) -> float | None:
+    if value is None:
+        return None
+    number = float(value)
+    return number if math.isfinite(number) else None
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, (bool, str)) or value is None:
+        return value
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return _json_number(float(value))
+    return str(value)
+
+
+def header_to_dict(header: fits.Header, skip: Iterable[str] = ("COMMENT", "HISTORY", "")) -> dict[str, Any]:
+    """Header cards (commentary cards left out) as a JSON-safe dict."""
+    skipped = set(skip)
+    return {card.keyword: _json_value(card.value) for card in header.cards if card.keyword not in skipped}

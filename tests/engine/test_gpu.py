@@ -1,0 +1,632 @@
+"""The GPU policy without a GPU: availability, decisions, fallbacks, OOM retries, chunk plans.
+
+CI has no GPU and no CuPy. Tests that depend on CuPy being *absent* skip themselves when it
+is installed. The decision logic (what happens when the device says yes, runs out of memory
+or fails) is exercised with :func:`decision_logic_backend`, a stand-in for the device in
+which NumPy plays the array module and a byte limit plays the device memory. It tests
+only the policy's bookkeeping; the numerics on a real device are the job of
+``test_gpu_parity.py`` (``pytest -m gpu``).
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from napari_zemosaic.config import apply_overrides, default_config
+from napari_zemosaic.engine import gpu
+from napari_zemosaic.engine.gpu import (
+    ENV_FORCE_CPU,
+    ENV_FORCE_CPU_INTERTILE,
+    ENV_SAFETY_FRACTION,
+    MAX_OOM_RETRIES,
+    STAGES,
+    ComputePolicy,
+    GpuBackend,
+    GpuUnavailableError,
+)
+from napari_zemosaic.events import Reporter
+from napari_zemosaic.i18n import load_catalog, placeholders, tr
+
+CUPY_INSTALLED = importlib.util.find_spec("cupy") is not None
+needs_no_cupy = pytest.mark.skipif(CUPY_INSTALLED, reason="checks the behaviour without CuPy")
+GPU_SOURCE = Path(gpu.__file__)
+GIB = 2**30
+MIB = 2**20
+
+
+def decision_logic_backend(
+    *, free_bytes: int = 6 * GIB, total_bytes: int = 8 * GIB, available: tuple[bool, str] = (True, "")
+) -> tuple[GpuBackend, dict[str, int]]:
+    """Stand-in device FOR DECISION-LOGIC TESTS ONLY: no GPU is touched, NumPy is the array module.
+
+    Returns the backend and a counter of the calls the policy made to it.
+    """
+    calls = {"probe": 0, "free_pools": 0, "init_pools": 0}
+
+    def probe(_device_id: int) -> tuple[bool, str]:
+        calls["probe"] += 1
+        return available
+
+    def free_pools(_device_id: int) -> None:
+        calls["free_pools"] += 1
+
+    def init_pools(_device_id: int) -> None:
+        calls["init_pools"] += 1
+
+    info = {
+        "device_id": 0,
+        "name": "decision-logic stand-in",
+        "compute_capability": "0",
+        "total_bytes": total_bytes,
+        "free_bytes": free_bytes,
+        "pool_free_bytes": 0,
+        "pool_used_bytes": 0,
+        "cupy_version": "n/a",
+        "cuda_runtime_version": "n/a",
+        "cuda_driver_version": "n/a",
+    }
+    backend = GpuBackend(
+        probe=probe,
+        memory_info=lambda _device_id: dict(info),
+        free_memory=lambda _device_id: {key: info[key] for key in ("total_bytes", "free_bytes", "pool_free_bytes")},
+        array_module=lambda: np,
+        init_pools=init_pools,
+        free_pools=free_pools,
+        device_scope=lambda _device_id: nullcontext(),
+    )
+    return backend, calls
+
+
+def keys_logged(reporter: Reporter) -> list[str]:
+    return [event.key for event in reporter.log_events]
+
+
+def gpu_policy(reporter: Reporter | None = None, config: dict[str, Any] | None = None, **backend_args: Any):
+    backend, calls = decision_logic_backend(**backend_args)
+    policy = ComputePolicy.from_config(config or default_config(), reporter=reporter, env={}, backend=backend)
+    return policy, calls
+
+
+# ----------------------------------------------------------------------------- without CuPy
+
+
+def test_module_imports_without_pulling_in_cupy() -> None:
+    code = "import sys, napari_zemosaic.engine.gpu as g; print('cupy' in sys.modules, g.STAGES)"
+    output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert output.startswith("False")
+    assert "stack" in output
+
+
+@needs_no_cupy
+def test_gpu_is_available_says_why_not() -> None:
+    ok, reason = gpu.gpu_is_available(refresh=True)
+    assert ok is False
+    assert "cupy" in reason.lower()
+    assert gpu.cupy_or_none() is None
+    assert gpu.gpu_memory_info() is None
+    assert gpu.gpu_free_memory() is None
+    assert gpu.gpu_memory_sufficient(1) is False
+    # Pool helpers are harmless no-ops without CuPy.
+    gpu.ensure_cupy_pool_initialized()
+    gpu.free_cupy_memory_pools()
+
+
+@needs_no_cupy
+def test_default_config_without_gpu_runs_every_stage_on_numpy_and_says_so() -> None:
+    reporter = Reporter()
+    policy = ComputePolicy.from_config(default_config(), reporter=reporter, env={})
+    assert all(policy.xp_for(stage) is np for stage in STAGES)
+    assert not any(policy.uses_gpu(stage) for stage in STAGES)
+    assert policy.gpu_budget_bytes() == 0
+
+    events = [event for event in reporter.log_events if event.key == "gpu_fallback_unavailable"]
+    assert len(events) == 1 and events[0].level == "warning"
+    assert "cupy" in events[0].params["reason"].lower()
+    assert "{" not in events[0].text("en") and "{" not in events[0].text("fr")
+
+    report = json.loads(json.dumps(policy.to_report()))
+    assert report["backend_by_stage"] == {stage: "cpu" for stage in STAGES}
+    assert report["gpu"] is None
+    (fallback,) = report["gpu_fallbacks"]
+    assert fallback["key"] == "gpu_fallback_unavailable"
+    assert fallback["stages"] == list(STAGES)  # every stage is requested by default
+
+
+@needs_no_cupy
+def test_strict_mode_without_cupy_raises_with_a_locale_key() -> None:
+    config = apply_overrides(default_config(), gpu.config_overrides_for_gpu_mode("on"))
+    with pytest.raises(GpuUnavailableError) as caught:
+        ComputePolicy.from_config(config, env={})
+    assert caught.value.key == "gpu_error_unavailable_strict"
+    assert "cupy" in caught.value.params["reason"].lower()
+    assert "{" not in tr(caught.value.key, "fr", **caught.value.params)
+
+
+# ----------------------------------------------------------------------------- decisions
+
+
+def test_strict_mode_raises_instead_of_falling_back() -> None:
+    # Decision-logic stand-in: the availability answer is injected.
+    config = apply_overrides(default_config(), {"gpu_strict": True})
+    reporter = Reporter()
+    with pytest.raises(GpuUnavailableError) as caught:
+        ComputePolicy.from_config(config, reporter, env={}, availability=lambda: (False, "no CUDA device"))
+    assert caught.value.key == "gpu_error_unavailable_strict"
+    assert caught.value.params["reason"] == "no CUDA device"
+    assert "gpu_fallback_unavailable" not in keys_logged(reporter)
+
+
+def test_gpu_requested_and_available_puts_every_stage_on_the_gpu() -> None:
+    reporter = Reporter()
+    policy, calls = gpu_policy(reporter)
+    assert calls["probe"] == 1 and calls["init_pools"] == 1
+    assert all(policy.uses_gpu(stage) for stage in STAGES)
+    assert policy.fallbacks == []
+    report = policy.summary_start()
+    assert report["backend_by_stage"] == {stage: "gpu" for stage in STAGES}
+    assert report["gpu"]["name"] == "decision-logic stand-in"
+    assert keys_logged(reporter) == ["gpu_summary_device", "gpu_summary_stages"]
+    stages_event = reporter.log_events[-1]
+    assert stages_event.params["cpu_stages"] == "-"
+
+
+def test_gpu_mode_off_never_probes_and_logs_that_the_gpu_is_unused() -> None:
+    reporter = Reporter()
+    config = apply_overrides(default_config(), gpu.config_overrides_for_gpu_mode("off"))
+    policy, calls = gpu_policy(reporter, config)
+    assert calls["probe"] == 0  # no CUDA context is created for a CPU run
+    assert policy.fallbacks == []  # nothing was requested, so nothing fell back
+    policy.summary_start()
+    assert keys_logged(reporter) == ["gpu_summary_gpu_not_used", "gpu_summary_stages"]
+
+
+def test_legacy_stack_alias_alone_turns_gpu_stacking_off() -> None:
+    policy, _ = gpu_policy(config={"use_gpu_stack": False})
+    assert policy.decisions == {stage: ("cpu" if stage == "stack" else "gpu") for stage in STAGES}
+    assert policy.fallbacks == []
+
+
+def test_force_cpu_env_wins_even_when_the_gpu_is_available() -> None:
+    # Decision-logic stand-in: ``availability`` says yes without any device.
+    reporter = Reporter()
+    probed = []
+    policy = ComputePolicy.from_config(
+        default_config(), reporter, env={ENV_FORCE_CPU: "1"}, availability=lambda: probed.append(1) or (True, "")
+    )
+    assert probed == []
+    assert all(policy.xp_for(stage) is np for stage in STAGES)
+    (event,) = [e for e in reporter.log_events if e.key == "gpu_fallback_env_override"]
+    assert event.params["variable"] == ENV_FORCE_CPU
+    assert policy.to_report()["gpu_fallbacks"][0]["stages"] == list(STAGES)
+
+
+def test_force_cpu_env_also_wins_over_strict_mode() -> None:
+    config = apply_overrides(default_config(), {"gpu_strict": True})
+    backend, _ = decision_logic_backend()
+    policy = ComputePolicy.from_config(config, env={ENV_FORCE_CPU: "yes"}, backend=backend)
+    assert not policy.any_gpu
+
+
+@pytest.mark.parametrize("value", ["", "0", "false", "OFF", "no"])
+def test_force_cpu_env_false_values_change_nothing(value: str) -> None:
+    backend, _ = decision_logic_backend()
+    policy = ComputePolicy.from_config(default_config(), env={ENV_FORCE_CPU: value}, backend=backend)
+    assert all(policy.uses_gpu(stage) for stage in STAGES)
+
+
+def test_force_cpu_intertile_env_only_moves_the_intertile_stage() -> None:
+    reporter = Reporter()
+    backend, _ = decision_logic_backend()
+    policy = ComputePolicy.from_config(default_config(), reporter, env={ENV_FORCE_CPU_INTERTILE: "1"}, backend=backend)
+    assert policy.backend_by_stage() == {stage: ("cpu" if stage == "intertile" else "gpu") for stage in STAGES}
+    (event,) = [e for e in reporter.log_events if e.key == "gpu_fallback_env_override"]
+    assert event.params == {"stages": "intertile", "variable": ENV_FORCE_CPU_INTERTILE}
+    assert event.level == "info"
+
+
+def test_safety_fraction_env_override_is_used_and_logged() -> None:
+    reporter = Reporter()
+    backend, _ = decision_logic_backend(free_bytes=4 * GIB, total_bytes=8 * GIB)
+    policy = ComputePolicy.from_config(default_config(), reporter, env={ENV_SAFETY_FRACTION: "0.5"}, backend=backend)
+    assert policy.safety_fraction == 0.5
+    assert "gpu_info_env_safety_fraction" in keys_logged(reporter)
+    # (4 GiB free − 256 MiB reserve) × 0.5
+    assert policy.gpu_budget_bytes() == (4 * GIB - 256 * MIB) // 2
+    assert policy.gpu_budget_bytes(concurrent_units=4) == (4 * GIB - 256 * MIB) // 8
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "1.5", "nan"])
+def test_invalid_safety_fraction_env_is_ignored_with_a_warning(value: str) -> None:
+    reporter = Reporter()
+    backend, _ = decision_logic_backend()
+    policy = ComputePolicy.from_config(default_config(), reporter, env={ENV_SAFETY_FRACTION: value}, backend=backend)
+    assert policy.safety_fraction == default_config()["gpu_safety_fraction"]
+    (event,) = [e for e in reporter.log_events if e.key == "gpu_warning_env_safety_fraction_invalid"]
+    assert event.level == "warning" and event.params["value"] == value
+
+
+def test_allowed_bytes_counts_pool_free_bytes_and_keeps_a_reserve() -> None:
+    info = {"total_bytes": 8 * GIB, "free_bytes": 5 * GIB, "pool_free_bytes": 1 * GIB}
+    assert gpu.allowed_bytes_from_info(info, 0.8) == int((6 * GIB - 256 * MIB) * 0.8)
+    # A small device keeps a tenth of its memory rather than 256 MiB.
+    small = {"total_bytes": 1 * GIB, "free_bytes": 1 * GIB, "pool_free_bytes": 0}
+    assert gpu.allowed_bytes_from_info(small, 1.0) == GIB - GIB // 10
+    assert gpu.allowed_bytes_from_info(None, 0.8) == 0
+
+
+def test_unknown_stage_is_an_error() -> None:
+    policy = ComputePolicy()
+    with pytest.raises(ValueError):
+        policy.xp_for("phase5")
+
+
+# ----------------------------------------------------------------------------- run_stage
+
+
+class DeviceMemory:
+    """Decision-logic stand-in: refuses any single allocation above ``limit_bytes`` like a GPU would."""
+
+    def __init__(self, limit_bytes: int) -> None:
+        self.limit_bytes = limit_bytes
+        self.allocations: list[int] = []
+
+    def allocate(self, nbytes: int) -> None:
+        self.allocations.append(nbytes)
+        if nbytes > self.limit_bytes:
+            raise MemoryError(f"Out of memory allocating {nbytes:,} bytes")
+
+
+def chunked_channel_sums(image: np.ndarray, policy: ComputePolicy, device: DeviceMemory | None):
+    """A chunked reduction written like a GPU stage: rows per chunk from the budget × chunk_scale."""
+
+    def compute(xp: Any, chunk_scale: float = 1.0) -> np.ndarray:
+        channels, height, width = image.shape
+        row_bytes = channels * width * image.itemsize * 2  # the chunk plus one temporary
+        budget = int(policy.gpu_budget_bytes() * chunk_scale) if device is not None else 1 << 62
+        rows = gpu.plan_chunks(height, row_bytes, budget)
+        total = xp.zeros(channels, dtype=xp.float64)
+        for rows_slice in gpu.chunk_slices(height, rows):
+            if device is not None:
+                device.allocate((rows_slice.stop - rows_slice.start) * row_bytes)
+            chunk = xp.asarray(image[:, rows_slice, :], dtype=xp.float64)
+            total += chunk.sum(axis=(1, 2))
+        return gpu.to_host(total)
+
+    return compute
+
+
+def test_oom_is_retried_with_smaller_chunks_and_the_result_is_exact() -> None:
+    rng = np.random.default_rng(1)
+    image = rng.normal(1000.0, 10.0, size=(3, 512, 256)).astype(np.float32)
+    reporter = Reporter()
+    # Budget (5 MiB free after the reserve) × 0.8 = 4 MiB: the first plan takes all 512 rows
+    # (3 MiB), then 2 × 256 rows (1.5 MiB each), then 4 × 128 rows (768 KiB), which is the
+    # first plan the stand-in device (1 MiB per allocation) accepts.
+    policy, calls = gpu_policy(reporter, free_bytes=5 * MIB + 256 * MIB, total_bytes=8 * GIB)
+    device = DeviceMemory(limit_bytes=1 * MIB)
+    row_bytes = 3 * 256 * 4 * 2
+    gpu_fn = chunked_channel_sums(image, policy, device)
+    cpu_fn = chunked_channel_sums(image, policy, None)
+
+    result = policy.run_stage("stack", gpu_fn, cpu_fn)
+    expected = image.astype(np.float64).sum(axis=(1, 2))
+    np.testing.assert_allclose(result, expected, rtol=1e-12)
+
+    retries = [e for e in reporter.log_events if e.key == "gpu_info_oom_retry"]
+    assert [e.params["chunk_scale"] for e in retries] == [0.5, 0.25]
+    assert calls["free_pools"] == 2  # pools freed before each retry
+    assert device.allocations[-4:] == [128 * row_bytes] * 4
+    assert policy.fallbacks == [] and policy.uses_gpu("stack")
+    # The hint lives on this run: the next unit starts with the scale that worked.
+    assert policy.chunk_scale("stack") == 0.25
+    device.allocations.clear()
+    np.testing.assert_allclose(policy.run_stage("stack", gpu_fn, cpu_fn), expected, rtol=1e-12)
+    assert device.allocations == [128 * row_bytes] * 4
+    assert len([e for e in reporter.log_events if e.key == "gpu_info_oom_retry"]) == 2
+    report = policy.to_report()
+    assert report["gpu"]["units_by_stage"]["stack"] == {"gpu": 2, "cpu": 0}
+    assert report["gpu"]["oom_retries_by_stage"]["stack"] == 2
+
+    # No state outlives a run: a new policy starts from full-size chunks again.
+    fresh, _ = gpu_policy()
+    assert fresh.chunk_scale("stack") == 1.0
+
+
+def test_persistent_oom_falls_back_for_the_whole_stage_after_the_retries() -> None:
+    reporter = Reporter()
+    policy, calls = gpu_policy(reporter)
+    scales: list[float] = []
+
+    def gpu_fn(xp: Any, chunk_scale: float) -> str:
+        scales.append(chunk_scale)
+        raise MemoryError("Out of memory allocating 1,073,741,824 bytes")
+
+    assert policy.run_stage("reproject", gpu_fn, lambda xp: ("cpu", xp)) == ("cpu", np)
+    assert scales == [1.0 / 2**k for k in range(MAX_OOM_RETRIES + 1)]
+    (event,) = [e for e in reporter.log_events if e.key == "gpu_fallback_runtime_error"]
+    assert event.params["stages"] == "reproject"
+    assert "MemoryError" in event.params["error"] and "retries" in event.params["error"]
+    # The whole stage is on the CPU now: later units never touch the GPU.
+    assert policy.xp_for("reproject") is np
+    assert policy.run_stage("reproject", gpu_fn, lambda xp: "cpu again") == "cpu again"
+    assert len(scales) == MAX_OOM_RETRIES + 1
+    assert policy.backend_by_stage()["reproject"] == "cpu"
+    assert policy.uses_gpu("stack")  # other stages keep their decision
+    summary = policy.summary_end(reporter)
+    json.dumps(summary)
+    assert summary["gpu_fallbacks"][0]["units_on_gpu_before"] == {"reproject": 0}
+    assert keys_logged(reporter)[-1] == "gpu_summary_end_fallbacks"
+
+
+class CUDARuntimeError(RuntimeError):
+    """Decision-logic stand-in named like CuPy's runtime error (a non-OOM device failure)."""
+
+
+def test_non_memory_gpu_error_falls_back_at_once_and_keeps_earlier_units() -> None:
+    reporter = Reporter()
+    policy, _ = gpu_policy(reporter)
+    attempts = []
+
+    def good(xp: Any, chunk_scale: float) -> str:
+        return "gpu"
+
+    def broken(xp: Any, chunk_scale: float) -> str:
+        attempts.append(chunk_scale)
+        raise CUDARuntimeError("cudaErrorIllegalAddress: an illegal memory access was encountered")
+
+    assert policy.run_stage("assembly", good, lambda xp: "cpu") == "gpu"
+    assert policy.run_stage("assembly", broken, lambda xp: "cpu") == "cpu"
+    assert attempts == [1.0]  # no retry for a non-memory error
+    assert "gpu_info_oom_retry" not in keys_logged(reporter)
+    assert policy.backend_by_stage()["assembly"] == "gpu_then_cpu"
+    report = policy.to_report()
+    assert report["gpu_fallbacks"][0]["units_on_gpu_before"] == {"assembly": 1}
+    assert "cudaErrorIllegalAddress" in report["gpu"]["errors"][0]["error"]
+
+
+def test_insufficient_memory_for_the_smallest_chunk_falls_back_before_trying() -> None:
+    reporter = Reporter()
+    policy, _ = gpu_policy(reporter, free_bytes=1 * GIB, total_bytes=8 * GIB)
+    allowed = policy.gpu_budget_bytes()
+
+    def gpu_fn(xp: Any, chunk_scale: float) -> str:
+        raise AssertionError("must not run")
+
+    assert policy.run_stage("stack", gpu_fn, lambda xp: "cpu", estimate_bytes=allowed + 10 * MIB) == "cpu"
+    (event,) = [e for e in reporter.log_events if e.key == "gpu_fallback_insufficient_memory"]
+    assert event.params["estimated_mb"] > event.params["allowed_mb"] == round(allowed / MIB, 1)
+    assert not policy.uses_gpu("stack")
+
+
+def test_strict_mode_raises_on_runtime_errors_and_memory_shortage() -> None:
+    config = apply_overrides(default_config(), {"gpu_strict": True})
+    policy, _ = gpu_policy(config=config)
+
+    def oom(xp: Any, chunk_scale: float) -> None:
+        raise MemoryError("out of memory")
+
+    with pytest.raises(GpuUnavailableError) as caught:
+        policy.run_stage("stack", oom, lambda xp: "cpu")
+    assert caught.value.key == "gpu_error_runtime_strict"
+    assert "MemoryError" in caught.value.params["error"]
+    with pytest.raises(GpuUnavailableError) as caught:
+        policy.run_stage("reproject", oom, lambda xp: "cpu", estimate_bytes=1 << 60)
+    assert caught.value.key == "gpu_error_insufficient_memory_strict"
+    assert policy.fallbacks == []
+
+
+def test_cancel_and_caller_errors_pass_through_without_a_fallback() -> None:
+    from napari_zemosaic.engine.context import RunCancelled
+
+    reporter = Reporter()
+    policy, _ = gpu_policy(reporter)
+
+    def cancelled(xp: Any, chunk_scale: float) -> None:
+        raise RunCancelled()
+
+    def bad_data(xp: Any, chunk_scale: float) -> None:
+        raise KeyError("frame")
+
+    with pytest.raises(RunCancelled):
+        policy.run_stage("stack", cancelled, lambda xp: "cpu")
+    with pytest.raises(KeyError):
+        policy.run_stage("stack", bad_data, lambda xp: "cpu", passthrough=(KeyError,))
+    assert policy.fallbacks == [] and policy.uses_gpu("stack")
+
+
+def test_concurrent_units_record_one_fallback_per_stage() -> None:
+    reporter = Reporter()
+    policy, _ = gpu_policy(reporter)
+    barrier = threading.Barrier(4)
+
+    def broken(xp: Any, chunk_scale: float) -> int:
+        barrier.wait(timeout=5)
+        raise CUDARuntimeError("cudaErrorLaunchFailure")
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(lambda i: policy.run_stage("debayer", broken, lambda xp: i), range(8)))
+    assert results == list(range(8))
+    assert len(policy.fallbacks) == 1
+    assert keys_logged(reporter).count("gpu_fallback_runtime_error") == 1
+    assert policy.to_report()["gpu"]["units_by_stage"]["debayer"] == {"gpu": 0, "cpu": 8}
+
+
+def test_cpu_stage_calls_only_the_cpu_function() -> None:
+    policy = ComputePolicy()  # a bare policy: everything on the CPU, nothing requested
+    assert policy.run_stage("stack", lambda xp, chunk_scale: "gpu", lambda xp: xp) is np
+    policy.end_stage("stack")
+    policy.close()
+
+
+def test_end_stage_frees_the_pools_only_when_the_gpu_is_used() -> None:
+    policy, calls = gpu_policy()
+    policy.end_stage("reproject")
+    assert calls["free_pools"] == 1
+    off = apply_overrides(default_config(), gpu.config_overrides_for_gpu_mode("off"))
+    cpu_policy, cpu_calls = gpu_policy(config=off)
+    cpu_policy.end_stage("reproject")
+    assert cpu_calls["free_pools"] == 0
+
+
+def test_summaries_render_in_both_languages() -> None:
+    reporter = Reporter()
+    policy, _ = gpu_policy(reporter)
+    policy.summary_start()
+    policy.run_stage("intertile", lambda xp, chunk_scale: 1, lambda xp: 0)
+    policy.summary_end()
+    assert keys_logged(reporter).count("gpu_summary_end_stage") == len(STAGES)
+    for event in reporter.log_events:
+        for language in ("en", "fr"):
+            text = event.text(language)
+            assert text != event.key and "{" not in text
+
+
+# ----------------------------------------------------------------------------- chunk planning
+
+
+def test_plan_chunks_examples() -> None:
+    assert gpu.plan_chunks(10, 100, 10_000) == 10
+    assert gpu.plan_chunks(10, 100, 900) == 5  # room for 9 → two balanced chunks of 5
+    assert gpu.plan_chunks(100, 10, 330) == 25  # room for 33 → 4 chunks are needed → 4 × 25
+    assert gpu.plan_chunks(10, 100, 50) == 1
+    assert gpu.plan_chunks(10, 100, 50, min_items=3) == 3
+    assert gpu.plan_chunks(2, 100, 50, min_items=3) == 2
+    assert gpu.plan_chunks(0, 100, 1000) == 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    total=st.integers(1, 5000),
+    per_item=st.integers(1, 10_000),
+    budget=st.integers(0, 10_000_000),
+    min_items=st.integers(1, 20),
+)
+def test_plan_chunks_fits_the_budget_and_uses_the_fewest_balanced_chunks(total, per_item, budget, min_items) -> None:
+    per_chunk = gpu.plan_chunks(total, per_item, budget, min_items)
+    floor_items = min(min_items, total)
+    assert floor_items <= per_chunk <= total
+    fitting = budget // per_item
+    if fitting >= floor_items:
+        assert per_chunk * per_item <= budget
+        chunks = -(-total // per_chunk)
+        assert chunks == -(-total // min(fitting, total))  # never more chunks than needed
+        if per_chunk > floor_items:  # balanced: the last chunk is not much smaller than the others
+            assert total - (chunks - 1) * per_chunk > per_chunk - chunks
+    else:
+        assert per_chunk == floor_items
+    slices = gpu.chunk_slices(total, per_chunk)
+    assert slices[0].start == 0 and slices[-1].stop == total
+    assert all(a.stop == b.start for a, b in zip(slices, slices[1:]))
+
+
+def test_plan_block_side_examples() -> None:
+    assert gpu.plan_block_side(16, 16 * 1000 * 1000, 4096) == 992  # isqrt(1e6)=1000 → 31 warps of 32
+    assert gpu.plan_block_side(16, 16 * 5000 * 5000, 4096) == 4096
+    assert gpu.plan_block_side(16, 16 * 40 * 40, 4096) == 64  # minimum, even if it does not fit
+    assert gpu.plan_block_side(16, 16 * 40 * 40, 4096, min_side=16) == 32
+    assert gpu.plan_block_side(16, 0, 48) == 48  # a canvas smaller than the minimum block
+    assert gpu.plan_block_side(16, 16 * 20 * 20, 4096, min_side=8) == 20  # under one warp: not aligned
+
+
+@settings(max_examples=300, deadline=None)
+@given(bpp=st.integers(1, 4096), budget=st.integers(0, 2**34), max_side=st.integers(1, 20_000))
+def test_plan_block_side_fits_the_budget(bpp, budget, max_side) -> None:
+    side = gpu.plan_block_side(bpp, budget, max_side)
+    assert 1 <= side <= max_side
+    if side > min(64, max_side):
+        assert side * side * bpp <= budget
+        assert side == max_side or side % 32 == 0
+
+
+def test_kernel_bytes_per_pixel_model() -> None:
+    stack_20 = gpu.kernel_bytes_per_pixel("stack", channels=3, frames=20)
+    # 20 frames × 3 channels × float32 × (cube + three temporaries) + weights + outputs
+    assert stack_20 == 20 * 3 * 4 * 4 + 20 * 4 + 5 * 4
+    assert gpu.kernel_bytes_per_pixel("stack", channels=3, frames=40) > stack_20
+    mono = gpu.kernel_bytes_per_pixel("reproject", channels=1)
+    assert gpu.kernel_bytes_per_pixel("reproject", channels=3) > mono
+    assert gpu.kernel_bytes_per_pixel("reproject", method="lanczos3") > gpu.kernel_bytes_per_pixel("reproject")
+    with pytest.raises(ValueError):
+        gpu.kernel_bytes_per_pixel("fft")
+
+
+def test_stack_model_matches_the_mosaic_first_workspace() -> None:
+    mosaic_first = pytest.importorskip("napari_zemosaic.engine.mosaic_first")
+    assert gpu.STACK_WORKSPACE_FACTOR == mosaic_first.STACK_WORKSPACE_FACTOR
+
+
+def test_host_device_helpers_on_numpy() -> None:
+    data = np.arange(6, dtype=np.float32).reshape(2, 3)
+    assert gpu.to_host(data) is data
+    assert gpu.to_device([1.0, 2.0], np).tolist() == [1.0, 2.0]
+
+
+def test_gpu_mode_overrides() -> None:
+    assert gpu.config_overrides_for_gpu_mode("auto") == {}
+    on = apply_overrides(default_config(), gpu.config_overrides_for_gpu_mode("ON"))
+    assert on["gpu_strict"] and on["use_gpu_phase5"] and on["stack_use_gpu"] and on["use_gpu_stack"]
+    off = apply_overrides(default_config(), gpu.config_overrides_for_gpu_mode("off"))
+    assert not (off["gpu_strict"] or off["use_gpu_phase5"] or off["stack_use_gpu"] or off["use_gpu_stack"])
+    with pytest.raises(ValueError):
+        gpu.config_overrides_for_gpu_mode("maybe")
+
+
+# ----------------------------------------------------------------------------- source checks
+
+# Calls that make an exception visible: logged, recorded for the report, or noted as a GPU error.
+RECORDING_CALLS = {"record_fallback", "_note_gpu_error", "_log", "log", "warning", "error", "info", "debug"}
+
+
+def _handler_is_visible(handler: ast.ExceptHandler) -> bool:
+    """An except block re-raises, logs/records, or returns a value built from the exception."""
+    for node in ast.walk(ast.Module(body=handler.body, type_ignores=[])):
+        if isinstance(node, ast.Raise):
+            return True
+        if isinstance(node, ast.Call):
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+            if name in RECORDING_CALLS:
+                return True
+        if isinstance(node, ast.Return) and handler.name and node.value is not None:
+            if any(isinstance(n, ast.Name) and n.id == handler.name for n in ast.walk(node.value)):
+                return True  # the reason travels to the caller, which logs it (gpu_fallback_unavailable)
+    return False
+
+
+def test_every_except_in_gpu_module_reraises_or_records() -> None:
+    tree = ast.parse(GPU_SOURCE.read_text(encoding="utf-8"))
+    handlers = [node for node in ast.walk(tree) if isinstance(node, ast.ExceptHandler)]
+    assert handlers, "the check found no except blocks to inspect"
+    silent = [handler.lineno for handler in handlers if not _handler_is_visible(handler)]
+    assert silent == [], f"except blocks that swallow errors at lines {silent}"
+    assert not any(handler.type is None for handler in handlers), "bare except"
+
+
+def test_every_gpu_message_key_exists_in_both_languages() -> None:
+    tree = ast.parse(GPU_SOURCE.read_text(encoding="utf-8"))
+    prefixes = ("gpu_fallback_", "gpu_info_", "gpu_warning_", "gpu_error_", "gpu_debug_", "gpu_summary_")
+    keys = {
+        node.value
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith(prefixes)
+        and node.value.replace("_", "").isalnum()
+    }
+    assert {"gpu_fallback_unavailable", "gpu_fallback_insufficient_memory", "gpu_fallback_runtime_error"} <= keys
+    english, french = load_catalog("en"), load_catalog("fr")
+    for key in sorted(keys):
+        assert key in english and key in french, key
+        assert placeholders(english[key]) == placeholders(french[key]), key
