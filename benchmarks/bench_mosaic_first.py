@@ -1,7 +1,8 @@
 """End-to-end Mosaic-First on full-size demo frames: frames/s and peak RSS versus frame count.
 
 Each run happens in its own process so that peak RSS is that run's alone. The canvas is fixed
-(one pointing, same dithers and rotation range), only the number of frames changes.
+(one pointing on an equatorial mount: no field rotation, so dithers alone set the canvas), only the
+number of frames changes.
 
     python benchmarks/bench_mosaic_first.py --counts 50 200 --max-memory-mb 1500 --repeats 1
 """
@@ -48,7 +49,7 @@ def main() -> None:
         for count in args.counts:
             root = Path(tmp) / f"n{count}"
             start = time.perf_counter()
-            generate_demo(root, DemoSpec(panels=(1, 1), frames_per_panel=count, scale=args.scale, seed=1))
+            generate_demo(root, DemoSpec(panels=(1, 1), frames_per_panel=count, scale=args.scale, seed=1, eqmode=1))
             generation = time.perf_counter() - start
             runs = []
             for repeat in range(args.repeats):

@@ -268,6 +268,33 @@ def test_allowed_bytes_counts_pool_free_bytes_and_keeps_a_reserve() -> None:
     assert gpu.allowed_bytes_from_info(None, 0.8) == 0
 
 
+def test_memory_limit_caps_the_budget_minus_what_the_pool_hands_out() -> None:
+    info = {"total_bytes": 8 * GIB, "free_bytes": 5 * GIB, "pool_free_bytes": 0, "pool_used_bytes": 100 * MIB}
+    assert gpu.allowed_bytes_from_info(info, 0.5, limit_bytes=300 * MIB) == 100 * MIB
+    assert gpu.allowed_bytes_from_info(info, 0.5, limit_bytes=50 * MIB) == 0
+    # A limit above what the device has changes nothing.
+    assert gpu.allowed_bytes_from_info(info, 0.5, limit_bytes=64 * GIB) == gpu.allowed_bytes_from_info(info, 0.5)
+
+
+def test_memory_limit_from_config_and_env() -> None:
+    reporter = Reporter()
+    backend, _ = decision_logic_backend(free_bytes=6 * GIB, total_bytes=8 * GIB)
+    config = {**default_config(), gpu.CONFIG_MEMORY_LIMIT_KEY: 512}
+    policy = ComputePolicy.from_config(config, reporter, env={}, backend=backend)
+    assert policy.memory_limit_bytes == 512 * MIB
+    assert policy.gpu_budget_bytes() == int(512 * MIB * 0.8)
+    # The environment wins over the config, and says so.
+    policy = ComputePolicy.from_config(config, reporter, env={gpu.ENV_MEMORY_LIMIT_MB: "256"}, backend=backend)
+    assert policy.memory_limit_bytes == 256 * MIB
+    assert policy.to_report()["gpu"]["memory_limit_mb"] == 256.0
+    assert "gpu_info_env_memory_limit" in keys_logged(reporter)
+    for bad in ("-5", "zero", "inf"):
+        reporter = Reporter()
+        policy = ComputePolicy.from_config(config, reporter, env={gpu.ENV_MEMORY_LIMIT_MB: bad}, backend=backend)
+        assert policy.memory_limit_bytes == 512 * MIB  # the config value stays
+        assert "gpu_warning_memory_limit_invalid" in keys_logged(reporter)
+
+
 def test_unknown_stage_is_an_error() -> None:
     policy = ComputePolicy()
     with pytest.raises(ValueError):
@@ -554,9 +581,13 @@ def test_plan_block_side_fits_the_budget(bpp, budget, max_side) -> None:
 
 def test_kernel_bytes_per_pixel_model() -> None:
     stack_20 = gpu.kernel_bytes_per_pixel("stack", channels=3, frames=20)
-    # 20 frames × 3 channels × float32 × (cube + three temporaries) + weights + outputs
-    assert stack_20 == 20 * 3 * 4 * 4 + 20 * 4 + 5 * 4
+    # 20 frames × 3 channels × the kappa-sigma peak per value, plus pieces and outputs per channel
+    assert stack_20 == 20 * 3 * 40 + 3 * 24 + 16
     assert gpu.kernel_bytes_per_pixel("stack", channels=3, frames=40) > stack_20
+    linear = gpu.kernel_bytes_per_pixel("stack", channels=3, frames=20, rejection="linear_fit_clip")
+    assert linear > stack_20
+    assert gpu.kernel_bytes_per_pixel("stack", channels=3, frames=20, combine="median") > stack_20
+    assert gpu.kernel_bytes_per_pixel("stack", frames=20, rejection="unknown") >= linear  # the largest figure
     mono = gpu.kernel_bytes_per_pixel("reproject", channels=1)
     assert gpu.kernel_bytes_per_pixel("reproject", channels=3) > mono
     assert gpu.kernel_bytes_per_pixel("reproject", method="lanczos3") > gpu.kernel_bytes_per_pixel("reproject")
@@ -630,3 +661,230 @@ def test_every_gpu_message_key_exists_in_both_languages() -> None:
     for key in sorted(keys):
         assert key in english and key in french, key
         assert placeholders(english[key]) == placeholders(french[key]), key
+
+
+# ----------------------------------------------------------------------------- --gpu on in the CLI
+
+
+@needs_no_cupy
+def test_gpu_on_without_a_gpu_exits_2_with_the_reason(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from napari_zemosaic.cli import main
+    from napari_zemosaic.engine.demo import DemoSpec, generate_demo
+
+    generate_demo(tmp_path / "night", DemoSpec(panels=(1, 1), frames_per_panel=2, scale=0.1, seed=3))
+    out = tmp_path / "out"
+    code = main(["run", str(tmp_path / "night" / "frames"), str(out), "--gpu", "on", "--lang", "en"])
+    assert code == 2
+    message = capsys.readouterr().err
+    assert "--gpu on" in message and "cupy" in message.lower()
+    report = json.loads((out / "run_report.json").read_text())
+    assert report["status"] == "failed" and report["error"]["key"] == "gpu_error_unavailable_strict"
+
+
+@needs_no_cupy
+def test_gpu_auto_without_a_gpu_records_the_fallback_and_runs_on_the_cpu(tmp_path: Path) -> None:
+    from napari_zemosaic.cli import main
+    from napari_zemosaic.engine.demo import DemoSpec, generate_demo
+
+    generate_demo(tmp_path / "night", DemoSpec(panels=(1, 1), frames_per_panel=2, scale=0.1, seed=3))
+    out = tmp_path / "out"
+    assert main(["run", str(tmp_path / "night" / "frames"), str(out), "--gpu", "auto"]) == 0
+    compute = json.loads((out / "run_report.json").read_text())["compute"]
+    assert set(compute["backend_by_stage"].values()) == {"cpu"}
+    (fallback,) = compute["gpu_fallbacks"]
+    assert fallback["key"] == "gpu_fallback_unavailable" and "cupy" in fallback["params"]["reason"].lower()
+
+
+# ----------------------------------------------------------------------------- Mosaic-First wiring
+#
+# The GPU orchestration of Mosaic-First (readers feeding device threads, units through
+# run_stage, block stacks in strips sized from the GPU budget, OOM retries, fallbacks) runs
+# here with a stand-in device whose array module is NumPy behind a byte limit. Its arrays are
+# NumPy arrays, so the mosaic must equal the CPU path's: every step computes the same
+# function, only chunked differently. The numerics on a real device are checked by
+# ``test_gpu_parity.py`` (``pytest -m gpu``).
+
+
+class LimitedNumpy:
+    """Stand-in array module FOR ORCHESTRATION TESTS: NumPy that refuses large buffers like a small GPU.
+
+    ``empty``/``full``/``zeros`` above ``limit_bytes`` raise an out-of-memory ``MemoryError``;
+    ``fail_after`` makes the n-th allocation raise a non-memory device error instead.
+    """
+
+    def __init__(self, limit_bytes: int = 1 << 62, fail_after: int | None = None) -> None:
+        self.limit_bytes = limit_bytes
+        self.fail_after = fail_after
+        self.allocations = 0
+        self.refused = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(np, name)
+
+    def _check(self, shape: Any, dtype: Any) -> None:
+        self.allocations += 1
+        if self.fail_after is not None and self.allocations > self.fail_after:
+            raise CUDARuntimeError("cudaErrorIllegalAddress: an illegal memory access was encountered")
+        nbytes = int(np.prod(shape)) * np.dtype(dtype if dtype is not None else float).itemsize
+        if nbytes > self.limit_bytes:
+            self.refused += 1
+            raise MemoryError(f"Out of memory allocating {nbytes:,} bytes")
+
+    def empty(self, shape: Any, dtype: Any = None, **kwargs: Any) -> np.ndarray:
+        self._check(shape, dtype)
+        return np.empty(shape, dtype if dtype is not None else float, **kwargs)
+
+    def zeros(self, shape: Any, dtype: Any = None, **kwargs: Any) -> np.ndarray:
+        self._check(shape, dtype)
+        return np.zeros(shape, dtype if dtype is not None else float, **kwargs)
+
+    def full(self, shape: Any, fill_value: Any, dtype: Any = None, **kwargs: Any) -> np.ndarray:
+        self._check(shape, dtype if dtype is not None else np.asarray(fill_value).dtype)
+        return np.full(shape, fill_value, dtype, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def small_night(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from napari_zemosaic.engine.demo import DemoSpec, generate_demo
+
+    root = tmp_path_factory.mktemp("gpu_wiring_night")
+    generate_demo(root, DemoSpec(panels=(1, 2), frames_per_panel=4, scale=0.2, seed=5))
+    return root / "frames"
+
+
+def run_mosaic_first(frames_dir: Path, tmp_path: Path, policy: ComputePolicy | None, **overrides: Any):
+    """Mosaic-First on a folder with a given policy (the pipeline builds its own from CuPy)."""
+    from napari_zemosaic.config import validate_config
+    from napari_zemosaic.engine.canvas import build_canvas
+    from napari_zemosaic.engine.context import RunContext
+    from napari_zemosaic.engine.frames import read_frame_info
+    from napari_zemosaic.engine.mosaic_first import mosaic_first
+
+    # A small host budget: several blocks, and the CPU path spills its pieces to disk.
+    config = validate_config({"max_memory_mb": 16, **overrides})
+    infos = [read_frame_info(path) for path in sorted(frames_dir.glob("*.fit"))]
+    canvas = build_canvas([i.wcs for i in infos], [i.shape for i in infos],
+                          pixel_scale_arcsec=float(config["canvas_pixel_scale_arcsec"]),
+                          padding_pct=float(config["canvas_padding_pct"]))
+    reporter = policy.reporter if policy is not None and policy.reporter is not None else Reporter()
+    ctx = RunContext(config, reporter, tmp_path, tmp_path / "cache", policy=policy)
+    generator = mosaic_first(infos, canvas, ctx, 3)
+    while True:
+        try:
+            next(generator)
+        except StopIteration as stop:
+            return stop.value, ctx
+
+
+def standin_policy(xp: Any, reporter: Reporter, free_bytes: int = 6 * GIB, **config: Any) -> ComputePolicy:
+    backend, _ = decision_logic_backend(free_bytes=free_bytes)
+    backend = GpuBackend(probe=backend.probe, memory_info=backend.memory_info, free_memory=backend.free_memory,
+                         array_module=lambda: xp, init_pools=backend.init_pools, free_pools=backend.free_pools,
+                         device_scope=backend.device_scope)
+    return ComputePolicy.from_config({**default_config(), **config}, reporter, env={}, backend=backend)
+
+
+@pytest.fixture(scope="module")
+def cpu_reference(small_night: Path, tmp_path_factory: pytest.TempPathFactory):
+    stacked, ctx = run_mosaic_first(small_night, tmp_path_factory.mktemp("cpu"), None)
+    return stacked
+
+
+def assert_same_mosaic(stacked, reference) -> None:
+    assert stacked.frames_used == reference.frames_used
+    np.testing.assert_array_equal(stacked.count, reference.count)
+    np.testing.assert_allclose(stacked.weight, reference.weight, rtol=1e-6)
+    assert np.array_equal(np.isnan(stacked.data), np.isnan(reference.data))
+    np.testing.assert_allclose(stacked.data, reference.data, rtol=1e-6, atol=1e-4)
+
+
+def test_cpu_reference_covers_several_blocks_and_spills(cpu_reference) -> None:
+    height, width = cpu_reference.canvas.shape
+    assert cpu_reference.spilled and cpu_reference.block_side < max(height, width)
+    assert np.isfinite(cpu_reference.data).mean() > 0.5
+
+
+def test_gpu_path_with_a_standin_device_gives_the_cpu_mosaic(small_night, cpu_reference, tmp_path) -> None:
+    reporter = Reporter()
+    policy = standin_policy(LimitedNumpy(), reporter)
+    stacked, ctx = run_mosaic_first(small_night, tmp_path, policy)
+    assert_same_mosaic(stacked, cpu_reference)
+    report = policy.to_report()
+    assert report["gpu_fallbacks"] == [] and report["gpu"]["oom_retries_by_stage"]["stack"] == 0
+    units = report["gpu"]["units_by_stage"]
+    n_frames = len(cpu_reference.frames_used)
+    assert units["reproject"] == {"gpu": n_frames, "cpu": 0}
+    assert units["debayer"] == {"gpu": n_frames, "cpu": 0}
+    assert units["stack"]["gpu"] > 1 and units["stack"]["cpu"] == 0
+    (p3,) = ctx.extras["mosaic_first_gpu"]
+    assert p3["frames"] == n_frames and p3["reader_kind"] == "threads"
+    plan = next(e for e in reporter.log_events if e.key == "mf_info_plan")
+    assert plan.params["storage"] == "gpu"  # the pieces fit in half the (stand-in) GPU budget
+
+
+def test_gpu_path_reads_in_processes_for_large_runs(small_night, cpu_reference, tmp_path, monkeypatch) -> None:
+    from napari_zemosaic.engine import mosaic_first as module
+
+    monkeypatch.setattr(module, "PROCESS_READERS_MIN_FRAMES", 1)
+    policy = standin_policy(LimitedNumpy(), Reporter())
+    stacked, ctx = run_mosaic_first(small_night, tmp_path, policy, num_workers=2)
+    assert ctx.extras["mosaic_first_gpu"][0]["reader_kind"] == "processes"
+    assert_same_mosaic(stacked, cpu_reference)
+
+
+def test_a_small_gpu_budget_stacks_in_strips_with_the_same_mosaic(small_night, cpu_reference, tmp_path) -> None:
+    reporter = Reporter()
+    # 16 MB of "device": a frame's pass fits, the pieces go back to the host, every block is
+    # stacked in strips, and no allocation is refused because the plan fits the budget.
+    device = LimitedNumpy(limit_bytes=16 * MIB)
+    policy = standin_policy(device, reporter, **{gpu.CONFIG_MEMORY_LIMIT_KEY: 16})
+    stacked, _ = run_mosaic_first(small_night, tmp_path, policy)
+    assert_same_mosaic(stacked, cpu_reference)
+    assert device.refused == 0
+    assert "gpu_info_oom_retry" not in keys_logged(reporter) and policy.fallbacks == []
+    plan = next(e for e in reporter.log_events if e.key == "mf_info_plan")
+    assert plan.params["storage"] != "gpu"
+    side = cpu_reference.block_side
+    whole_block = side * side * gpu.kernel_bytes_per_pixel("stack", channels=3, frames=8)
+    assert whole_block > policy.gpu_budget_bytes()  # so the blocks really were cut into strips
+    (p5,) = [e for e in reporter.log_events if e.key == "mf_debug_gpu_p5"]
+    assert p5.params["strips"] > p5.params["blocks"] > 1
+
+
+def test_an_oom_in_a_block_stack_is_retried_in_smaller_strips(small_night, cpu_reference, tmp_path) -> None:
+    reporter = Reporter()
+    # Blocks of 256 px (64 MB host budget); the budget says a whole block fits, but the
+    # stand-in device refuses buffers above 4 MB: a frame's buffers pass, block cubes of
+    # more than 5 frames do not.
+    device = LimitedNumpy(limit_bytes=4 * MIB)
+    policy = standin_policy(device, reporter)
+    stacked, _ = run_mosaic_first(small_night, tmp_path, policy, max_memory_mb=64)
+    assert stacked.block_side > cpu_reference.block_side
+    assert_same_mosaic(stacked, cpu_reference)
+    assert device.refused > 0
+    retries = [e for e in reporter.log_events if e.key == "gpu_info_oom_retry"]
+    assert retries and {e.params["stage"] for e in retries} <= {"stack", "reproject", "debayer"}
+    assert policy.fallbacks == [] and policy.uses_gpu("stack")
+    assert policy.to_report()["gpu"]["chunk_scale_by_stage"]["stack"] < 1.0
+
+
+def test_a_device_error_moves_the_whole_stage_to_the_cpu_with_the_same_mosaic(
+    small_night, cpu_reference, tmp_path
+) -> None:
+    reporter = Reporter()
+    device = LimitedNumpy(fail_after=10)  # works for a few frames, then fails for good
+    policy = standin_policy(device, reporter)
+    stacked, _ = run_mosaic_first(small_night, tmp_path, policy, gpu_threads=1)  # one device thread: deterministic
+    assert_same_mosaic(stacked, cpu_reference)
+    fallbacks = policy.to_report()["gpu_fallbacks"]
+    assert fallbacks and all(entry["key"] == "gpu_fallback_runtime_error" for entry in fallbacks)
+    assert all("cudaErrorIllegalAddress" in entry["params"]["error"] for entry in fallbacks)
+    assert keys_logged(reporter).count("gpu_fallback_runtime_error") == len(fallbacks)
+    backends = policy.backend_by_stage()
+    for entry in fallbacks:
+        for stage in entry["stages"]:  # the whole stage went to the CPU, for the rest of the run
+            assert backends[stage] in ("cpu", "gpu_then_cpu") and not policy.uses_gpu(stage)
+    # Frames reprojected on the device before the failure are kept; the rest ran on the CPU.
+    assert backends["reproject"] == "gpu_then_cpu"
+    units = policy.to_report()["gpu"]["units_by_stage"]["reproject"]
+    assert units["gpu"] > 0 and units["gpu"] + units["cpu"] == len(cpu_reference.frames_used)

@@ -167,6 +167,17 @@ def test_winsorized_consistency_factor_is_siril_constant():
     assert winsorized_consistency_factor(1.5) * clamped.std() == pytest.approx(2.0, rel=3e-3)
 
 
+def test_winsorized_ends_on_a_saturated_majority():
+    # More than half the frames saturated at one value: the winsorised σ collapses to 0 (it
+    # would shrink forever); the loop must end and keep the saturated level.
+    rng = np.random.default_rng(6)
+    cube = rng.normal(60000.0, 300.0, (20, 1, 3, 3)).astype(np.float32)
+    cube[:12] = 65535.0
+    result = stack_cube(cube, StackParams(rejection="winsorized_sigma_clip"))
+    np.testing.assert_array_equal(result.data, 65535.0)
+    np.testing.assert_array_equal(result.count, 12.0)
+
+
 # ------------------------------------------------------------- artefacts: trail and hot pixels
 
 SIGMA = 10.0

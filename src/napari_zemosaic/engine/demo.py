@@ -31,6 +31,10 @@ How a frame is rendered (all vectorised, no full-image work per star)
 5. Artefacts: fixed hot pixels (same detector position and level in every frame), one
    satellite trail crossing one frame, one cloudy frame (transparency 0.4, sky +30 %) and
    a haze level per panel. The result is rounded, clipped to [0, 65535] and stored.
+   On request (off by default) one frame is heavily blurred (seeing x ``BLURRED_FWHM_FACTOR``:
+   defocus, dew, wind) and one has its stars smeared into short trails of
+   ``SMEAR_LENGTH_PX`` (tracking error, wind shake): each star is then rendered as
+   ``SMEAR_STEPS`` Gaussians spread evenly along the smear, sharing its flux.
 
 Everything random comes from one seed through independent ``numpy`` generators, so the
 same spec gives the same bytes.
@@ -107,6 +111,11 @@ HOT_PIXELS_FULL_FRAME = 50
 HOT_PIXELS_MIN = 8
 HOT_PIXEL_RANGE_ADU = (20000.0, 60000.0)
 SIP_CORNER_DISTORTION_PX = (1.2, 1.8)
+#: Seeing multiplier of the optional blurred frame (``DemoSpec.blurred_frame``).
+BLURRED_FWHM_FACTOR = 2.0
+#: Length (px) of the star smear of the optional trailed frame (``DemoSpec.elongated_frame``).
+SMEAR_LENGTH_PX = 6.0
+SMEAR_STEPS = 13
 START_TIME = datetime(2026, 11, 21, 22, 30, 15)
 
 
@@ -139,6 +148,10 @@ class DemoSpec:
     star_density: float = 1.0  # multiplier on the default number of stars
     exptime: float = 10.0
     object_name: str = "M42"
+    #: Index (time order) of a frame rendered with a heavily blurred PSF; None: no such frame.
+    blurred_frame: int | None = None
+    #: Index of a frame whose stars are smeared into short trails; None: no such frame.
+    elongated_frame: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "panels", tuple(int(n) for n in self.panels))
@@ -166,6 +179,8 @@ class DemoSpec:
             ("eqmode", self.eqmode, self.eqmode in (0, 1), "0 or 1"),
             ("star_density", self.star_density, 0.0 <= self.star_density <= 20.0, "0 to 20"),
             ("exptime", self.exptime, 0.1 <= self.exptime <= 600.0, "0.1 to 600"),
+            ("blurred_frame", self.blurred_frame, _optional_index_ok(self.blurred_frame, self.n_frames), "none or a frame index"),
+            ("elongated_frame", self.elongated_frame, _optional_index_ok(self.elongated_frame, self.n_frames), "none or a frame index"),
         ]
         for name, value, ok, allowed in checks:
             if not ok:
@@ -205,6 +220,9 @@ class FrameTruth:
     is_cloudy: bool
     trail: tuple[float, float, float, float] | None  # (x0, y0, x1, y1) on the frame border
     trail_peak_adu: float
+    is_blurred: bool = False  # fwhm_px is then BLURRED_FWHM_FACTOR x the night's seeing
+    smear_px: float = 0.0  # length of the star smear (trailed frame); fwhm_px is the core
+    smear_angle_deg: float = 0.0  # direction of the smear, from detector +x towards +y
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -252,6 +270,8 @@ class DemoTruth:
     cloudy_frame: int | None
     trail_frame: int | None
     nebula: list[dict[str, Any]] = field(default_factory=list)
+    blurred_frame: int | None = None
+    elongated_frame: int | None = None
     _wcs_cache: dict[int, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -336,6 +356,8 @@ def load_truth(out_dir: str | Path) -> DemoTruth:
         cloudy_frame=document["cloudy_frame"],
         trail_frame=document["trail_frame"],
         nebula=list(document.get("nebula", [])),
+        blurred_frame=document.get("blurred_frame"),
+        elongated_frame=document.get("elongated_frame"),
     )
 
 
@@ -452,7 +474,9 @@ class _Night:
 
 
 def _plan_night(spec: DemoSpec) -> _Night:
-    streams = np.random.SeedSequence(spec.seed).spawn(6)
+    # Child i of a SeedSequence depends only on i, so the 7th stream (the optional smear
+    # direction) leaves the first six, hence every default night, unchanged.
+    streams = np.random.SeedSequence(spec.seed).spawn(7)
     geometry_rng, catalog_rng, nebula_rng, artefact_rng, sip_rng = (np.random.default_rng(s) for s in streams[:5])
     width, height = spec.width, spec.height
     base_rotation = float(geometry_rng.uniform(-15.0, 15.0))
@@ -470,9 +494,10 @@ def _plan_night(spec: DemoSpec) -> _Night:
         np.zeros((0, 2), dtype=np.int64),
         np.zeros(0),
     )
+    smear_angle = float(np.random.default_rng(streams[6]).uniform(0.0, 180.0))
     frames = _plan_frames(
         spec, geometry_rng, artefact_rng, streams[5], mosaic_wcs, base_rotation, panel_offsets,
-        dither_max, sip, cloudy, trail,
+        dither_max, sip, cloudy, trail, smear_angle,
     )
     return _Night(spec, width, height, mosaic_wcs, sip, catalog, nebula, hot_xy, hot_values, frames, cloudy, trail)
 
@@ -661,6 +686,7 @@ def _plan_frames(
     sip: dict[str, float],
     cloudy: int | None,
     trail: int | None,
+    smear_angle: float = 0.0,
 ) -> list[_FramePlan]:
     width, height = spec.width, spec.height
     # Alt-az field rotation: a few tenths of a degree per ~11 s frame, one sign per night.
@@ -693,6 +719,10 @@ def _plan_frames(
             mount_ra, mount_dec = _pointing_error(rng, centre_ra, centre_dec, error_angle, error_arcsec)
             fwhm = seeing_base + 0.25 * math.sin(seeing_phase + elapsed / 900.0) + rng.normal(0.0, 0.05)
             fwhm = float(np.clip(fwhm, *FWHM_RANGE_PX))
+            is_blurred = index == spec.blurred_frame
+            if is_blurred:
+                fwhm *= BLURRED_FWHM_FACTOR
+            smear = SMEAR_LENGTH_PX if index == spec.elongated_frame else 0.0
             is_cloudy = index == cloudy
             if is_cloudy:
                 transparency, sky_factor = CLOUDY_TRANSPARENCY, CLOUDY_SKY_FACTOR
@@ -729,6 +759,9 @@ def _plan_frames(
                 is_cloudy=is_cloudy,
                 trail=trail_line,
                 trail_peak_adu=trail_peak,
+                is_blurred=is_blurred,
+                smear_px=smear,
+                smear_angle_deg=round(smear_angle, 4) if smear else 0.0,
             )
             mosaic_xy = tuple(float(v) for v in mosaic_wcs.wcs_world2pix(centre_ra, centre_dec, 0))
             ccd_temp = round(ccd_temp_start - elapsed / 1800.0 + rng.normal(0.0, 0.1), 1)
@@ -874,6 +907,8 @@ def _render_frame(night: _Night, plan: _FramePlan) -> np.ndarray:
     signal = _render_background(night, truth, wcs)
     x, y, flux = _stars_in_frame(night, plan, wcs)
     sigma = truth.fwhm_px / (2.0 * math.sqrt(2.0 * math.log(2.0)))
+    if truth.smear_px > 0:
+        x, y, flux = _smeared(x, y, flux, truth.smear_px, truth.smear_angle_deg)
     signal += _render_stars(x, y, flux * truth.transparency, sigma, (height, width))
     if truth.trail is not None:
         signal += _render_trail(truth.trail, truth.trail_peak_adu * truth.transparency, (height, width))
@@ -939,6 +974,17 @@ def _render_stars(
     flat = row_index[valid] * width + col_index[valid]
     image = np.bincount(flat, weights=values[valid], minlength=height * width)
     return image.reshape(shape).astype(np.float32)
+
+
+def _smeared(
+    x: np.ndarray, y: np.ndarray, flux: np.ndarray, length: float, angle_deg: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each star as SMEAR_STEPS points evenly spread along a centred segment, sharing its flux."""
+    steps = np.linspace(-0.5, 0.5, SMEAR_STEPS) * length
+    angle = math.radians(angle_deg)
+    xs = (x[:, None] + steps[None, :] * math.cos(angle)).ravel()
+    ys = (y[:, None] + steps[None, :] * math.sin(angle)).ravel()
+    return xs, ys, np.repeat(flux / SMEAR_STEPS, SMEAR_STEPS, axis=0)
 
 
 def _render_background(night: _Night, truth: FrameTruth, wcs: Any) -> np.ndarray:
@@ -1088,11 +1134,17 @@ def _truth_document(night: _Night) -> dict[str, Any]:
         "flux_definition": "total ADU above bias per channel in one frame at transparency 1",
         "cloudy_frame": night.cloudy_frame,
         "trail_frame": night.trail_frame,
+        "blurred_frame": night.spec.blurred_frame,
+        "elongated_frame": night.spec.elongated_frame,
         "hot_pixels": night.hot_xy.tolist(),
         "hot_pixel_values": [float(v) for v in night.hot_values],
         "nebula": night.nebula,
         "frames": [plan.truth.to_dict() for plan in night.frames],
     }
+
+
+def _optional_index_ok(value: int | None, n_frames: int) -> bool:
+    return value is None or (isinstance(value, (int, np.integer)) and 0 <= int(value) < n_frames)
 
 
 def _even(value: float) -> int:

@@ -45,7 +45,9 @@ Memory
 ------
 Allowed bytes = (``memGetInfo`` free + bytes the CuPy pool holds but does not use − a
 reserve for the CUDA context, cuBLAS/cuFFT workspaces and fragmentation) × the safety
-fraction (``gpu_safety_fraction``, default 0.8). :func:`plan_chunks` and
+fraction (``gpu_safety_fraction``, default 0.8). With a memory limit (config
+``gpu_memory_limit_mb`` or ``ZEMOSAIC_GPU_MEMORY_LIMIT_MB``) the usable part is at most
+the limit minus what the pool already hands out. :func:`plan_chunks` and
 :func:`plan_block_side` size frame batches and canvas blocks from that budget and a
 bytes-per-pixel model of each kernel (:func:`kernel_bytes_per_pixel`). CuPy's pools are
 freed at stage boundaries (:meth:`ComputePolicy.end_stage`) and before an OOM retry,
@@ -62,6 +64,11 @@ Environment overrides (each one is logged when it changes something)
 ``ZEMOSAIC_FORCE_CPU_INTERTILE``   same, for the ``intertile`` stage only.
 ``ZEMOSAIC_GPU_SAFETY_FRACTION``   a number in [0.05, 1.0] that replaces ``gpu_safety_fraction``;
                                    an invalid value is ignored with a warning.
+``ZEMOSAIC_GPU_MEMORY_LIMIT_MB``   a positive number of MB that replaces the config key
+                                   ``gpu_memory_limit_mb``: the most device memory this run's
+                                   CuPy pool may hold (0 or unset: no limit but the device's).
+                                   Use it to share a GPU with other programs, or to check that
+                                   a small card gets the same mosaic through smaller chunks.
 The environment wins over ``gpu_strict``: it is the user's explicit escape hatch.
 
 State
@@ -97,6 +104,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from ..config import GPU_STACK_ALIASES, validate_config
+from .context import UserError
 
 STAGES: tuple[str, ...] = ("debayer", "reproject", "stack", "assembly", "intertile")
 
@@ -111,6 +119,9 @@ STAGE_FLAGS: dict[str, str] = {
 ENV_FORCE_CPU = "ZEMOSAIC_FORCE_CPU"
 ENV_FORCE_CPU_INTERTILE = "ZEMOSAIC_FORCE_CPU_INTERTILE"
 ENV_SAFETY_FRACTION = "ZEMOSAIC_GPU_SAFETY_FRACTION"
+ENV_MEMORY_LIMIT_MB = "ZEMOSAIC_GPU_MEMORY_LIMIT_MB"
+#: Config key of the GPU memory limit in MB (0 = none); the environment variable wins.
+CONFIG_MEMORY_LIMIT_KEY = "gpu_memory_limit_mb"
 SAFETY_FRACTION_RANGE = (0.05, 1.0)
 
 DEFAULT_SAFETY_FRACTION = 0.8
@@ -144,41 +155,65 @@ PARITY_TOLERANCES: dict[str, dict[str, float]] = {
     "stack": {"atol_of_stack_noise": 1e-2, "rtol": 1e-5, "flip_fraction": 1e-3},
 }
 
-# Bytes of device memory per output pixel and channel (or per CFA pixel for debayer and
-# hot pixels) held at the peak of each kernel, inputs and temporaries included. These are
-# conservative estimates from the array algebra of the xp kernels; ``stack`` follows
-# ``mosaic_first.STACK_WORKSPACE_FACTOR`` (the cube plus three cube-sized temporaries).
+# Bytes of device memory per pixel held at the peak of each kernel, inputs and temporaries
+# included, counted from the array algebra of the xp kernels (each temporary of the
+# expression chain, int64 gather indices, CuPy's sort workspace) and checked against the
+# CuPy pool's high-water mark on an H100 (``tests/engine/test_gpu_parity.py``). Per CFA
+# pixel for ``debayer`` / ``hot_pixels``; per pixel of a sampling chunk for ``reproject``
+# (the bounding-box output itself is counted by the caller); per canvas pixel of a block
+# strip for ``stack`` (see :func:`kernel_bytes_per_pixel`).
 _BYTES_PER_PIXEL_BASE: dict[str, int] = {
-    "debayer": 8,  # CFA plane + padded copy (float32); channels added below
-    "hot_pixels": 48,  # plane, padded copy, 8 neighbour planes, median, mask
-    "reproject": 56,  # float64 map_x/map_y (16) + per-tap indices and weights (~40)
+    "debayer": 12,  # uint16 upload, float32 plane, reflect-padded copy
+    "hot_pixels": 48,  # plane, padded copy, corrected copy, row minima, excess, candidate tables
+    # Bilinear sampling of one chunk pixel: float32 map_x/map_y and their expansion
+    # temporaries (24), clamped coordinates, cells and fractions (24), four float32 weights
+    # (16), four int64 flat indices (32), masks (6), gather temporaries (16).
+    "reproject": 120,
     "assembly": 20,  # float64 maps for the tile pixels + coverage (float32)
     "intertile": 8,  # overlap mask and weights
 }
 _BYTES_PER_PIXEL_CHANNEL: dict[str, int] = {
-    "debayer": 8,  # output plane + one interpolation temporary per channel
+    "debayer": 16,  # output plane + interpolation temporaries per channel
     "hot_pixels": 0,
-    "reproject": 12,  # gathered tap values, accumulator, output per channel (float32)
+    "reproject": 12,  # gathered tap values and products per channel (float32)
     "assembly": 12,  # sum, weight-sum, incoming tile pixel per channel
     "intertile": 24,  # two tiles' overlap pixels and their sorted copies
 }
-_RESAMPLE_EXTRA_BYTES: dict[str, int] = {"bilinear": 0, "bicubic": 16, "lanczos3": 32}
+# Separable kernels: per tap an int64 index and a float32 weight along each axis, plus one
+# int64 flat index per tap of the square (16 for bicubic, 36 for Lanczos-3) and temporaries.
+_RESAMPLE_EXTRA_BYTES: dict[str, int] = {"bilinear": 0, "bicubic": 256, "lanczos3": 480}
+# Device bytes per stacked value (one frame, one channel, one pixel) at the peak of each
+# rejection: the cube (4), the mask (1), the transposed sorted copies (8), CuPy's segmented
+# sort (int64 keys + workspace, ~20) and, once sorted, two float64 prefix-sum tables (16)
+# — the sort workspace is gone by then, so the larger phase counts. Linear-fit clipping
+# adds an int64 argsort order and its workspace. The median combine sorts once more.
+_STACK_BYTES_PER_VALUE: dict[str, int] = {
+    "none": 12,
+    "kappa_sigma": 40,
+    "winsorized_sigma_clip": 40,
+    "linear_fit_clip": 64,
+}
+_STACK_MEDIAN_EXTRA_PER_VALUE = 16
+# Per canvas pixel and channel of a stacked strip: the uploaded piece, its background plane
+# and the normalised copy (12), the float32 output and float64 accumulators (12).
+_STACK_BYTES_PER_PIXEL_CHANNEL = 24
+# CPU block plan of Mosaic-First (host memory): the cube plus three cube-sized temporaries.
 STACK_WORKSPACE_FACTOR = 4
 
 
 # ----------------------------------------------------------------------------- errors
 
 
-class GpuUnavailableError(RuntimeError):
+class GpuUnavailableError(UserError):
     """The GPU was required (``gpu_strict`` / ``--gpu on``) but cannot be used.
 
-    Carries a locale key and its parameters, like every user-facing engine error.
+    Carries a locale key and its parameters, like every user-facing engine error. It is a
+    :class:`~napari_zemosaic.engine.context.UserError`: the user asked for something this
+    machine cannot do, so the pipeline reports it as such and the CLI exits with code 2.
     """
 
     def __init__(self, key: str, **params: Any) -> None:
-        self.key = key
-        self.params = params
-        super().__init__(f"{key}: {params}")
+        super().__init__(key, **params)
 
 
 def _describe(exc: BaseException, context: str = "") -> str:
@@ -338,36 +373,47 @@ def gpu_memory_info(device_id: int = 0) -> dict[str, Any] | None:
 def gpu_free_memory(device_id: int = 0) -> dict[str, int] | None:
     """The live numbers the memory budget needs, cheaply (no device-property query).
 
-    ``{"total_bytes", "free_bytes", "pool_free_bytes"}`` or ``None`` without CuPy.
+    ``{"total_bytes", "free_bytes", "pool_free_bytes", "pool_used_bytes"}`` or ``None``
+    without CuPy.
     """
     cupy = cupy_or_none()
     if cupy is None:
         return None
     with cupy.cuda.Device(device_id):
         free_bytes, total_bytes = cupy.cuda.runtime.memGetInfo()
-        pool_free = cupy.get_default_memory_pool().free_bytes()
-    return {"total_bytes": int(total_bytes), "free_bytes": int(free_bytes), "pool_free_bytes": int(pool_free)}
+        pool = cupy.get_default_memory_pool()
+        pool_free, pool_used = pool.free_bytes(), pool.used_bytes()
+    return {"total_bytes": int(total_bytes), "free_bytes": int(free_bytes), "pool_free_bytes": int(pool_free),
+            "pool_used_bytes": int(pool_used)}
 
 
-def allowed_bytes_from_info(info: Mapping[str, Any] | None, safety_fraction: float) -> int:
-    """(free + pool free − reserve) × safety fraction; 0 without device information."""
+def allowed_bytes_from_info(info: Mapping[str, Any] | None, safety_fraction: float, limit_bytes: int = 0) -> int:
+    """(free + pool free − reserve) × safety fraction; 0 without device information.
+
+    With ``limit_bytes`` > 0 the usable part is also at most ``limit_bytes`` minus the
+    bytes the pool already hands out (``pool_used_bytes``).
+    """
     if not info:
         return 0
     reserve = min(GPU_RESERVE_BYTES, int(info.get("total_bytes", 0)) // 10)
     usable = int(info.get("free_bytes", 0)) + int(info.get("pool_free_bytes", 0)) - reserve
+    if int(limit_bytes) > 0:
+        usable = min(usable, int(limit_bytes) - int(info.get("pool_used_bytes", 0)))
     return max(0, int(usable * float(safety_fraction)))
 
 
 def gpu_memory_sufficient(
-    estimated_bytes: int, safety_fraction: float = DEFAULT_SAFETY_FRACTION, device_id: int = 0
+    estimated_bytes: int, safety_fraction: float = DEFAULT_SAFETY_FRACTION, device_id: int = 0,
+    limit_bytes: int = 0,
 ) -> bool:
     """True when ``estimated_bytes`` fit in the allowed share of the device's free memory.
 
     Free memory counts what ``memGetInfo`` reports plus what CuPy's pool holds unused
-    (the pool hands those blocks out again), minus a fixed reserve. False without CuPy.
+    (the pool hands those blocks out again), minus a fixed reserve; ``limit_bytes`` caps it
+    (see :func:`allowed_bytes_from_info`). False without CuPy.
     """
     info = gpu_free_memory(device_id)
-    return info is not None and int(estimated_bytes) <= allowed_bytes_from_info(info, safety_fraction)
+    return info is not None and int(estimated_bytes) <= allowed_bytes_from_info(info, safety_fraction, limit_bytes)
 
 
 _pool_lock = threading.Lock()
@@ -429,21 +475,79 @@ def to_device(array: Any, xp: Any) -> Any:
     return xp.asarray(array)
 
 
+def is_device_module(xp: Any) -> bool:
+    """True when ``xp`` is CuPy (an array module with CUDA streams), not NumPy."""
+    return xp is not np and getattr(xp, "cuda", None) is not None
+
+
+class WorkerStreams:
+    """One non-blocking CUDA stream per worker thread, so threads overlap on one device.
+
+    CuPy's pool keeps freed blocks per stream, so each worker keeps *its* stream for the
+    whole stage (a stream per unit would strand the blocks of every finished unit). A
+    non-blocking stream does not wait for the legacy default stream: whoever hands device
+    arrays from a worker to another stream synchronises first (:meth:`synchronize`, or a
+    host copy, which waits for the worker's stream). With NumPy every scope is a no-op.
+    """
+
+    def __init__(self, xp: Any) -> None:
+        self._cupy = xp if is_device_module(xp) else None
+        self._local = threading.local()
+        self._streams: list[Any] = []
+        self._lock = threading.Lock()
+
+    def scope(self) -> AbstractContextManager[Any]:
+        """The calling thread's stream as a context manager (created on first use)."""
+        if self._cupy is None:
+            return nullcontext()
+        stream = getattr(self._local, "stream", None)
+        if stream is None:
+            stream = self._cupy.cuda.Stream(non_blocking=True)
+            self._local.stream = stream
+            with self._lock:
+                self._streams.append(stream)
+        return stream
+
+    def synchronize(self) -> None:
+        """Wait for the work queued on every worker stream."""
+        with self._lock:
+            streams = list(self._streams)
+        for stream in streams:
+            stream.synchronize()
+
+    def close(self) -> None:
+        """Synchronise and forget the streams (end of the stage)."""
+        self.synchronize()
+        with self._lock:
+            self._streams.clear()
+
+
 # ----------------------------------------------------------------------------- chunk planning
 
 
-def kernel_bytes_per_pixel(kernel: str, *, channels: int = 3, frames: int = 1, method: str = "bilinear") -> int:
+def kernel_bytes_per_pixel(
+    kernel: str,
+    *,
+    channels: int = 3,
+    frames: int = 1,
+    method: str = "bilinear",
+    rejection: str = "kappa_sigma",
+    combine: str = "mean",
+) -> int:
     """Peak device bytes per pixel of one kernel (see the tables at the top of the module).
 
-    ``kernel`` is a stage name or ``hot_pixels``. For ``stack`` a pixel of the canvas block
-    holds ``frames × channels`` float32 samples times :data:`STACK_WORKSPACE_FACTOR`, plus
-    the outputs (data per channel, weight, count). For ``reproject`` and ``assembly`` the
-    resampling ``method`` adds its wider tap temporaries.
+    ``kernel`` is a stage name or ``hot_pixels``. For ``stack`` a pixel of a canvas block
+    strip holds ``frames × channels`` values, each costing the ``rejection``'s peak
+    workspace (plus a second sort for the ``median`` combine), and per channel the uploaded
+    pieces and the outputs. For ``reproject`` and ``assembly`` the resampling ``method``
+    adds its wider tap temporaries. Unknown methods or rejections get the largest figure.
     """
     channels = max(1, int(channels))
     if kernel == "stack":
-        cube = max(1, int(frames)) * channels * 4 * STACK_WORKSPACE_FACTOR
-        return cube + max(1, int(frames)) * 4 + (channels + 2) * 4
+        per_value = _STACK_BYTES_PER_VALUE.get(rejection, max(_STACK_BYTES_PER_VALUE.values()))
+        if combine == "median":
+            per_value += _STACK_MEDIAN_EXTRA_PER_VALUE
+        return max(1, int(frames)) * channels * per_value + channels * _STACK_BYTES_PER_PIXEL_CHANNEL + 16
     if kernel not in _BYTES_PER_PIXEL_BASE:
         raise ValueError(f"unknown kernel {kernel!r}")
     total = _BYTES_PER_PIXEL_BASE[kernel] + _BYTES_PER_PIXEL_CHANNEL[kernel] * channels
@@ -565,6 +669,7 @@ class ComputePolicy:
     device_id: int = 0
     safety_fraction: float = DEFAULT_SAFETY_FRACTION
     strict: bool = False
+    memory_limit_bytes: int = 0  # 0: no limit but the device's
     requested: dict[str, bool] = field(default_factory=lambda: {stage: False for stage in STAGES})
     decisions: dict[str, str] = field(default_factory=lambda: {stage: "cpu" for stage in STAGES})
     reporter: Any = None
@@ -625,6 +730,7 @@ class ComputePolicy:
             backend=backend,
         )
         policy._apply_safety_env(env, float(config["gpu_safety_fraction"]))
+        policy._apply_memory_limit(env, config.get(CONFIG_MEMORY_LIMIT_KEY, 0))
         wanted = [stage for stage in STAGES if policy.requested[stage]]
         wanted = policy._apply_force_cpu_env(env, wanted)
         if wanted:
@@ -649,6 +755,28 @@ class ComputePolicy:
         self.env_overrides[ENV_SAFETY_FRACTION] = raw
         self._log("info", "gpu_info_env_safety_fraction", variable=ENV_SAFETY_FRACTION, value=value,
                   config_value=config_value)
+
+    def _apply_memory_limit(self, env: Mapping[str, str], config_value: Any) -> None:
+        """``gpu_memory_limit_mb`` from the config, replaced by ``ZEMOSAIC_GPU_MEMORY_LIMIT_MB`` (logged)."""
+        try:
+            limit_mb = max(0.0, float(config_value or 0))
+        except (TypeError, ValueError):
+            self._log("warning", "gpu_warning_memory_limit_invalid", variable=CONFIG_MEMORY_LIMIT_KEY,
+                      value=str(config_value))
+            limit_mb = 0.0
+        raw = env.get(ENV_MEMORY_LIMIT_MB, "").strip()
+        if raw:
+            try:
+                value = float(raw)
+                if not (value > 0 and math.isfinite(value)):
+                    raise ValueError(raw)
+            except ValueError:
+                self._log("warning", "gpu_warning_memory_limit_invalid", variable=ENV_MEMORY_LIMIT_MB, value=raw)
+            else:
+                limit_mb = value
+                self.env_overrides[ENV_MEMORY_LIMIT_MB] = raw
+                self._log("info", "gpu_info_env_memory_limit", variable=ENV_MEMORY_LIMIT_MB, value=value)
+        self.memory_limit_bytes = int(limit_mb * MB)
 
     def _apply_force_cpu_env(self, env: Mapping[str, str], wanted: list[str]) -> list[str]:
         """Drop the stages an environment variable forces onto the CPU (logged)."""
@@ -721,7 +849,8 @@ class ComputePolicy:
         if not self.any_gpu:
             return 0
         info = self.backend.free_memory(self.device_id)
-        return allowed_bytes_from_info(info, self.safety_fraction) // max(1, int(concurrent_units))
+        allowed = allowed_bytes_from_info(info, self.safety_fraction, self.memory_limit_bytes)
+        return allowed // max(1, int(concurrent_units))
 
     def chunk_scale(self, stage: str) -> float:
         """The chunk scale the next GPU unit of ``stage`` starts with (smaller after an OOM)."""
@@ -895,6 +1024,7 @@ class ComputePolicy:
                 "cuda_runtime_version": info.get("cuda_runtime_version", ""),
                 "cuda_driver_version": info.get("cuda_driver_version", ""),
                 "safety_fraction": self.safety_fraction,
+                "memory_limit_mb": round(self.memory_limit_bytes / MB, 1),
                 "strict": self.strict,
                 "units_by_stage": {stage: dict(units) for stage, units in self._units.items()},
                 "chunk_scale_by_stage": dict(self._chunk_scale),
@@ -924,7 +1054,7 @@ class ComputePolicy:
                     name=info.get("name", ""),
                     free_mb=round(int(info.get("free_bytes", 0)) / MB),
                     total_mb=round(int(info.get("total_bytes", 0)) / MB),
-                    budget_mb=round(allowed_bytes_from_info(info, self.safety_fraction) / MB),
+                    budget_mb=round(allowed_bytes_from_info(info, self.safety_fraction, self.memory_limit_bytes) / MB),
                     safety_fraction=self.safety_fraction,
                     cupy_version=info.get("cupy_version", ""),
                     cuda_version=info.get("cuda_runtime_version", ""),
@@ -966,6 +1096,7 @@ __all__ = [
     "ComputePolicy",
     "GpuBackend",
     "GpuUnavailableError",
+    "WorkerStreams",
     "allowed_bytes_from_info",
     "chunk_slices",
     "config_overrides_for_gpu_mode",
@@ -977,6 +1108,7 @@ __all__ = [
     "gpu_is_available",
     "gpu_memory_info",
     "gpu_memory_sufficient",
+    "is_device_module",
     "is_out_of_memory",
     "kernel_bytes_per_pixel",
     "plan_block_side",

@@ -24,24 +24,75 @@ Memory strategy (peak set by ``max_memory_mb`` and the canvas size, not by the f
 
 Every frame reprojection and every block stack is a pure function of serialisable
 inputs (paths, WCS headers, config), so the same units can later run elsewhere.
+
+On the GPU
+----------
+When the run's :class:`~.gpu.ComputePolicy` exists, every frame unit and every block
+stack goes through :meth:`~.gpu.ComputePolicy.run_stage` (stage ``reproject``, with the
+nested ``debayer`` step, and stage ``stack``), which owns the decisions, the OOM retries
+with smaller chunks and the whole-stage CPU fallbacks. The CPU path is the one above,
+unchanged. When ``reproject`` runs on the GPU, P3 becomes a two-stage pipeline:
+
+* **Readers** (:func:`prepare_frame_on_host`) read and decode the FITS file (the compact
+  uint16 array, BZERO applied exactly) and compute the control grid of the canvas → frame
+  mapping with astropy (SIP exact). Both are CPU work held by the GIL, so for large runs
+  they run in a pool of processes (:data:`PROCESS_READERS_MIN_FRAMES`), small ones in threads.
+* **Device workers** (a few threads, each on its own CUDA stream so that one thread's
+  kernels overlap another's Python and transfers) take the host frame through one device
+  pass: upload of the uint16 pixels, hot pixels and debayer (stage ``debayer``), background
+  noise, bilinear/bicubic/Lanczos sampling of the control grid in row chunks sized from
+  the GPU budget (``chunk_scale`` shrinks them after an OOM), and the coarse block means
+  for photometry. Only the noise and the coarse means (a few kB) come back to the host.
+
+Pieces stay in GPU memory when the stack stage is on the GPU too and all pieces fit in
+half the GPU budget (``storage=gpu`` in the plan message); otherwise each reprojected
+frame is copied back once and stored as on the CPU. P5 stacks each block on the GPU in
+strips of rows sized from the GPU budget and the stack kernel's bytes per pixel
+(:func:`.gpu.kernel_bytes_per_pixel`), so a small card or a forced-down budget
+(``gpu_memory_limit_mb``) gives the same mosaic with more strips. Pools are freed at the
+stage boundaries (:meth:`~.gpu.ComputePolicy.end_stage`).
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import os
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Generator, Iterator, Sequence
+from typing import Any, Callable, Generator, Iterator, Sequence
 
 import numpy as np
 
 from ..events import Event
 from .canvas import Canvas, frame_bbox_on_canvas
 from .context import RunContext
-from .frames import FrameError, FrameInfo, estimate_background_noise, load_frame
+from .debayer import correct_hot_pixels, debayer_bilinear
+from .frames import (
+    REASON_ALL_NAN,
+    REASON_UNREADABLE,
+    FrameError,
+    FrameInfo,
+    _read_raw_image,
+    _scaled_pixels,
+    _to_chw,
+    estimate_background_noise,
+    load_frame,
+)
+from .gpu import WorkerStreams, chunk_slices, kernel_bytes_per_pixel, plan_chunks, to_device, to_host
 from .photometry import CoarsePiece, Normalisation, coarse_piece, solve_normalisation
-from .reproject import reproject_frame
+from .reproject import (
+    ControlGrid,
+    _check_method,
+    _MapExpander,
+    _prepare_source,
+    _rows_per_chunk,
+    _sample_into,
+    compute_control_grid,
+    reproject_frame,
+)
 from .stack import StackParams, noise_weights, stack_cube
 
 BBox = tuple[int, int, int, int]  # (y0, y1, x0, x1), end-exclusive, canvas pixels
@@ -50,6 +101,17 @@ BBox = tuple[int, int, int, int]  # (y0, y1, x0, x1), end-exclusive, canvas pixe
 STACK_WORKSPACE_FACTOR = 4
 PHOTOMETRY_BIN_PX = 16
 
+#: GPU runs with at least this many frames read them in a process pool (below: threads,
+#: whose start costs nothing). Reading and the astropy mapping hold the GIL.
+PROCESS_READERS_MIN_FRAMES = 48
+#: Device worker threads of the GPU reprojection (config ``gpu_threads``, 0 = this).
+DEFAULT_GPU_THREADS = 3
+#: Smallest sampling chunk (rows) and stacking strip (rows) a GPU unit may be cut into.
+MIN_SAMPLE_ROWS = 8
+MIN_STACK_ROWS = 8
+#: Share of the GPU budget that the reprojected pieces may occupy to stay on the device.
+DEVICE_STORE_SHARE = 0.5
+
 
 @dataclass
 class ReprojectedFrame:
@@ -57,8 +119,21 @@ class ReprojectedFrame:
 
     index: int
     bbox: BBox
-    data: np.ndarray  # (C, h, w) float32, NaN outside the frame
+    data: Any  # (C, h, w) float32, NaN outside the frame (NumPy, or CuPy on the GPU path)
     noise: np.ndarray  # (C,) robust background sigma of the raw frame
+    coarse: CoarsePiece | None = None  # block means for photometry, when computed with the data
+
+
+@dataclass
+class HostFrame:
+    """A frame read and decoded on the host, with its canvas mapping: a reader's output."""
+
+    index: int
+    pixels: np.ndarray  # scaled pixels in file order (uint16 when exact), before float conversion
+    may_hold_nan: bool
+    grid: ControlGrid  # canvas → frame control grid over the frame's bounding box
+    read_s: float = 0.0  # seconds spent reading and decoding the file
+    grid_s: float = 0.0  # seconds spent computing the control grid
 
 
 @dataclass
@@ -74,6 +149,7 @@ class CanvasStack:
     frames_failed: list[tuple[int, str, str]] = field(default_factory=list)  # (index, reason_key, detail)
     block_side: int = 0
     spilled: bool = False
+    coarse: dict[int, CoarsePiece] = field(default_factory=dict)  # per-frame block means (SDS photometry)
 
 
 # --------------------------------------------------------------------------------- planning
@@ -109,11 +185,17 @@ def plan_block_side(
 
 
 class PieceStore:
-    """Frame pieces grouped by canvas block, in RAM or spilled to one append-only file per block."""
+    """Frame pieces grouped by canvas block, in RAM or spilled to one append-only file per block.
 
-    def __init__(self, spill_dir: Path | None) -> None:
+    With ``on_device=True`` (and no spill folder) pieces that arrive as device arrays stay on
+    the device; the caller hands over arrays it owns (copies, not views of a larger frame).
+    Anything else is kept as a host copy, as without a GPU.
+    """
+
+    def __init__(self, spill_dir: Path | None, on_device: bool = False) -> None:
         self.spill_dir = spill_dir
-        self._memory: dict[tuple[int, int], list[tuple[int, int, int, np.ndarray]]] = {}
+        self.on_device = bool(on_device) and spill_dir is None
+        self._memory: dict[tuple[int, int], list[tuple[int, int, int, Any]]] = {}
         self._index: dict[tuple[int, int], list[tuple[int, int, int, tuple[int, ...], int]]] = {}
 
     @property
@@ -124,8 +206,9 @@ class PieceStore:
         assert self.spill_dir is not None
         return self.spill_dir / f"block_{block[0]:04d}_{block[1]:04d}.f32"
 
-    def add(self, block: tuple[int, int], frame_index: int, y0: int, x0: int, piece: np.ndarray) -> None:
-        piece = np.ascontiguousarray(piece, dtype=np.float32)
+    def add(self, block: tuple[int, int], frame_index: int, y0: int, x0: int, piece: Any) -> None:
+        if not (self.on_device and not isinstance(piece, np.ndarray)):
+            piece = np.ascontiguousarray(to_host(piece), dtype=np.float32)
         if self.spill_dir is None:
             self._memory.setdefault(block, []).append((frame_index, y0, x0, piece))
             return
@@ -135,7 +218,7 @@ class PieceStore:
             handle.write(piece.tobytes())
         self._index.setdefault(block, []).append((frame_index, y0, x0, piece.shape, offset))
 
-    def pieces(self, block: tuple[int, int]) -> list[tuple[int, int, int, np.ndarray]]:
+    def pieces(self, block: tuple[int, int]) -> list[tuple[int, int, int, Any]]:
         """The block's pieces sorted by frame index (order-independent results)."""
         if self.spill_dir is None:
             return sorted(self._memory.get(block, []), key=lambda item: item[0])
@@ -167,7 +250,18 @@ class PieceStore:
 def reproject_unit(
     info: FrameInfo, index: int, canvas: Canvas, config: dict[str, Any], xp: Any = np, n_channels: int = 3
 ) -> ReprojectedFrame | None:
-    """Load one frame and resample it onto its bounding box of the canvas (pure work unit)."""
+    """Load one frame and resample it onto its bounding box of the canvas (pure work unit).
+
+    With NumPy this is the CPU path. With CuPy the frame is read on the host and then takes
+    one device pass (:func:`reproject_host_frame`); the result is copied back to the host.
+    """
+    if xp is not np:
+        host = prepare_frame_on_host(info, index, canvas, float(config["control_grid_tolerance_px"]))
+        if host is None:
+            return None
+        frame = reproject_host_frame(host, info, config, n_channels, xp)
+        frame.data = to_host(frame.data)
+        return frame
     data = load_frame(
         info,
         hot_pixel_correction=bool(config["hot_pixel_correction"]),
@@ -177,8 +271,6 @@ def reproject_unit(
     if data.shape[0] != n_channels:  # a mono frame in a colour mosaic: same signal in R, G and B
         data = np.repeat(data[:1], n_channels, axis=0)
     noise = np.asarray(estimate_background_noise(data, np), dtype=np.float64)
-    if xp is not np:
-        data = xp.asarray(data)
     result = reproject_frame(
         data,
         info.wcs,
@@ -186,18 +278,147 @@ def reproject_unit(
         canvas.shape,
         method=config["resample_method"],
         tol_px=float(config["control_grid_tolerance_px"]),
-        xp=xp,
+        xp=np,
     )
     if result is None:
         return None
     bbox, out, _footprint = result
-    if xp is not np:
-        out = out.get()
     return ReprojectedFrame(index, tuple(int(v) for v in bbox), np.asarray(out, dtype=np.float32), noise)
 
 
+def prepare_frame_on_host(
+    info: FrameInfo, index: int, canvas: Canvas, tol_px: float, bbox: BBox | None = None
+) -> HostFrame | None:
+    """Read and decode one frame and compute its canvas control grid (reader unit, CPU only).
+
+    Pure and picklable (it runs in reader processes). ``None`` when the frame misses the
+    canvas. Raises :class:`FrameError` for unreadable files, as :func:`load_frame` does.
+    """
+    started = time.perf_counter()
+    raw, header = _read_raw_image(info)
+    pixels, may_hold_nan = _scaled_pixels(raw, header)
+    pixels = np.ascontiguousarray(pixels)
+    read_done = time.perf_counter()
+    if bbox is None:
+        bbox = frame_bbox_on_canvas(info.wcs, info.shape, canvas, margin=2)
+    if bbox is None:
+        return None
+    grid = compute_control_grid(info.wcs, info.shape, canvas.wcs, bbox, tol_px=tol_px)
+    return HostFrame(index, pixels, bool(may_hold_nan), grid, read_done - started, time.perf_counter() - read_done)
+
+
+def frame_pixels(host: HostFrame, info: FrameInfo, config: dict[str, Any], n_channels: int, xp: Any) -> Any:
+    """The frame as float32 ``(C, H, W)`` on ``xp``: hot pixels, debayer, mono → colour.
+
+    The same steps as :func:`.frames.load_frame` after its read, applied to the host
+    pixels of a reader: the compact array is what travels to the device.
+    """
+    try:
+        data = _to_chw(xp.asarray(host.pixels), info.layout, info.shape, xp)
+    except ValueError as exc:
+        raise FrameError(REASON_UNREADABLE, str(exc), path=str(info.path)) from None
+    data = data.astype(xp.float32, copy=False)
+    if host.may_hold_nan and not bool(xp.isfinite(data).any()):
+        raise FrameError(REASON_ALL_NAN, "no finite pixel", path=str(info.path))
+    if info.layout == "cfa" and info.bayer_pattern:
+        plane = data[0]
+        if bool(config["hot_pixel_correction"]):
+            plane, _fixed = correct_hot_pixels(plane, info.bayer_pattern, float(config["hot_pixel_sigma"]), xp)
+        data = debayer_bilinear(plane, info.bayer_pattern, xp)
+    if data.shape[0] != n_channels:  # a mono frame in a colour mosaic: same signal in R, G and B
+        data = xp.repeat(data[:1], n_channels, axis=0)
+    return data
+
+
+def sample_control_grid(data: Any, grid: ControlGrid, method: str, xp: Any, rows_per_chunk: int) -> tuple[Any, Any]:
+    """Resample ``data`` (C, H, W) over the grid's bounding box, ``rows_per_chunk`` rows at a time.
+
+    The loop of :func:`.reproject.reproject_frame` with the chunk size chosen by the caller
+    (from the GPU budget); every output pixel is computed independently, so the chunking
+    never changes a value.
+    """
+    _check_method(method)
+    source = _prepare_source(data, xp)
+    expander = _MapExpander(grid, xp)
+    height, width = grid.shape
+    out = xp.empty((source.flat.shape[0], height, width), dtype=xp.float32)
+    footprint = xp.empty((height, width), dtype=xp.float32)
+    rows = max(1, int(rows_per_chunk))
+    for r0 in range(0, height, rows):
+        r1 = min(r0 + rows, height)
+        map_x, map_y = expander.rows(r0, r1)
+        _sample_into(source, map_x, map_y, method, out[:, r0:r1], footprint[r0:r1], xp)
+    return out, footprint
+
+
+def _frame_prep_bytes(info: FrameInfo, n_channels: int) -> int:
+    """Device bytes of the per-frame pixel preparation (upload, hot pixels, debayer)."""
+    pixels = int(info.shape[0]) * int(info.shape[1])
+    per_pixel = kernel_bytes_per_pixel("hot_pixels") + kernel_bytes_per_pixel("debayer", channels=n_channels)
+    return pixels * per_pixel
+
+
+def _reproject_fixed_bytes(info: FrameInfo, grid: ControlGrid, n_channels: int) -> int:
+    """Device bytes held during sampling whatever the chunk: the frame, its NaN mask, the output."""
+    frame = int(info.shape[0]) * int(info.shape[1]) * (4 * n_channels + 1)
+    height, width = grid.shape
+    return frame + height * width * 4 * (n_channels + 1)
+
+
+def reproject_unit_min_bytes(host: HostFrame, info: FrameInfo, config: dict[str, Any], n_channels: int) -> int:
+    """The smallest working set of a device unit: its largest non-chunkable step."""
+    _, width = host.grid.shape
+    rows = min(MIN_SAMPLE_ROWS, host.grid.shape[0])
+    chunk = rows * width * kernel_bytes_per_pixel("reproject", channels=n_channels, method=config["resample_method"])
+    return max(_frame_prep_bytes(info, n_channels), _reproject_fixed_bytes(info, host.grid, n_channels) + chunk)
+
+
+def _scaled_rows(rows: int, total: int, chunk_scale: float, min_rows: int) -> int:
+    """``rows`` shrunk by ``chunk_scale`` (after an OOM), never under ``min_rows``, chunks evened out."""
+    if chunk_scale >= 1.0:
+        return rows
+    scaled = max(min(min_rows, total), int(rows * chunk_scale))
+    return plan_chunks(total, 1, scaled, min_items=min(min_rows, total))
+
+
+def reproject_host_frame(
+    host: HostFrame,
+    info: FrameInfo,
+    config: dict[str, Any],
+    n_channels: int,
+    xp: Any,
+    budget_bytes: int | None = None,
+    prepare: Callable[[], Any] | None = None,
+    chunk_scale: float = 1.0,
+) -> ReprojectedFrame:
+    """One pass of a read frame on ``xp``: pixels, noise, sampling, coarse block means.
+
+    ``budget_bytes`` sizes the sampling chunks (``None``: the module default of
+    :mod:`.reproject` for ``xp``); ``chunk_scale`` < 1 (after an OOM) shrinks them further.
+    ``prepare`` replaces :func:`frame_pixels` (the GPU path runs it as its own ``debayer``
+    unit). ``data`` stays on ``xp``; noise and coarse means are host arrays.
+    """
+    data = prepare() if prepare is not None else frame_pixels(host, info, config, n_channels, xp)
+    data = to_device(data, xp)
+    noise = np.asarray(to_host(estimate_background_noise(data, xp)), dtype=np.float64)
+    height, width = host.grid.shape
+    if budget_bytes is None:
+        rows = _rows_per_chunk(width, xp, height)
+    else:
+        per_row = width * kernel_bytes_per_pixel("reproject", channels=n_channels, method=config["resample_method"])
+        free_for_chunks = int(budget_bytes) - _reproject_fixed_bytes(info, host.grid, n_channels)
+        rows = plan_chunks(height, per_row, free_for_chunks, min_items=MIN_SAMPLE_ROWS)
+    rows = _scaled_rows(rows, height, chunk_scale, MIN_SAMPLE_ROWS)
+    out, _footprint = sample_control_grid(data, host.grid, config["resample_method"], xp, rows)
+    del data, _footprint
+    bbox = tuple(int(v) for v in host.grid.bbox)
+    piece = coarse_piece(out, bbox, PHOTOMETRY_BIN_PX)
+    coarse = CoarsePiece(piece.y0, piece.x0, np.asarray(to_host(piece.data), dtype=np.float32))
+    return ReprojectedFrame(host.index, bbox, out, noise, coarse)  # type: ignore[arg-type]
+
+
 def stack_block(
-    pieces: Sequence[tuple[int, int, int, np.ndarray]],
+    pieces: Sequence[tuple[int, int, int, Any]],
     block_box: BBox,
     n_channels: int,
     normalisation: Normalisation,
@@ -208,6 +429,7 @@ def stack_block(
     """Stack the pieces of one canvas block (pure work unit): returns data, weight, count.
 
     ``normalisation`` and ``weights`` are aligned with ``pieces`` (slot i ↔ piece i).
+    Pieces may live on the host or the device; the results are host arrays.
     """
     y0, y1, x0, x1 = block_box
     cube = xp.full((len(pieces), n_channels, y1 - y0, x1 - x0), xp.nan, dtype=xp.float32)
@@ -215,12 +437,80 @@ def stack_block(
         _, ph, pw = piece.shape
         plane = normalisation.background_plane(slot, py0, px0, ph, pw, xp)
         gain = xp.asarray(normalisation.gains[slot], dtype=xp.float32)[:, None, None]
-        cube[slot, :, py0 - y0 : py0 - y0 + ph, px0 - x0 : px0 - x0 + pw] = (xp.asarray(piece) - plane) / gain
+        cube[slot, :, py0 - y0 : py0 - y0 + ph, px0 - x0 : px0 - x0 + pw] = (to_device(piece, xp) - plane) / gain
     result = stack_cube(cube, params, weights=xp.asarray(weights), xp=xp)
-    arrays = (result.data, result.weight, result.count)
-    if xp is not np:
-        arrays = tuple(array.get() for array in arrays)
-    return arrays  # type: ignore[return-value]
+    return to_host(result.data), to_host(result.weight), to_host(result.count)
+
+
+def _crop_pieces(
+    pieces: Sequence[tuple[int, int, int, Any]], box: BBox
+) -> tuple[list[tuple[int, int, int, Any]], list[int]]:
+    """The parts of ``pieces`` inside ``box`` (views) and the slots of the pieces that touch it."""
+    y0, y1, x0, x1 = box
+    cropped, slots = [], []
+    for slot, (frame_index, py0, px0, piece) in enumerate(pieces):
+        _, ph, pw = piece.shape
+        top, bottom, left, right = max(y0, py0), min(y1, py0 + ph), max(x0, px0), min(x1, px0 + pw)
+        if top < bottom and left < right:
+            cropped.append((frame_index, top, left, piece[:, top - py0 : bottom - py0, left - px0 : right - px0]))
+            slots.append(slot)
+    return cropped, slots
+
+
+def stack_block_in_strips(
+    pieces: Sequence[tuple[int, int, int, Any]],
+    block_box: BBox,
+    n_channels: int,
+    normalisation: Normalisation,
+    weights: np.ndarray,
+    params: StackParams,
+    xp: Any,
+    budget_bytes: int,
+    chunk_scale: float = 1.0,
+    stats: dict[str, int] | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`stack_block` in strips of rows whose stacking workspace fits ``budget_bytes``.
+
+    ``chunk_scale`` < 1 (after an OOM) shrinks the planned strips further. Stacking is per
+    pixel, so strips give the values of the whole block; a strip's cube holds only the
+    pieces that touch it. ``stats["strips"]`` (if given) counts the strips stacked.
+    """
+    y0, y1, x0, x1 = block_box
+    height, width = y1 - y0, x1 - x0
+    per_row = width * kernel_bytes_per_pixel(
+        "stack", channels=n_channels, frames=len(pieces), rejection=params.rejection, combine=params.combine
+    )
+    rows = plan_chunks(height, per_row, budget_bytes, min_items=MIN_STACK_ROWS)
+    rows = _scaled_rows(rows, height, chunk_scale, MIN_STACK_ROWS)
+    if stats is not None:
+        stats["strips"] = stats.get("strips", 0) + -(-height // rows)
+    if rows >= height:
+        return stack_block(pieces, block_box, n_channels, normalisation, weights, params, xp)
+    data = np.full((n_channels, height, width), np.nan, dtype=np.float32)
+    weight = np.zeros((height, width), dtype=np.float32)
+    count = np.zeros((height, width), dtype=np.float32)
+    for rows_slice in chunk_slices(height, rows):
+        strip = (y0 + rows_slice.start, y0 + rows_slice.stop, x0, x1)
+        cropped, slots = _crop_pieces(pieces, strip)
+        if not cropped:
+            continue
+        strip_data, strip_weight, strip_count = stack_block(
+            cropped, strip, n_channels, normalisation.subset(slots), np.asarray(weights)[slots], params, xp
+        )
+        data[:, rows_slice] = strip_data
+        weight[rows_slice] = strip_weight
+        count[rows_slice] = strip_count
+    return data, weight, count
+
+
+def stack_block_min_bytes(n_pieces: int, block_box: BBox, n_channels: int, params: StackParams) -> int:
+    """The smallest working set of a GPU block stack: one strip of :data:`MIN_STACK_ROWS` rows."""
+    y0, y1, x0, x1 = block_box
+    rows = min(MIN_STACK_ROWS, y1 - y0)
+    per_pixel = kernel_bytes_per_pixel(
+        "stack", channels=n_channels, frames=n_pieces, rejection=params.rejection, combine=params.combine
+    )
+    return rows * (x1 - x0) * per_pixel
 
 
 # ------------------------------------------------------------------------------- the stage
@@ -229,6 +519,46 @@ def stack_block(
 def _worker_count(config: dict[str, Any]) -> int:
     requested = int(config.get("num_workers") or 0)
     return requested if requested > 0 else max(1, min(8, os.cpu_count() or 1))
+
+
+def _gpu_thread_count(config: dict[str, Any]) -> int:
+    try:
+        requested = int(config.get("gpu_threads") or 0)
+    except (TypeError, ValueError):
+        requested = 0
+    return requested if requested > 0 else DEFAULT_GPU_THREADS
+
+
+def _reader_count(config: dict[str, Any]) -> int:
+    requested = int(config.get("num_workers") or 0)
+    # Leave cores to the device threads and the main thread of this process.
+    return requested if requested > 0 else max(1, min(16, (os.cpu_count() or 1) - 2))
+
+
+def _process_context() -> Any:
+    """forkserver where it exists (no fork of a process holding a CUDA context and threads)."""
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        context = multiprocessing.get_context("forkserver")
+        # Forked readers start with the engine imported; no effect once the server runs.
+        context.set_forkserver_preload([__name__])
+        return context
+    return multiprocessing.get_context("spawn")
+
+
+def _main_module_is_importable() -> bool:
+    """Whether child processes can re-import ``__main__`` (they do; stdin scripts cannot be)."""
+    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+    return main_file is None or os.path.exists(main_file)
+
+
+def _reader_executor(config: dict[str, Any], n_frames: int) -> tuple[Executor, str, int]:
+    """Readers for the GPU path: processes for large runs on several cores, else threads."""
+    readers = _reader_count(config)
+    if n_frames >= PROCESS_READERS_MIN_FRAMES and readers >= 2 and _main_module_is_importable():
+        pool = ProcessPoolExecutor(max_workers=readers, mp_context=_process_context())
+        return pool, "processes", readers
+    readers = max(1, min(readers, 4))
+    return ThreadPoolExecutor(max_workers=readers, thread_name_prefix="zemosaic-reader"), "threads", readers
 
 
 def _frame_weights(config: dict[str, Any], noises: np.ndarray, norm: Normalisation) -> np.ndarray:
@@ -244,6 +574,9 @@ def _split_into_blocks(
     frame: ReprojectedFrame, side: int, store: PieceStore, canvas_shape: tuple[int, int]
 ) -> None:
     y0, y1, x0, x1 = frame.bbox
+    if not isinstance(frame.data, np.ndarray):
+        _split_device_frame(frame, side, store, canvas_shape)
+        return
     for by, bx in _blocks_touched(frame.bbox, side):
         sy0, sy1 = max(y0, by * side), min(y1, (by + 1) * side, canvas_shape[0])
         sx0, sx1 = max(x0, bx * side), min(x1, (bx + 1) * side, canvas_shape[1])
@@ -252,11 +585,46 @@ def _split_into_blocks(
             store.add((by, bx), frame.index, sy0, sx0, piece)
 
 
+def _split_device_frame(
+    frame: ReprojectedFrame, side: int, store: PieceStore, canvas_shape: tuple[int, int]
+) -> None:
+    """Cut a device frame into owned per-block copies; one host sync decides which are empty.
+
+    The copies run on the calling thread's stream; the host read of the flags waits for
+    them, so the frame's own buffer can be released (and reused by its worker stream) as
+    soon as this returns.
+    """
+    data = frame.data
+    xp = _array_module(data)
+    y0, y1, x0, x1 = frame.bbox
+    parts, flags = [], []
+    for by, bx in _blocks_touched(frame.bbox, side):
+        sy0, sy1 = max(y0, by * side), min(y1, (by + 1) * side, canvas_shape[0])
+        sx0, sx1 = max(x0, bx * side), min(x1, (bx + 1) * side, canvas_shape[1])
+        piece = data[:, sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0].copy()
+        parts.append(((by, bx), sy0, sx0, piece))
+        flags.append(xp.isfinite(piece).any())
+    keep = to_host(xp.stack(flags)) if flags else np.zeros(0, dtype=bool)
+    for (block, sy0, sx0, piece), has_data in zip(parts, keep):
+        if has_data:
+            store.add(block, frame.index, sy0, sx0, piece)
+
+
+def _array_module(array: Any) -> Any:
+    """``numpy`` for host arrays, else the module of the array's type (``cupy``)."""
+    if isinstance(array, np.ndarray):
+        return np
+    import importlib
+
+    return importlib.import_module(type(array).__module__.split(".")[0])
+
+
 def mosaic_first(
     frames: Sequence[FrameInfo], canvas: Canvas, ctx: RunContext, n_channels: int = 3, label: str = ""
 ) -> Generator[Event, None, CanvasStack]:
     """Stack ``frames`` onto ``canvas`` (see the module docstring). Yields events; returns the stack."""
     config = ctx.config
+    policy = ctx.policy
     budget = ctx.budget_bytes
     bboxes: dict[int, BBox] = {}
     for index, info in enumerate(frames):
@@ -265,61 +633,48 @@ def mosaic_first(
             bboxes[index] = tuple(int(v) for v in bbox)  # type: ignore[assignment]
     side = plan_block_side(list(bboxes.values()), n_channels, canvas.shape, budget)
     piece_bytes = sum((b[1] - b[0]) * (b[3] - b[2]) for b in bboxes.values()) * n_channels * 4
-    spill = piece_bytes > budget // 4
-    store = PieceStore(ctx.make_cache_dir(f"mosaic_first{label}") if spill else None)
+    gpu_reproject = policy is not None and policy.uses_gpu("reproject")
+    on_device = (
+        gpu_reproject
+        and policy.uses_gpu("stack")
+        and piece_bytes <= int(policy.gpu_budget_bytes() * DEVICE_STORE_SHARE)
+    )
+    spill = not on_device and piece_bytes > budget // 4
+    store = PieceStore(ctx.make_cache_dir(f"mosaic_first{label}") if spill else None, on_device=on_device)
     ctx.reporter.info(
         "mf_info_plan",
         frames=len(frames),
         canvas=f"{canvas.shape[1]}x{canvas.shape[0]}",
         block=side,
         budget_mb=budget // 2**20,
-        storage="disk" if spill else "ram",
+        storage="gpu" if on_device else "disk" if spill else "ram",
     )
     yield from ctx.drain()
 
     # --- P3: reproject every frame once ---------------------------------------------------
-    coarse_shape = (-(-canvas.shape[0] // PHOTOMETRY_BIN_PX), -(-canvas.shape[1] // PHOTOMETRY_BIN_PX))
     coarse: dict[int, CoarsePiece] = {}
     noises: dict[int, np.ndarray] = {}
     failed: list[tuple[int, str, str]] = []
-    xp_reproject = ctx.xp("reproject")
-    workers = _worker_count(config)
     todo = [i for i in range(len(frames)) if i in bboxes]
-    done = 0
-    with ctx.timed("P3"), ThreadPoolExecutor(max_workers=workers, thread_name_prefix="zemosaic-reproject") as pool:
-        pending: dict[Future, int] = {}
-        queue = iter(todo)
-        try:
-            while True:
-                while len(pending) < 2 * workers:
-                    index = next(queue, None)
-                    if index is None:
-                        break
-                    future = pool.submit(reproject_unit, frames[index], index, canvas, config, xp_reproject, n_channels)
-                    pending[future] = index
-                if not pending:
-                    break
-                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for future in finished:
-                    index = pending.pop(future)
-                    done += 1
-                    try:
-                        frame = future.result()
-                    except FrameError as exc:
-                        failed.append((index, exc.reason_key, exc.detail))
-                        ctx.reporter.warning(exc.reason_key, path=str(frames[index].path), detail=exc.detail)
-                        frame = None
-                    if frame is not None:
-                        _split_into_blocks(frame, side, store, canvas.shape)
-                        coarse[index] = coarse_piece(frame.data, frame.bbox, PHOTOMETRY_BIN_PX)
-                        noises[index] = frame.noise
-                    ctx.reporter.progress("P3", done, len(todo), "progress_frames", name=frames[index].path.name)
-                yield from ctx.drain()
-        except BaseException:
-            for future in pending:
-                future.cancel()
-            raise
 
+    def accept(frame: ReprojectedFrame) -> None:
+        coarse[frame.index] = frame.coarse or coarse_piece(frame.data, frame.bbox, PHOTOMETRY_BIN_PX)
+        noises[frame.index] = frame.noise
+        _split_into_blocks(frame, side, store, canvas.shape)
+
+    def reject(index: int, exc: FrameError) -> None:
+        failed.append((index, exc.reason_key, exc.detail))
+        ctx.reporter.warning(exc.reason_key, path=str(frames[index].path), detail=exc.detail)
+
+    with ctx.timed("P3"):
+        if gpu_reproject:
+            yield from _reproject_frames_gpu(frames, todo, bboxes, canvas, ctx, n_channels, on_device, accept, reject)
+        else:
+            yield from _reproject_frames_cpu(frames, todo, canvas, ctx, n_channels, accept, reject)
+    if policy is not None:
+        policy.end_stage("reproject")
+
+    coarse_shape = (-(-canvas.shape[0] // PHOTOMETRY_BIN_PX), -(-canvas.shape[1] // PHOTOMETRY_BIN_PX))
     used = sorted(coarse)
     # --- P4.5: photometric normalisation of the frames --------------------------------------
     with ctx.timed("P4.5"):
@@ -354,22 +709,34 @@ def mosaic_first(
     params = StackParams.from_config(config)
     blocks = sorted({block for i in used for block in _blocks_touched(bboxes[i], side)})
     xp_stack = ctx.xp("stack")
+    strip_stats: dict[str, int] = {}
     with ctx.timed("P5"):
-        for number, block in enumerate(blocks, start=1):
-            pieces = store.pieces(block)
+        for number, (block, pieces) in enumerate(_block_pieces(store, blocks, policy), start=1):
             if pieces:
                 idx = np.array([p[0] for p in pieces])
                 by, bx = block
                 box = (by * side, min((by + 1) * side, height), bx * side, min((bx + 1) * side, width))
-                data, weight, count = stack_block(
-                    pieces, box, n_channels, normalisation.subset(idx), weights[idx], params, xp_stack
-                )
+                block_norm, block_weights = normalisation.subset(idx), weights[idx]
+                if policy is None:
+                    data, weight, count = stack_block(
+                        pieces, box, n_channels, block_norm, block_weights, params, xp_stack
+                    )
+                else:
+                    data, weight, count = _stack_block_unit(
+                        policy, pieces, box, n_channels, block_norm, block_weights, params, strip_stats
+                    )
                 out_data[:, box[0] : box[1], box[2] : box[3]] = data
                 out_weight[box[0] : box[1], box[2] : box[3]] = weight
                 out_count[box[0] : box[1], box[2] : box[3]] = count
+            del pieces
             store.drop(block)
             ctx.reporter.progress("P5", number, len(blocks), "progress_blocks")
             yield from ctx.drain()
+    if policy is not None:
+        policy.end_stage("stack")
+        if strip_stats.get("gpu_blocks"):
+            ctx.reporter.debug("mf_debug_gpu_p5", blocks=strip_stats["gpu_blocks"], strips=strip_stats["strips"],
+                               budget_mb=policy.gpu_budget_bytes() // 2**20)
 
     return CanvasStack(
         canvas=canvas,
@@ -381,4 +748,228 @@ def mosaic_first(
         frames_failed=failed,
         block_side=side,
         spilled=spill,
+        coarse=coarse,
     )
+
+
+# ------------------------------------------------------------------------- P3, both backends
+
+
+def _reproject_frames_cpu(
+    frames: Sequence[FrameInfo],
+    todo: list[int],
+    canvas: Canvas,
+    ctx: RunContext,
+    n_channels: int,
+    accept: Callable[[ReprojectedFrame], None],
+    reject: Callable[[int, FrameError], None],
+) -> Generator[Event, None, None]:
+    """P3 on the CPU: a bounded pool of threads, each running whole :func:`reproject_unit` s."""
+    config, policy = ctx.config, ctx.policy
+    workers = _worker_count(config)
+
+    def unit(index: int) -> ReprojectedFrame | None:
+        cpu = lambda xp=np: reproject_unit(frames[index], index, canvas, config, np, n_channels)  # noqa: E731
+        if policy is None:
+            return cpu()
+        # The stage is on the CPU here (or fell back): run_stage counts the unit and runs ``cpu``.
+        return policy.run_stage("reproject", lambda xp, chunk_scale: cpu(), cpu)
+
+    done = 0
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="zemosaic-reproject") as pool:
+        pending: dict[Future, int] = {}
+        queue = iter(todo)
+        try:
+            while True:
+                while len(pending) < 2 * workers:
+                    index = next(queue, None)
+                    if index is None:
+                        break
+                    pending[pool.submit(unit, index)] = index
+                if not pending:
+                    break
+                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    index = pending.pop(future)
+                    done += 1
+                    try:
+                        frame = future.result()
+                    except FrameError as exc:
+                        reject(index, exc)
+                        frame = None
+                    if frame is not None:
+                        accept(frame)
+                    ctx.reporter.progress("P3", done, len(todo), "progress_frames", name=frames[index].path.name)
+                yield from ctx.drain()
+        except BaseException:
+            for future in pending:
+                future.cancel()
+            raise
+
+
+def _reproject_frames_gpu(
+    frames: Sequence[FrameInfo],
+    todo: list[int],
+    bboxes: dict[int, BBox],
+    canvas: Canvas,
+    ctx: RunContext,
+    n_channels: int,
+    on_device: bool,
+    accept: Callable[[ReprojectedFrame], None],
+    reject: Callable[[int, FrameError], None],
+) -> Generator[Event, None, None]:
+    """P3 with the GPU: readers (processes or threads) feed device threads (see the module docstring)."""
+    config, policy = ctx.config, ctx.policy
+    tol_px = float(config["control_grid_tolerance_px"])
+    device_threads = _gpu_thread_count(config)
+    streams = WorkerStreams(policy.xp_for("reproject"))
+    readers, reader_kind, n_readers = _reader_executor(config, len(todo))
+    timing = {"read_s": 0.0, "grid_s": 0.0, "device_s": 0.0}
+
+    def device_unit(host: HostFrame) -> ReprojectedFrame:
+        info = frames[host.index]
+        started = time.perf_counter()
+
+        def prepare_on(xp: Any) -> Any:
+            return frame_pixels(host, info, config, n_channels, xp)
+
+        def on_gpu(xp: Any, chunk_scale: float) -> ReprojectedFrame:
+            with streams.scope() as stream:
+                budget = policy.gpu_budget_bytes(device_threads)
+                prepare = lambda: policy.run_stage(  # noqa: E731 - nested unit of the debayer stage
+                    "debayer", lambda xp, chunk_scale: prepare_on(xp), prepare_on
+                )
+                frame = reproject_host_frame(host, info, config, n_channels, xp, budget, prepare, chunk_scale)
+                if not on_device:
+                    frame.data = to_host(frame.data)  # waits for this worker's stream
+                elif stream is not None:
+                    stream.synchronize()  # other threads read frame.data next
+                return frame
+
+        def on_cpu(xp: Any = np) -> ReprojectedFrame:
+            return reproject_host_frame(host, info, config, n_channels, np)
+
+        try:
+            return policy.run_stage(
+                "reproject", on_gpu, on_cpu, estimate_bytes=reproject_unit_min_bytes(host, info, config, n_channels)
+            )
+        finally:
+            timing["device_s"] += time.perf_counter() - started
+
+    done = 0
+    in_flight = n_readers + 2 * device_threads
+    device_pool = ThreadPoolExecutor(max_workers=device_threads, thread_name_prefix="zemosaic-gpu")
+    reading: dict[Future, int] = {}
+    computing: dict[Future, int] = {}
+    queue = iter(todo)
+    try:
+        while True:
+            while len(reading) + len(computing) < in_flight:
+                index = next(queue, None)
+                if index is None:
+                    break
+                future = readers.submit(prepare_frame_on_host, frames[index], index, canvas, tol_px, bboxes[index])
+                reading[future] = index
+            if not reading and not computing:
+                break
+            finished, _ = wait([*reading, *computing], return_when=FIRST_COMPLETED)
+            for future in finished:
+                if future in reading:
+                    index = reading.pop(future)
+                    try:
+                        host = future.result()
+                    except FrameError as exc:
+                        reject(index, exc)
+                        host = None
+                    if host is not None:
+                        timing["read_s"] += host.read_s
+                        timing["grid_s"] += host.grid_s
+                        computing[device_pool.submit(device_unit, host)] = index
+                        continue
+                else:
+                    index = computing.pop(future)
+                    try:
+                        frame = future.result()
+                    except FrameError as exc:
+                        reject(index, exc)
+                    else:
+                        with policy.device():  # the device pieces are cut on this thread
+                            accept(frame)
+                        del frame
+                done += 1
+                ctx.reporter.progress("P3", done, len(todo), "progress_frames", name=frames[index].path.name)
+            yield from ctx.drain()
+    except BaseException:
+        for future in [*reading, *computing]:
+            future.cancel()
+        raise
+    finally:
+        device_pool.shutdown(wait=True, cancel_futures=True)
+        readers.shutdown(wait=True, cancel_futures=True)
+        streams.close()
+    ctx.reporter.debug(
+        "mf_debug_gpu_p3",
+        frames=len(todo),
+        readers=n_readers,
+        reader_kind=reader_kind,
+        read_s=round(timing["read_s"], 2),
+        grid_s=round(timing["grid_s"], 2),
+        device_threads=device_threads,
+        device_s=round(timing["device_s"], 2),
+        storage="gpu" if on_device else "host",
+    )
+    ctx.extras.setdefault("mosaic_first_gpu", []).append(
+        {"frames": len(todo), "readers": n_readers, "reader_kind": reader_kind, "device_threads": device_threads,
+         "storage": "gpu" if on_device else "host", **{k: round(v, 3) for k, v in timing.items()}}
+    )
+    yield from ctx.drain()
+
+
+# ------------------------------------------------------------------------------- P5 helpers
+
+
+def _block_pieces(
+    store: PieceStore, blocks: list[tuple[int, int]], policy: Any
+) -> Iterator[tuple[tuple[int, int], list[tuple[int, int, int, Any]]]]:
+    """``(block, pieces)`` in order; a spilled store read one block ahead while a GPU stacks."""
+    if not (store.spilled and policy is not None and policy.uses_gpu("stack")) or len(blocks) < 2:
+        for block in blocks:
+            yield block, store.pieces(block)
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="zemosaic-prefetch") as prefetch:
+        upcoming = prefetch.submit(store.pieces, blocks[0])
+        for position, block in enumerate(blocks):
+            pieces = upcoming.result()
+            if position + 1 < len(blocks):
+                upcoming = prefetch.submit(store.pieces, blocks[position + 1])
+            yield block, pieces
+
+
+def _stack_block_unit(
+    policy: Any,
+    pieces: Sequence[tuple[int, int, int, Any]],
+    box: BBox,
+    n_channels: int,
+    normalisation: Normalisation,
+    weights: np.ndarray,
+    params: StackParams,
+    stats: dict[str, int] | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One block stack through the policy: GPU strips sized from the budget, or the CPU."""
+
+    def on_gpu(xp: Any, chunk_scale: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        budget = policy.gpu_budget_bytes()
+        attempt: dict[str, int] = {}
+        result = stack_block_in_strips(
+            pieces, box, n_channels, normalisation, weights, params, xp, budget, chunk_scale, attempt
+        )
+        if stats is not None:  # only the attempt that succeeded counts
+            stats["strips"] = stats.get("strips", 0) + attempt.get("strips", 0)
+            stats["gpu_blocks"] = stats.get("gpu_blocks", 0) + 1
+        return result
+
+    def on_cpu(xp: Any = np) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return stack_block(pieces, box, n_channels, normalisation, weights, params, np)
+
+    estimate = stack_block_min_bytes(len(pieces), box, n_channels, params)
+    return policy.run_stage("stack", on_gpu, on_cpu, estimate_bytes=estimate)

@@ -65,6 +65,9 @@ class Normalisation:
     iterations: int = 0
     converged: bool = True
     constrained: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # (N,) had enough cells
+    mode: str = ""  # what was solved: the method, or "offset_only" after the under-constrained fallback
+    anchors: list[int] = field(default_factory=list)  # the gauge piece of each connected group (anchor gauge)
+    clipped: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # (N,) a gain hit ``gain_limits``
 
     @classmethod
     def identity(cls, n_frames: int, n_channels: int, bin_px: int = 16) -> "Normalisation":
@@ -84,6 +87,7 @@ class Normalisation:
         return Normalisation(
             self.gains[idx], self.offsets[idx], self.tilts[idx], self.centres[idx], self.bin_px,
             self.iterations, self.converged, self.constrained[idx] if self.constrained.size else self.constrained,
+            self.mode, [], self.clipped[idx] if self.clipped.size else self.clipped,
         )
 
     def background_plane(self, frame: int, y0: int, x0: int, height: int, width: int, xp=np):
@@ -103,11 +107,14 @@ class Normalisation:
         }
 
 
-def coarse_piece(data: np.ndarray, bbox: tuple[int, int, int, int], bin_px: int) -> CoarsePiece:
+def coarse_piece(
+    data: np.ndarray, bbox: tuple[int, int, int, int], bin_px: int, statistic: str = "mean"
+) -> CoarsePiece:
     """Block means of a resampled piece on the coarse grid aligned to canvas multiples of ``bin_px``.
 
     A coarse cell is kept only when every pixel in it is covered, so frame edges
-    (partially covered cells) never bias the fit.
+    (partially covered cells) never bias the fit. ``statistic="median"`` gives block medians
+    instead: the diffuse light (sky, nebula) of each cell without its stars.
     """
     y0, _, x0, _ = bbox
     channels, height, width = data.shape
@@ -118,6 +125,12 @@ def coarse_piece(data: np.ndarray, bbox: tuple[int, int, int, int], bin_px: int)
         return CoarsePiece(cy0, cx0, np.zeros((channels, 0, 0), np.float32))
     view = data[:, top : top + n_rows * bin_px, left : left + n_cols * bin_px]
     blocks = view.reshape(channels, n_rows, bin_px, n_cols, bin_px)
+    if statistic == "median":
+        cells = blocks.transpose(0, 1, 3, 2, 4).reshape(channels, n_rows, n_cols, bin_px * bin_px)
+        # np.median propagates NaN too: the same "fully covered" rule as the mean.
+        return CoarsePiece(cy0, cx0, np.median(cells, axis=-1).astype(np.float32))
+    if statistic != "mean":
+        raise ValueError(f"unknown coarse statistic {statistic!r}")
     # A plain mean propagates NaN, which is exactly the "fully covered" rule.
     return CoarsePiece(cy0, cx0, blocks.mean(axis=(2, 4), dtype=np.float64).astype(np.float32))
 
@@ -293,10 +306,30 @@ def _pair_gain_ratio(
     return float(log_ratio), float(variance)
 
 
-def _graph_solve(n: int, edges: np.ndarray, differences: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """x minimising Σ w (x_i − x_j − d_ij)² with median(x) = 0 on each connected component."""
+def _components(n: int, edges: np.ndarray) -> np.ndarray:
+    """Connected-component label of every node (isolated nodes get their own label)."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
+
+    if len(edges) == 0:
+        return np.arange(n)
+    graph = coo_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(n, n))
+    return connected_components(graph, directed=False)[1]
+
+
+def _graph_solve(
+    n: int,
+    edges: np.ndarray,
+    differences: np.ndarray,
+    weights: np.ndarray,
+    anchor_priority: Sequence[int] | None = None,
+) -> np.ndarray:
+    """x minimising Σ w (x_i − x_j − d_ij)² with a gauge on each connected component.
+
+    Gauge: median(x) = 0 on each component, or, with ``anchor_priority``, x = 0 at the first
+    listed node of each component (components without a listed node keep the median gauge).
+    """
+    from scipy.sparse import coo_matrix
     from scipy.sparse.linalg import spsolve
 
     if len(edges) == 0:
@@ -310,18 +343,70 @@ def _graph_solve(n: int, edges: np.ndarray, differences: np.ndarray, weights: np
     # A tiny ridge makes each component's system non-singular (it pins the component mean near 0).
     ridge = 1e-9 * float(weights.max())
     solution = spsolve(laplacian + ridge * _identity(n), rhs)
-    graph = coo_matrix((np.ones(len(edges)), (i, j)), shape=(n, n))
-    _, labels = connected_components(graph, directed=False)
+    labels = _components(n, edges)
+    anchors = _component_anchors(labels, anchor_priority)
     for label in np.unique(labels):
         members = labels == label
-        solution[members] -= np.median(solution[members])
+        anchor = anchors.get(int(label))
+        solution[members] -= solution[anchor] if anchor is not None else np.median(solution[members])
     return np.asarray(solution)
+
+
+def _component_anchors(labels: np.ndarray, priority: Sequence[int] | None) -> dict[int, int]:
+    """The first node of ``priority`` in each component: {component label: node}."""
+    anchors: dict[int, int] = {}
+    for node in priority or ():
+        anchors.setdefault(int(labels[int(node)]), int(node))
+    return anchors
 
 
 def _identity(n: int):
     from scipy.sparse import identity
 
     return identity(n, format="csc")
+
+
+def connectivity_order(n: int, edges: Sequence[tuple[int, int]], cells: Sequence[float]) -> list[int]:
+    """Nodes from best to least connected: most overlap neighbours, then most common cells, then index."""
+    degree = np.zeros(n)
+    total = np.zeros(n)
+    for (i, j), count in zip(edges, cells):
+        degree[i] += 1
+        degree[j] += 1
+        total[i] += count
+        total[j] += count
+    return sorted(range(n), key=lambda k: (-degree[k], -total[k], k))
+
+
+def fit_gain_ratio(
+    va: np.ndarray, vb: np.ndarray, x: np.ndarray, y: np.ndarray, kappa: float = 3.0, fit_plane: bool = True
+) -> tuple[float, float] | None:
+    """Gain ratio ``a/b`` of two images of the same sky and the σ of its logarithm (None: no fit).
+
+    ``va``, ``vb`` are matched samples (e.g. coarse cells) at coordinates ``x``, ``y``; the fit is
+    the symmetric sigma-clipped one of :func:`solve_normalisation` (``a = r·b + plane`` both ways),
+    so additive differences (sky level and gradient) never pass for a gain.
+    """
+    if va.size < (6 if fit_plane else 4):
+        return None
+    fit = _pair_gain_ratio(va, vb, x, y, kappa=kappa, fit_plane=fit_plane)
+    if fit is None or not np.isfinite(fit[0]) or not np.isfinite(fit[1]):
+        return None
+    return float(np.exp(fit[0])), float(np.sqrt(fit[1]))
+
+
+def _under_constrained(n: int, sample_edges: np.ndarray, gain_edges: np.ndarray) -> bool:
+    """True when the gain edges leave apart pieces that the overlaps tie together."""
+    if len(sample_edges) == 0:
+        return False
+    nodes = np.unique(sample_edges)
+    sample_labels = _components(n, sample_edges)[nodes]
+    gain_labels = _components(n, gain_edges if len(gain_edges) else np.zeros((0, 2), int))[nodes]
+    return len(np.unique(gain_labels)) > len(np.unique(sample_labels))
+
+
+#: With ``offset_only_fallback``, a pairwise gain this uncertain (σ of log gain) ties nothing.
+MAX_LOG_GAIN_SIGMA = 0.05
 
 
 def solve_normalisation(
@@ -333,37 +418,93 @@ def solve_normalisation(
     neighbours: int = 8,
     min_cells: int = 12,
     kappa: float = 3.0,
+    anchor: int | str | None = None,
+    gain_limits: tuple[float, float] | None = None,
+    offset_only_fallback: bool = False,
+    max_log_gain_sigma: float = MAX_LOG_GAIN_SIGMA,
+    fixed_gains: np.ndarray | None = None,
 ) -> Normalisation:
     """Per-frame gains, offsets and tilts that put every piece on one flux scale (see module docstring).
 
     ``grid_shape`` is accepted for callers that know the coarse canvas; the solve does not need it.
+
+    Options (all off by default, so the frame-level solve is unchanged):
+
+    * ``anchor`` — the gauge. ``None``: median gain 1 and median plane 0 on each connected group
+      of pieces. ``"best_connected"``: on each group, the piece with the most overlap neighbours
+      (then the most common cells) keeps gain 1, offset 0 and no tilt; an int names that piece
+      for its group (the others still use their best-connected piece). ``anchors`` records them.
+    * ``gain_limits`` — ``(low, high)``: gains are clipped into this range (relative to the
+      gauge) before the planes are solved; ``clipped`` marks the pieces that hit a limit.
+    * ``offset_only_fallback`` — when the reliable pairwise gains (σ of log gain at most
+      ``max_log_gain_sigma``) do not tie together the pieces the overlaps connect, the gains
+      cannot be solved: every gain stays 1 and only offsets are solved (``mode = "offset_only"``).
+    * ``fixed_gains`` — ``(N, C)`` gains known from elsewhere (e.g. solved on other pieces of the
+      same tiles): only the offsets and planes are solved, with these gains.
     """
     n_frames = len(pieces)
     n_channels = next((p.data.shape[0] for p in pieces if p.data.size), 1)
     result = Normalisation.identity(n_frames, n_channels, bin_px)
     result.centres = _piece_centres(pieces)
+    result.mode = method
+    result.clipped = np.zeros(n_frames, bool)
     if method == "none" or n_frames < 2:
+        result.anchors = list(range(n_frames)) if anchor is not None else []
         return result
     edge_list = overlap_edges(_piece_bounds(pieces), neighbours, min_cells)
     fit_gain = method == "linear_fit"
-    constrained = np.zeros(n_frames, bool)
+
+    # Common cells of every edge, per channel (kept: the gain and plane steps both use them).
+    samples_by_channel: list[list[tuple[int, int, tuple[np.ndarray, ...]]]] = []
     for channel in range(n_channels):
-        gain_edges, log_ratios, gain_weights = [], [], []
-        samples: list[tuple[int, int, tuple[np.ndarray, ...]]] = []
+        samples = []
         for i, j in edge_list:
             common = _common_cells(pieces[i], pieces[j], channel)
-            if common is None or common[0].size < min_cells:
-                continue
-            samples.append((i, j, common))
-            if fit_gain:
+            if common is not None and common[0].size >= min_cells:
+                samples.append((i, j, common))
+        samples_by_channel.append(samples)
+    sample_edges = np.array([(i, j) for i, j, _ in samples_by_channel[0]], dtype=int).reshape(-1, 2)
+    priority: list[int] | None = None
+    if anchor is not None:
+        priority = connectivity_order(n_frames, [tuple(e) for e in sample_edges],
+                                      [c[0].size for _, _, c in samples_by_channel[0]])
+        if isinstance(anchor, (int, np.integer)) and not isinstance(anchor, bool):
+            priority = [int(anchor)] + [k for k in priority if k != int(anchor)]
+
+    gain_fits: list[list[tuple[int, int, float, float]]] = [[] for _ in range(n_channels)]
+    if fixed_gains is not None:
+        result.gains = np.array(fixed_gains, dtype=np.float64).reshape(n_frames, n_channels)
+    if fit_gain and fixed_gains is None:
+        for channel, samples in enumerate(samples_by_channel):
+            for i, j, common in samples:
                 fit = _pair_gain_ratio(*common, kappa=kappa, fit_plane=True)
                 if fit is not None and np.isfinite(fit[0]) and np.isfinite(fit[1]):
-                    gain_edges.append((i, j))
-                    log_ratios.append(fit[0])
-                    gain_weights.append(1.0 / fit[1])
-        if fit_gain and gain_edges:
-            log_gain = _graph_solve(n_frames, np.array(gain_edges), np.array(log_ratios), np.array(gain_weights, float))
-            result.gains[:, channel] = np.exp(log_gain)
+                    if offset_only_fallback and np.sqrt(fit[1]) > max_log_gain_sigma:
+                        continue  # too uncertain to tie two pieces' gains together
+                    gain_fits[channel].append((i, j, fit[0], fit[1]))
+        if offset_only_fallback and any(
+            _under_constrained(n_frames, sample_edges, np.array([(i, j) for i, j, _, _ in fits], dtype=int).reshape(-1, 2))
+            for fits in gain_fits
+        ):
+            fit_gain = False
+            result.mode = "offset_only"
+
+    constrained = np.zeros(n_frames, bool)
+    for channel in range(n_channels):
+        samples = samples_by_channel[channel]
+        fits = gain_fits[channel]
+        if fit_gain and fits and fixed_gains is None:
+            gain_edges = np.array([(i, j) for i, j, _, _ in fits])
+            log_ratios = np.array([f[2] for f in fits])
+            gain_weights = np.array([1.0 / f[3] for f in fits], float)
+            log_gain = _graph_solve(n_frames, gain_edges, log_ratios, gain_weights, priority)
+            gains = np.exp(log_gain)
+            if gain_limits is not None:
+                low, high = float(gain_limits[0]), float(gain_limits[1])
+                outside = (gains < low) | (gains > high)
+                result.clipped |= outside
+                gains = np.clip(gains, low, high)
+            result.gains[:, channel] = gains
         gains = result.gains[:, channel]
         plane_edges, plane_diffs, plane_weights = [], [], []
         for i, j, (va, vb, x, y) in samples:
@@ -381,11 +522,14 @@ def solve_normalisation(
         if plane_edges:
             edges_array, diffs, weights = np.array(plane_edges), np.array(plane_diffs), np.array(plane_weights, float)
             # Planes in corrected units (frame/gain): c + a·X + b·Y; convert to frame units.
-            c, a, b = (_graph_solve(n_frames, edges_array, diffs[:, k], weights) for k in range(3))
+            c, a, b = (_graph_solve(n_frames, edges_array, diffs[:, k], weights, priority) for k in range(3))
             result.tilts[:, channel, 0] = a * gains
             result.tilts[:, channel, 1] = b * gains
             # offsets are stored at the frame centre: c + a·Xc + b·Yc
             result.offsets[:, channel] = (c + a * result.centres[:, 0] + b * result.centres[:, 1]) * gains
+    if priority is not None:
+        labels = _components(n_frames, sample_edges)
+        result.anchors = sorted(_component_anchors(labels, priority).values())
     result.constrained = constrained
     result.iterations = 1
     return result

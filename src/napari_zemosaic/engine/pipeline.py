@@ -35,7 +35,7 @@ from .outputs import (
     write_science_fits,
 )
 
-WORKFLOWS_AVAILABLE = ("mosaic_first",)
+WORKFLOWS_AVAILABLE = ("mosaic_first", "sds")
 
 
 @dataclass
@@ -325,7 +325,7 @@ def _run_body(run: _Run, include: Iterable[str | Path] | None) -> Generator[Even
 
     # P3 / P4.5 / P5: stacking ------------------------------------------------------------
     n_channels = output_channels(frames)
-    stacked: CanvasStack = yield from mosaic_first(frames, canvas, ctx, n_channels)
+    stacked = yield from _stack_with_workflow(run, frames, canvas, n_channels)
     for index, key, detail in stacked.frames_failed:
         frames_report["excluded"].append(ExcludedFrame(str(frames[index].path), key, detail).to_dict())
     used_frames = [frames[i] for i in stacked.frames_used]
@@ -374,6 +374,33 @@ def _run_body(run: _Run, include: Iterable[str | Path] | None) -> Generator[Even
         canvas=canvas,
         frames=used_frames,
     )
+
+
+def _stack_with_workflow(
+    run: _Run, frames: list[FrameInfo], canvas: Canvas, n_channels: int
+) -> Generator[Event, None, CanvasStack]:
+    """P3–P5 of the chosen workflow; SDS never crashes a run: any SDS failure falls back to Mosaic-First."""
+    ctx, reporter = run.ctx, run.ctx.reporter
+    if run.report["workflow_used"] == "sds":
+        from .sds import non_seestar_count, record_sds_fallback, run_sds, sds_applicable
+
+        if sds_applicable(frames)[0]:
+            try:
+                outcome = yield from run_sds(frames, canvas, ctx, n_channels)
+            except (RunCancelled, GeneratorExit, KeyboardInterrupt):
+                raise
+            except Exception as exc:  # logged with its reason and recorded in the report's fallbacks
+                run.report["fallbacks"].append(record_sds_fallback(reporter, exc))
+                run.report["workflow_used"] = "mosaic_first"
+                yield from ctx.drain()
+            else:
+                run.report["sds"] = outcome.report
+                return outcome.stack
+        else:
+            reporter.info("sds_info_disabled_not_seestar", non_seestar=non_seestar_count(frames), frames=len(frames))
+            run.report["workflow_used"] = "mosaic_first"
+            yield from ctx.drain()
+    return (yield from mosaic_first(frames, canvas, ctx, n_channels))
 
 
 def _crop(stacked: CanvasStack, config: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray, Canvas]:

@@ -40,6 +40,14 @@ def make_plan(input_dir: str | Path, config: dict[str, Any] | None = None) -> di
             pixel_scale_arcsec=float(config["canvas_pixel_scale_arcsec"]),
             padding_pct=float(config["canvas_padding_pct"]),
         )
+    sds_section = None
+    if canvas is not None and workflow == "sds":
+        from .sds import SdsError, plan_sds
+
+        try:
+            sds_section = plan_sds(ingested.usable, canvas, config, reporter).to_report(ingested.usable)
+        except SdsError as exc:
+            sds_section = {"error": {"key": exc.key, "params": exc.params}}
     table = []
     for info in ingested.usable:
         row = info.to_dict()
@@ -57,7 +65,7 @@ def make_plan(input_dir: str | Path, config: dict[str, Any] | None = None) -> di
         },
         "frame_table": table,
         "canvas": canvas.to_dict() if canvas else None,
-        "sds": None,
+        "sds": sds_section,
         "messages": [{"level": e.level, "key": e.key, "params": e.params} for e in reporter.log_events],
     }
 

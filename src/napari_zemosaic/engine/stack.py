@@ -71,6 +71,7 @@ _MIN_SAMPLES_TO_REJECT = 3
 
 _WINSOR_MAX_ITERATIONS = 1000  # Siril's loop has no cap; tiny samples can converge slowly
 _WINSOR_TOLERANCE = 5e-4  # relative change of σ that ends the winsorisation loop (Siril's)
+_WINSOR_COLLAPSED = 1e-6  # σ below this fraction of |median| counts as 0 (settled)
 
 
 # ------------------------------------------------------------------------------ parameters
@@ -347,8 +348,9 @@ def winsorized_sigma_clip_mask(
     Per sample: median m of the kept values; σ starts as their sample std and is iterated as
     σ ← c·std(kept values winsorised at m ± winsor_sigma·σ) (sample std; c from
     :func:`winsorized_consistency_factor`, 1.134 at 1.5) until it changes by less than 0.05 %;
-    then values below m − κlow·σ or above m + κhigh·σ are rejected. Repeated up to ``max_iterations`` times or until nothing changes. Samples with
-    fewer than 3 kept values are not clipped. Rejected values stay rejected.
+    then values below m − κlow·σ or above m + κhigh·σ are rejected. Repeated up to
+    ``max_iterations`` times or until nothing changes. Samples with fewer than 3 kept values are
+    not clipped. Rejected values stay rejected.
 
     Each winsorised std comes from the prefix sums (the clamped ends counted in closed form),
     so every step costs O(log N) per sample. Peak temporaries as :func:`kappa_sigma_mask`.
@@ -419,7 +421,9 @@ def _winsorized_sigma(
     """Siril's loop σ ← c·std(values of [start, stop) clamped to centre ± winsor_sigma·σ).
 
     Starts from the given σ (the plain sample std) and ends, per column, when σ changes by at
-    most 0.05 %. Only the columns still changing are evaluated, so the few slow ones cost little.
+    most 0.05 %, or when σ has collapsed below 1e-6·|centre| (more than half the values equal,
+    e.g. saturated: σ then shrinks geometrically and would never settle). Only the columns still
+    changing are evaluated, so the few slow ones cost little.
     """
     factor = winsorized_consistency_factor(winsor_sigma)
     result = sigma.copy()
@@ -431,6 +435,7 @@ def _winsorized_sigma(
         )
         result[todo] = image
         unsettled = xp.abs(image - current) > _WINSOR_TOLERANCE * current
+        unsettled &= image > _WINSOR_COLLAPSED * xp.abs(centre[todo])
         todo, current = todo[unsettled], image[unsettled]
         if todo.size == 0:
             break
