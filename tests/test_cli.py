@@ -33,7 +33,9 @@ def test_demo_builds_frames_truth_and_mosaic(tiny_demo: Path) -> None:
     for name in ("mosaic_science.fits", "mosaic_preview.png", "run_report.json", "zemosaic.log"):
         assert (tiny_demo / name).is_file(), name
     report = json.loads((tiny_demo / "run_report.json").read_text())
-    assert report["status"] == "ok" and report["frames"]["used"] == 6
+    quality_excluded = [e for e in report["frames"]["excluded"] if e["reason_key"].startswith("frame_excluded_quality_")]
+    assert report["status"] == "ok" and report["frames"]["used"] == 6 - len(quality_excluded)
+    assert len(report["frames"]["metrics"]) == 6
     assert report["config"]["max_memory_mb"] == 256
 
 

@@ -206,7 +206,8 @@ def cmd_plan(args: argparse.Namespace, config: dict[str, Any]) -> int:
             f"{row['wcs_status']:8s} {'seestar' if row['is_seestar'] else '':7s} {row['shape'][1]}x{row['shape'][0]}"
         )
     for excluded in plan["frames"]["excluded"]:
-        print("  x " + tr(excluded["reason_key"], path=excluded["path"], detail=excluded["detail"]))
+        params = {"path": excluded["path"], "detail": excluded["detail"], **excluded.get("params", {})}
+        print("  x " + tr(excluded["reason_key"], **params))
     if plan["canvas"]:
         print(tr("canvas_info_built", width=plan["canvas"]["shape"][1], height=plan["canvas"]["shape"][0]))
     return EXIT_OK if plan["frames"]["used"] else EXIT_USER

@@ -79,7 +79,11 @@ OPTIONS: dict[str, Option] = {
     "stacking_normalize_method": _choice(
         "linear_fit", "Bring frames to one flux scale before combining.", "none", "sky_mean", "linear_fit",
     ),
-    "stacking_weighting_method": _choice("noise_variance", "Per-frame weights.", "none", "noise_variance"),
+    "stacking_weighting_method": _choice(
+        "noise_variance",
+        "Per-frame weights: 1/noise², or 1/noise² × (median FWHM / FWHM)².",
+        "none", "noise_variance", "noise_fwhm",
+    ),
     "stacking_rejection_algorithm": _choice(
         "kappa_sigma", "Per-pixel outlier rejection.", "none", "kappa_sigma", "winsorized_sigma_clip", "linear_fit_clip",
     ),
@@ -88,6 +92,14 @@ OPTIONS: dict[str, Option] = {
     "stacking_max_iterations": Option(5, "Iterations of the rejection loop.", "int", minimum=1, maximum=50),
     "stacking_winsor_sigma": Option(1.5, "Winsorisation clamp (sigma) used by winsorized_sigma_clip.", "float", minimum=0.5),
     "stacking_final_combine": _choice("mean", "How kept values are combined.", "mean", "median"),
+    # --- frame quality ---------------------------------------------------------------------
+    "quality_rejection": Option(True, "Reject cloudy, blurred, trailed or bright-sky frames automatically (rules below); nothing is deleted or moved.", "bool"),
+    "quality_max_fwhm_ratio": Option(1.5, "Reject a frame whose median star FWHM exceeds this multiple of the session median; 0 = rule off.", "float", minimum=0.0),
+    "quality_max_elongation": Option(1.5, "Reject a frame whose median star elongation (major/minor axis) exceeds this and 1.25 × the session median; 0 = rule off.", "float", minimum=0.0),
+    "quality_min_star_fraction": Option(0.5, "Reject a frame with fewer stars than this fraction of the median of its pointing; 0 = rule off.", "float", minimum=0.0, maximum=1.0),
+    "quality_min_transparency_fraction": Option(0.7, "Reject a frame whose star flux, relative to its pointing, is below this fraction of the session median; 0 = rule off.", "float", minimum=0.0, maximum=1.0),
+    "quality_max_background_ratio": Option(1.5, "Reject a frame whose sky background exceeds this multiple of the session median (dawn, Moon, dew); 0 = rule off.", "float", minimum=0.0),
+    "quality_reject_trails": Option(False, "Also reject frames crossed by a satellite/aircraft trail (off: pixel rejection removes the trail).", "bool"),
     # --- outputs -----------------------------------------------------------------------------
     "preview_max_side": Option(4096, "Long side of the PNG preview in pixels.", "int", minimum=64),
     "preview_stretch_percentiles": Option([0.5, 99.8], "Black/white percentiles of the preview stretch.", "list"),

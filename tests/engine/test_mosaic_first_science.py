@@ -54,7 +54,10 @@ def test_outputs_exist_and_follow_the_interface(demo_mosaic) -> None:
                 "compute", "timings_s", "peak_rss_mb", "outputs"):
         assert key in report
     assert report["workflow_used"] == "mosaic_first"
-    assert report["frames"]["used"] == len(truth.frames)
+    # the cloudy frame is set aside by the quality rules, with its reason; every other frame is used
+    excluded = {e["path"].split("/")[-1]: e["reason_key"] for e in report["frames"]["excluded"]}
+    assert excluded == {truth.frames[truth.cloudy_frame].file_name: "frame_excluded_quality_transparency"}
+    assert report["frames"]["used"] == len(truth.frames) - 1
     assert set(report["timings_s"]) >= {"P1", "P2", "P3", "P4", "P5", "P6"}
     assert result.preview_path.stat().st_size > 1000
     log = result.log_path.read_text()
@@ -129,8 +132,12 @@ def test_haze_and_clouds_brought_to_one_flux_scale(demo_mosaic, method) -> None:
     assert spread <= 0.03, f"panel flux spread {spread:.4f}"
 
 
-def test_report_records_normalisation_of_the_cloudy_frame(demo_mosaic) -> None:
-    result, truth = demo_mosaic
+def test_report_records_normalisation_of_the_cloudy_frame(demo_night, tmp_path) -> None:
+    """With quality rejection off, the cloudy frame is kept and brought to the common scale."""
+    from napari_zemosaic.engine.pipeline import run
+
+    root, truth = demo_night
+    result = run(root / "frames", tmp_path, {"max_memory_mb": 512, "quality_rejection": False})
     gains = {entry["path"].split("/")[-1]: np.mean(entry["gain"]) for entry in result.report["frames"]["normalisation"]}
     cloudy = truth.frames[truth.cloudy_frame].file_name
     clear = [f.file_name for f in truth.frames if not f.is_cloudy and f.panel == truth.frames[truth.cloudy_frame].panel]

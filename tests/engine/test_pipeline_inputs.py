@@ -59,7 +59,8 @@ def test_bad_files_are_excluded_with_reasons_and_the_run_goes_on(small_night, tm
     fits.writeto(inputs / "small.fits", small, small_header)
     before = _hashes(inputs)
 
-    result = run(inputs, tmp_path / "out", {"max_memory_mb": 256})
+    # solving off: this test is about exclusion (solving would repair the singular WCS)
+    result = run(inputs, tmp_path / "out", {"max_memory_mb": 256, "solve_missing_wcs": False})
     assert result.status == "ok"
     excluded = {Path(e["path"]).name: e["reason_key"] for e in result.report["frames"]["excluded"]}
     assert excluded["empty.fits"] == "frame_excluded_empty_file"
@@ -81,7 +82,7 @@ def test_nothing_usable_exits_2_with_a_clear_message(tmp_path, capsys) -> None:
     inputs.mkdir()
     (inputs / "a.fits").write_bytes(b"")
     fits.writeto(inputs / "nowcs.fits", np.zeros((20, 30), np.uint16))
-    code = main(["run", str(inputs), str(tmp_path / "out")])
+    code = main(["run", str(inputs), str(tmp_path / "out"), "--set", "solve_missing_wcs=false"])
     captured = capsys.readouterr()
     assert code == 2
     assert tr("run_error_no_usable_frames", found=2, excluded=2) in captured.err

@@ -107,6 +107,7 @@ class FrameInfo:
     hdu_index: int
     header: fits.Header = field(repr=False)
     wcs_detail: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)  # frame quality numbers, once measured
 
     @property
     def centre(self) -> tuple[float, float] | None:

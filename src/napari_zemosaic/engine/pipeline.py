@@ -9,6 +9,7 @@ report says ``cancelled`` and no final file is left half-written.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import threading
 import time
@@ -56,6 +57,7 @@ class IngestResult:
     usable: list[FrameInfo]
     excluded: list[ExcludedFrame]
     warnings: list[dict[str, Any]] = field(default_factory=list)
+    astrometry: list[dict[str, Any]] = field(default_factory=list)  # per frame: how it got its WCS
 
     @property
     def all_seestar(self) -> bool:
@@ -92,8 +94,13 @@ def ingest(
     config: dict[str, Any],
     reporter: Reporter,
     include: Iterable[str | Path] | None = None,
+    solve_cache_dir: Path | None = None,
 ) -> Generator[Event, None, IngestResult]:
-    """Scan INPUT, read headers only, validate WCS; unusable files are excluded with a reason."""
+    """Scan INPUT, read headers only, validate WCS; unusable files are excluded with a reason.
+
+    With ``solve_cache_dir`` (a run's cache folder) frames without a valid WCS are plate-solved
+    or given one by star matching (``solve_missing_wcs``); without it they are excluded.
+    """
     if not input_dir.is_dir():
         raise UserError("input_error_missing", path=str(input_dir))
     found = scan_inputs(input_dir, output_dir)
@@ -101,7 +108,7 @@ def ingest(
         wanted = {str(Path(p).resolve()) for p in include}
         found = [p for p in found if str(p.resolve()) in wanted]
     reporter.info("ingest_info_found", count=len(found), path=str(input_dir))
-    usable: list[FrameInfo] = []
+    readable: list[FrameInfo] = []
     excluded: list[ExcludedFrame] = []
     for number, path in enumerate(found, start=1):
         try:
@@ -114,15 +121,22 @@ def ingest(
             excluded.append(ExcludedFrame(str(path), exc.reason_key, exc.detail))
             reporter.warning(exc.reason_key, path=str(path), detail=exc.detail)
         else:
-            if info.wcs is None:
-                reason = info.wcs_reason or "frame_excluded_no_wcs"
-                detail = getattr(info, "wcs_detail", "") or ""
-                excluded.append(ExcludedFrame(str(path), reason, detail))
-                reporter.warning(reason, path=str(path), detail=detail)
-            else:
-                usable.append(info)
+            readable.append(info)
         reporter.progress("P1", number, len(found), "progress_files", name=path.name)
         yield from reporter.pop_pending()
+    astrometry: list[dict[str, Any]] = []
+    if solve_cache_dir is not None and config["solve_missing_wcs"] and any(info.wcs is None for info in readable):
+        readable, solve_failures, astrometry = yield from _solve_missing(readable, config, solve_cache_dir, reporter)
+        excluded.extend(solve_failures)
+    usable: list[FrameInfo] = []
+    for info in readable:
+        if info.wcs is None:
+            reason = info.wcs_reason or "frame_excluded_no_wcs"
+            detail = info.wcs_detail or ""
+            excluded.append(ExcludedFrame(str(info.path), reason, detail))
+            reporter.warning(reason, path=str(info.path), detail=detail)
+        else:
+            usable.append(info)
     warnings: list[dict[str, Any]] = []
     sizes = sorted({info.shape for info in usable})
     if len(sizes) > 1:
@@ -131,7 +145,33 @@ def ingest(
         reporter.warning("frames_warn_mixed_sizes", sizes=text)
     reporter.info("ingest_info_summary", used=len(usable), excluded=len(excluded))
     yield from reporter.pop_pending()
-    return IngestResult(found, usable, excluded, warnings)
+    return IngestResult(found, usable, excluded, warnings, astrometry)
+
+
+def _solve_missing(
+    frames: list[FrameInfo], config: dict[str, Any], cache_dir: Path, reporter: Reporter
+) -> Generator[Event, None, tuple[list[FrameInfo], list[ExcludedFrame], list[dict[str, Any]]]]:
+    """Plate-solve or propagate a WCS to every frame that lacks one; failures are excluded with the reason."""
+    from .astrometry import frame_with_wcs, solve_missing
+
+    outcomes = yield from solve_missing(frames, config, cache_dir, reporter)
+    solved: list[FrameInfo] = []
+    failures: list[ExcludedFrame] = []
+    methods: list[dict[str, Any]] = []
+    for info, outcome in zip(frames, outcomes):
+        methods.append({
+            "path": str(info.path), "method": outcome.method, "source_method": outcome.source_method,
+            "residual_px": outcome.residual_px, "reference": outcome.reference, "reason_key": outcome.reason_key,
+        })
+        if outcome.wcs is not None and outcome.method != "header":
+            solved.append(frame_with_wcs(info, outcome.wcs, outcome.method))
+        elif outcome.wcs is None and info.wcs is None:
+            reason = outcome.reason_key or "frame_excluded_no_wcs"
+            failures.append(ExcludedFrame(str(info.path), reason, outcome.report_detail))
+            reporter.warning(reason, path=str(info.path), detail=outcome.report_detail)
+        else:
+            solved.append(info)
+    return solved, failures, methods
 
 
 # ----------------------------------------------------------------------------------- P2
@@ -293,15 +333,20 @@ def _run_body(run: _Run, include: Iterable[str | Path] | None) -> Generator[Even
 
     # P1 ------------------------------------------------------------------------------
     with ctx.timed("P1"):
-        ingested = yield from ingest(run.input_dir, run.output_dir, config, reporter, include)
+        ingested = yield from ingest(run.input_dir, run.output_dir, config, reporter, include, ctx.cache_dir)
     frames_report = run.report["frames"]
     frames_report["found"] = len(ingested.found)
     frames_report["excluded"] = [e.to_dict() for e in ingested.excluded]
     frames_report["warnings"] = ingested.warnings
+    frames_report["astrometry"] = ingested.astrometry
     if not ingested.usable:
         raise UserError("run_error_no_usable_frames", found=len(ingested.found), excluded=len(ingested.excluded))
 
     # P2 ------------------------------------------------------------------------------
+    with ctx.timed("P2"):
+        ingested.usable = yield from _quality_filter(run, ingested.usable)
+    if not ingested.usable:
+        raise UserError("run_error_no_usable_frames", found=len(ingested.found), excluded=len(frames_report["excluded"]))
     with ctx.timed("P2"):
         workflow, fallbacks = choose_workflow(config["workflow"], config, ingested)
         for fallback in fallbacks:
@@ -374,6 +419,36 @@ def _run_body(run: _Run, include: Iterable[str | Path] | None) -> Generator[Even
         canvas=canvas,
         frames=used_frames,
     )
+
+
+def _quality_filter(run: _Run, frames: list[FrameInfo]) -> Generator[Event, None, list[FrameInfo]]:
+    """Measure every frame (stars, FWHM, elongation, background, transparency) and apply the rules.
+
+    Rejected frames are listed with the rule, the value and the threshold; nothing is deleted.
+    """
+    from .quality import REASON_NO_VALID_PIXELS, REASON_UNREADABLE, apply_quality_rules, excluded_entries, measure_frames
+
+    ctx, config, reporter = run.ctx, run.config, run.ctx.reporter
+    metrics = yield from measure_frames(frames, config, reporter)
+    for info, metric in zip(frames, metrics):
+        info.metrics = metric.filter_values()
+    decisions = apply_quality_rules(metrics, config)
+    for index, metric in enumerate(metrics):
+        # Unreadable pixels are not a quality verdict: the loader excludes those frames with the exact reason.
+        if getattr(metric, "reason", None) in (REASON_NO_VALID_PIXELS, REASON_UNREADABLE):
+            decisions[index] = dataclasses.replace(decisions[index], accepted=True)
+    run.report["frames"]["metrics"] = [
+        {**metric.to_dict(), "decision": decision.to_dict()} for metric, decision in zip(metrics, decisions)
+    ]
+    if not config["quality_rejection"]:
+        return frames
+    rejected = excluded_entries(metrics, decisions)
+    for entry in rejected:
+        reporter.warning(entry["reason_key"], path=entry["path"], **entry.get("params", {}))
+    run.report["frames"]["excluded"].extend(rejected)
+    reporter.info("quality_info_rejected", rejected=len(rejected), frames=len(frames))
+    yield from ctx.drain()
+    return [info for info, decision in zip(frames, decisions) if decision.accepted]
 
 
 def _stack_with_workflow(

@@ -48,9 +48,16 @@ def make_plan(input_dir: str | Path, config: dict[str, Any] | None = None) -> di
             sds_section = plan_sds(ingested.usable, canvas, config, reporter).to_report(ingested.usable)
         except SdsError as exc:
             sds_section = {"error": {"key": exc.key, "params": exc.params}}
+    from .quality import apply_quality_rules, measure_frames
+
+    metrics = _drain(measure_frames(ingested.usable, config, reporter)) if ingested.usable else []
+    decisions = apply_quality_rules(metrics, config) if metrics else []
     table = []
-    for info in ingested.usable:
+    for index, info in enumerate(ingested.usable):
         row = info.to_dict()
+        if metrics:
+            row["metrics"] = metrics[index].to_dict()
+            row["quality"] = decisions[index].to_dict()
         row["footprint"] = footprint_polygon(info.wcs, info.shape, canvas.wcs).round(2).tolist() if canvas else None
         table.append(row)
     return {

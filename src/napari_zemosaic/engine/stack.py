@@ -56,7 +56,7 @@ Array = Any  # a numpy or cupy ndarray
 
 REJECTION_ALGORITHMS = ("none", "kappa_sigma", "winsorized_sigma_clip", "linear_fit_clip")
 COMBINE_METHODS = ("mean", "median")
-WEIGHTING_METHODS = ("none", "noise_variance")
+WEIGHTING_METHODS = ("none", "noise_variance", "noise_fwhm")
 
 MAD_TO_SIGMA = 1.4826
 """Scale from the median absolute deviation to the standard deviation of a Gaussian."""

@@ -1,0 +1,1187 @@
+"""Frame quality: per-frame star metrics, rejection rules, quality weights and a tile gate.
+
+Metrics (P1), on a fast path
+----------------------------
+A sub-frame is measured from its raw plane, before any debayering:
+
+1. **Detection image.** The 2x2-binned luminance (for a CFA: R + G + G + B of each Bayer
+   cell; for RGB/mono data: the channel sum, binned). A quarter of the pixels, every photon
+   kept.
+2. **Background, noise and detection** with ``sep``: a mesh background (64-sensor-px cells,
+   fitted on every other binned pixel) subtracted in place; the noise from neighbour
+   differences (blind to nebulae and gradients); sources above ``DETECT_SIGMA`` x noise with
+   at least ``DETECT_MIN_AREA`` binned pixels. Very long, thin sources are streaks
+   (satellites, aircraft): their total length sets ``trail_flag``. Hot pixels and cosmic-ray
+   hits (one sensor pixel whose neighbours stay at the sky) are dropped; the rest is ``n_stars``.
+3. **Star shape** on the *full-resolution* plane, at the CFA green sites only (a checkerboard
+   lattice), or every pixel of mono/RGB data. For the brightest isolated unsaturated stars,
+   Gaussian-weighted *adaptive moments* are iterated on all stamps at once (a weight twice as
+   wide as the star, so the sparse green lattice samples it without aliasing; the fixed point
+   is exact for a Gaussian). Pixel integration adds 1/12 px² per axis; it is removed. Per
+   star: FWHM = 2.3548 x the geometric mean of the axis sigmas, elongation = major / minor
+   axis. The frame gets the medians. (Debayered input is accepted, but interpolation widens
+   stars by ~20 %: measure raw CFA planes, as ``measure_one`` does.)
+4. **Flux of stars** in circular apertures of 1.5 x FWHM on the binned image (whatever the
+   seeing, > 99 % of a star's light), kept for the transparency proxy.
+
+No full-size work is done beyond one binning pass and one max (saturation), so a full
+1080x1920 sub costs about a third of reading and debayering it (``benchmarks/bench_quality.py``).
+``sep`` releases the GIL, so ``measure_frames`` runs frames on a thread pool. ``sep`` is
+CPU-only: arrays from another array module are copied to the host first.
+
+Transparency (``measure_frames``)
+---------------------------------
+Frames are grouped by pointing (centres closer than half the short side of a field). In each
+group the frame with most stars is the reference; every frame's stars are matched on the
+sky (through the WCS) to the reference's, and the median flux ratio of the matched stars,
+divided by the group median, is the frame's transparency (1 = a typical frame of that
+pointing; 0.4 = a cloud took 60 % of the light). Without a WCS, or with too few matches,
+the group falls back to relative flux levels (the median flux of each frame's brightest stars).
+
+Rules
+-----
+Thresholds are relative to the session (or to the pointing group where the sky field
+matters, i.e. star counts), so they hold for any camera. Each rule is switched off by a
+threshold of 0. In order of precedence (a frame is listed under the first rule it fails,
+and every failed rule is kept in ``QualityDecision.failed``):
+
+=============  ====================================================================
+elongation     elongation > max(quality_max_elongation, 1.25 x session median)
+fwhm           FWHM > quality_max_fwhm_ratio x session median
+transparency   transparency < quality_min_transparency_fraction x session median
+stars          star count < quality_min_star_fraction x median of its pointing group
+background     background > quality_max_background_ratio x session median
+trail          a satellite/aircraft trail, only if quality_reject_trails
+=============  ====================================================================
+
+Satellite trails are *flagged* but not rejected by default: the per-pixel rejection of the
+stacker removes a trail and keeps the rest of the frame's signal.
+
+Weights and the tile gate
+-------------------------
+``quality_weights`` gives per-frame weights for ``none``, ``noise_variance`` and
+``noise_fwhm`` (1/σ² x (median FWHM / FWHM)²: point-source signal-to-noise² scales as
+1/FWHM² at fixed noise). ``tile_quality`` scores a master tile or SDS mega-tile from its
+coverage, its edge/centre background disparity and its star density; ``tile_weight`` turns
+the score into a weight that is never zero (a poor tile is down-weighted, never dropped).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Generator, Iterable, Sequence
+
+import numpy as np
+
+# --- configuration keys (to be merged into config.OPTIONS) ---------------------------------
+QUALITY_DEFAULTS: dict[str, Any] = {
+    "quality_rejection": True,
+    "quality_max_fwhm_ratio": 1.5,
+    "quality_max_elongation": 1.5,
+    "quality_min_star_fraction": 0.5,
+    "quality_min_transparency_fraction": 0.7,
+    "quality_max_background_ratio": 1.5,
+    "quality_reject_trails": False,
+}
+
+RULES: tuple[str, ...] = ("elongation", "fwhm", "transparency", "stars", "background", "trail")
+WEIGHTING_METHODS: tuple[str, ...] = ("none", "noise_variance", "noise_fwhm")
+
+# --- reason keys when a metric cannot be measured (locale keys, params: path, detail) ------
+REASON_NO_VALID_PIXELS = "quality_reason_no_valid_pixels"
+REASON_SATURATED = "quality_reason_saturated"
+REASON_FLAT = "quality_reason_flat_image"
+REASON_NO_STARS = "quality_reason_no_stars"
+REASON_TOO_FEW_STARS = "quality_reason_too_few_stars"
+REASON_EXTRACTION_FAILED = "quality_reason_extraction_failed"
+REASON_UNREADABLE = "quality_reason_unreadable"
+
+PROGRESS_KEY = "progress_quality"
+
+# --- measurement constants --------------------------------------------------------------------
+FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
+#: Detection threshold (x background noise of the binned image) and minimum area (binned px).
+DETECT_SIGMA = 5.0
+DETECT_MIN_AREA = 3
+#: sep deblending levels (32 by default; 8 separates the doubles that matter, twice as fast).
+DEBLEND_LEVELS = 8
+#: sep background mesh, in binned pixels (64 sensor px: follows nebulae, much larger than stars).
+BACKGROUND_MESH = 32
+#: Pixels sampled for the sky noise.
+NOISE_SAMPLES = 30_000
+#: Stars used for the shape (the brightest isolated ones) and a cap on stamp pixels.
+MAX_SHAPE_STARS = 80
+MAX_STAMP_VALUES = 25_000
+MIN_SHAPE_STARS = 3
+STAMP_HALF_RANGE = (6, 24)
+ADAPTIVE_ITERATIONS = 30
+#: Adaptive-moment weight covariance / star covariance (see ``_adaptive_moments``).
+WEIGHT_RATIO = 2.0
+CONVERGENCE = 1e-3
+#: Stars whose measured FWHM is below this (px) are cosmetics (hot/cold pixel clusters).
+MIN_STAR_FWHM_PX = 1.0
+#: A source whose neighbours (second largest of 8) hold less than this fraction of its
+#: peak is a hot pixel or a cosmic-ray hit.
+SINGLE_PIXEL_FRACTION = 0.15
+#: Stars for flux matching (brightest first).
+MAX_FLUX_STARS = 400
+APERTURE_FWHM = 1.5
+#: A source is a streak when its major axis exceeds this many times the minor one and its
+#: length this fraction of the frame's short side (summed over aligned segments).
+TRAIL_MIN_AXIS_RATIO = 4.0
+TRAIL_MIN_LENGTH_FRACTION = 0.15
+#: A plateau of at least this many pixels at the image maximum means clipping (saturation).
+SATURATION_MIN_PIXELS = 4
+#: Values that mean "clipped" even when the whole image sits there.
+FULL_SCALE_VALUES = (65535.0, 1.0)
+#: Above this fraction of saturated pixels the frame is not measured.
+MAX_SATURATED_FRACTION = 0.5
+#: Transparency by star matching needs this many matches, within this radius (px, and
+#: at least the FWHM).
+MIN_MATCHES = 5
+MATCH_RADIUS_PX = 2.5
+FLUX_LEVEL_STARS = 20
+#: Relative rules need medians over at least this many measured frames.
+MIN_FRAMES_FOR_RULES = 3
+#: The elongation limit is never below this multiple of the session median.
+ELONGATION_MEDIAN_MARGIN = 1.25
+
+# --- tile gate constants ---------------------------------------------------------------------
+TILE_EDGE_FRACTION = 0.1
+TILE_DISPARITY_SCALE = 0.25
+TILE_WEIGHT_FLOOR = 0.1
+TILE_FULL_WEIGHT_SCORE = 0.7
+
+
+# ============================================================================ data classes
+
+
+@dataclass
+class StarList:
+    """Stars of one frame kept for matching: sensor pixel positions and fluxes (binned ADU)."""
+
+    x: np.ndarray
+    y: np.ndarray
+    flux: np.ndarray
+
+    @classmethod
+    def empty(cls) -> StarList:
+        return cls(np.zeros(0), np.zeros(0), np.zeros(0))
+
+
+@dataclass
+class FrameMetrics:
+    """Quality numbers of one frame. NaN (and ``reason``) where a number could not be measured."""
+
+    path: str = ""
+    n_stars: int = 0
+    n_measured: int = 0  # stars that went into FWHM / elongation
+    fwhm_px: float = math.nan
+    fwhm_arcsec: float = math.nan
+    elongation: float = math.nan  # major / minor axis, 1 = round
+    roundness: float = math.nan  # minor / major axis
+    background: float = math.nan  # sky level, ADU per sensor pixel and channel
+    noise: float = math.nan  # sky noise, ADU per sensor pixel and channel
+    star_flux: float = math.nan  # median aperture flux of the brightest stars (binned ADU)
+    transparency: float = math.nan  # relative to the frame's pointing group (1 = typical)
+    transparency_method: str = ""  # "matched" | "flux_level" | ""
+    trail_flag: bool = False
+    trail_length_px: float = 0.0
+    saturated_fraction: float = 0.0
+    group: int = -1  # pointing group (measure_frames)
+    reason: str | None = None  # locale key saying why a metric is NaN / zero
+    detail: str = ""
+    stars: StarList = field(default_factory=StarList.empty, repr=False, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe (NaN -> None) for ``run_report.json`` and ``zemosaic plan --json``."""
+        return {
+            "path": self.path,
+            "n_stars": int(self.n_stars),
+            "n_measured": int(self.n_measured),
+            "fwhm_px": _json_float(self.fwhm_px, 3),
+            "fwhm_arcsec": _json_float(self.fwhm_arcsec, 3),
+            "elongation": _json_float(self.elongation, 4),
+            "roundness": _json_float(self.roundness, 4),
+            "background": _json_float(self.background, 2),
+            "noise": _json_float(self.noise, 3),
+            "star_flux": _json_float(self.star_flux, 1),
+            "transparency": _json_float(self.transparency, 4),
+            "transparency_method": self.transparency_method,
+            "trail_flag": bool(self.trail_flag),
+            "trail_length_px": _json_float(self.trail_length_px, 1),
+            "saturated_fraction": _json_float(self.saturated_fraction, 6),
+            "group": int(self.group),
+            "reason": self.reason,
+            "detail": self.detail,
+        }
+
+    def filter_values(self) -> dict[str, float]:
+        """The numeric metrics the Frame filter offers (``FrameInfo.metrics``); NaN when unknown."""
+        return {
+            "n_stars": float(self.n_stars),
+            "fwhm_px": float(self.fwhm_px),
+            "fwhm_arcsec": float(self.fwhm_arcsec),
+            "elongation": float(self.elongation),
+            "roundness": float(self.roundness),
+            "background": float(self.background),
+            "noise": float(self.noise),
+            "transparency": float(self.transparency),
+            "trail": 1.0 if self.trail_flag else 0.0,
+        }
+
+
+@dataclass
+class QualityDecision:
+    """Whether a frame is kept; if not, the first rule it fails, its value and the threshold."""
+
+    accepted: bool
+    rule: str | None = None
+    value: float | None = None
+    threshold: float | None = None
+    median: float | None = None
+    failed: list[dict[str, Any]] = field(default_factory=list)  # every failed rule
+
+    @property
+    def reason_key(self) -> str | None:
+        return None if self.rule is None else f"frame_excluded_quality_{self.rule}"
+
+    @property
+    def detail(self) -> str:
+        """Language-neutral numbers, e.g. ``fwhm 5.21 > 4.02 (median 2.68)``."""
+        if self.rule is None:
+            return ""
+        text = f"{self.rule} {_fmt(self.value)} {'<' if self.rule in ('transparency', 'stars') else '>'} {_fmt(self.threshold)}"
+        if self.median is not None:
+            text += f" (median {_fmt(self.median)})"
+        return text
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """Placeholders of the ``frame_excluded_quality_*`` message (plus ``detail``)."""
+        return {"value": _fmt(self.value), "threshold": _fmt(self.threshold), "median": _fmt(self.median), "detail": self.detail}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "accepted": self.accepted,
+            "rule": self.rule,
+            "reason_key": self.reason_key,
+            "value": _json_float(self.value, 4),
+            "threshold": _json_float(self.threshold, 4),
+            "median": _json_float(self.median, 4),
+            "failed": self.failed,
+        }
+
+
+@dataclass
+class TileQuality:
+    """Score of a master tile / mega-tile and its three ingredients (each in [0, 1])."""
+
+    score: float
+    coverage_term: float
+    disparity: float  # |edge - centre| background, relative to the sky level
+    disparity_term: float
+    star_density: float  # stars per megapixel
+    density_term: float
+
+    def to_dict(self) -> dict[str, float]:
+        return {name: round(float(value), 5) for name, value in self.__dict__.items()}
+
+
+# ============================================================================ one frame
+
+
+def measure_frame(
+    data_or_cfa: Any,
+    info: Any = None,
+    xp: Any = np,
+    *,
+    bayer_pattern: str | None = None,
+    pixel_scale_arcsec: float | None = None,
+) -> FrameMetrics:
+    """Metrics of one frame from its raw CFA plane ``(H, W)`` / ``(1, H, W)`` or image ``(C, H, W)``.
+
+    ``info`` (a :class:`~.frames.FrameInfo`, optional) supplies the Bayer pattern (for a CFA
+    layout), the pixel scale and the path; ``bayer_pattern`` / ``pixel_scale_arcsec`` override
+    it. Arrays on another module ``xp`` (CuPy) are brought to the host: ``sep`` runs on the CPU.
+    Never raises for bad pixels: NaN metrics and a ``reason`` instead.
+    """
+    path = str(getattr(info, "path", "") or "")
+    pattern = bayer_pattern
+    if pattern is None and info is not None and getattr(info, "layout", "") == "cfa":
+        pattern = getattr(info, "bayer_pattern", None)
+    scale = pixel_scale_arcsec if pixel_scale_arcsec is not None else _pixel_scale(info)
+    data = _to_host(data_or_cfa, xp)
+    plane, n_channels, green_parity = _measurement_plane(data, pattern)
+    metrics = FrameMetrics(path=path)
+    try:
+        _measure_plane(plane, n_channels, green_parity, metrics)
+    except _Unmeasurable as stop:
+        metrics.reason, metrics.detail = stop.key, stop.detail
+    if scale and math.isfinite(metrics.fwhm_px):
+        metrics.fwhm_arcsec = metrics.fwhm_px * scale
+    return metrics
+
+
+class _Unmeasurable(Exception):
+    def __init__(self, key: str, detail: str = "") -> None:
+        super().__init__(key)
+        self.key = key
+        self.detail = detail
+
+
+def _measure_plane(plane: np.ndarray, n_channels: int, green_parity: int | None, metrics: FrameMetrics) -> None:
+    height, width = plane.shape
+    if height < 8 or width < 8:
+        raise _Unmeasurable(REASON_NO_VALID_PIXELS, f"{width}x{height} px")
+    binned = _bin2x2(plane)
+    invalid = ~np.isfinite(binned)
+    any_invalid = bool(invalid.any())
+    if any_invalid:
+        if bool(invalid.all()):
+            raise _Unmeasurable(REASON_NO_VALID_PIXELS, "no finite pixel")
+        binned[invalid] = 0.0
+    mask = invalid if any_invalid else None
+
+    saturation, metrics.saturated_fraction = _saturation(plane)
+    if metrics.saturated_fraction > MAX_SATURATED_FRACTION:
+        detail = f"{100 * metrics.saturated_fraction:.1f} % of the pixels at {saturation:g}"
+        if metrics.saturated_fraction >= 1.0 and not _is_full_scale(saturation, plane.dtype):
+            raise _Unmeasurable(REASON_FLAT, detail)  # a constant image, not a clipped one
+        raise _Unmeasurable(REASON_SATURATED, detail)
+
+    level, mesh_rms = _subtract_background(binned, mask)
+    metrics.background = level / (4.0 * n_channels)
+    if any_invalid:
+        binned[invalid] = 0.0
+    rms = _sky_noise(binned, invalid if any_invalid else None)
+    if not math.isfinite(rms):
+        rms = mesh_rms
+    metrics.noise = rms / (2.0 * n_channels)
+    if not (math.isfinite(rms) and rms > 0):
+        raise _Unmeasurable(REASON_FLAT, "the sky has no measurable noise")
+
+    objects = _extract(binned, rms, mask)
+    trail, trail_length_binned = _find_trails(objects, min(binned.shape))
+    metrics.trail_flag = bool(trail.any())
+    metrics.trail_length_px = 2.0 * trail_length_binned
+    sources = objects[~trail]
+    sources = sources[~_single_pixel_sources(plane, sources)]
+    metrics.n_stars = int(sources.size)
+    if sources.size == 0:
+        raise _Unmeasurable(REASON_NO_STARS, f"nothing above {DETECT_SIGMA:g} sigma")
+
+    fwhm, elongation = _star_shapes(plane, green_parity, sources, binned.shape, saturation)
+    good = np.isfinite(fwhm) & (fwhm >= MIN_STAR_FWHM_PX)
+    metrics.n_measured = int(good.sum())
+    if metrics.n_measured >= MIN_SHAPE_STARS:
+        metrics.fwhm_px = float(np.median(fwhm[good]))
+        metrics.elongation = float(np.median(elongation[good]))
+        metrics.roundness = 1.0 / metrics.elongation
+    metrics.stars = _star_fluxes(binned, mask, sources, metrics.fwhm_px)
+    if metrics.stars.flux.size:
+        top = np.sort(metrics.stars.flux)[::-1][:FLUX_LEVEL_STARS]
+        metrics.star_flux = float(np.median(top))
+    if metrics.n_measured < MIN_SHAPE_STARS:
+        raise _Unmeasurable(REASON_TOO_FEW_STARS, f"{metrics.n_measured} measurable star(s) of {metrics.n_stars}")
+
+
+# ----------------------------------------------------------------------------- pieces
+
+
+def _to_host(array: Any, xp: Any) -> np.ndarray:
+    if xp is not np and hasattr(xp, "asnumpy"):
+        return xp.asnumpy(array)
+    if hasattr(array, "get") and not isinstance(array, np.ndarray):
+        return array.get()
+    return np.asarray(array)
+
+
+def _measurement_plane(data: np.ndarray, pattern: str | None) -> tuple[np.ndarray, int, int | None]:
+    """(plane, channels summed, green checkerboard parity or None for 'every pixel')."""
+    if data.ndim == 3 and data.shape[0] == 1:
+        data = data[0]
+    if data.ndim == 2:
+        if pattern:
+            name = pattern.strip().upper()
+            green_first = name[0] == "G"  # greens on the (y + x) even diagonal
+            return data, 1, 0 if green_first else 1
+        return data, 1, None
+    if data.ndim != 3:
+        raise ValueError(f"expected (H, W) or (C, H, W), got {data.shape}")
+    luminance = data.sum(axis=0, dtype=np.float32)
+    return luminance, int(data.shape[0]), None
+
+
+def _bin2x2(plane: np.ndarray) -> np.ndarray:
+    """Sum of each 2x2 cell as float32 (odd last row/column dropped). Four strided adds."""
+    height, width = plane.shape[0] // 2 * 2, plane.shape[1] // 2 * 2
+    if plane.dtype.kind == "u" and plane.dtype.itemsize <= 2:  # exact and faster in uint32
+        rows = plane[0:height:2, :width].astype(np.uint32)
+        rows += plane[1:height:2, :width]
+        return (rows[:, 0::2] + rows[:, 1::2]).astype(np.float32)
+    binned = plane[0:height:2, 0:width:2].astype(np.float32)
+    binned += plane[0:height:2, 1:width:2]
+    binned += plane[1:height:2, 0:width:2]
+    binned += plane[1:height:2, 1:width:2]
+    return binned
+
+
+def _subtract_background(binned: np.ndarray, mask: np.ndarray | None) -> tuple[float, float]:
+    """Subtract sep's mesh background in place; returns sep's global sky level and mesh rms.
+
+    The model is fitted on every other row and column (a quarter of the pixels, meshes of
+    the same sky size) and each of its values is subtracted from the 2x2 block it stands
+    for: the sky is smooth on the 64-px mesh, so this costs nothing in accuracy and halves
+    the time of the full-resolution fit.
+    """
+    import sep
+
+    small = np.ascontiguousarray(binned[::2, ::2])
+    small_mask = None if mask is None else np.ascontiguousarray(mask[::2, ::2])
+    mesh = max(4, min(BACKGROUND_MESH // 2, small.shape[0] // 2, small.shape[1] // 2))
+    model = sep.Background(small, mask=small_mask, bw=mesh, bh=mesh, fw=3, fh=3)
+    sky = model.back()
+    for dy in (0, 1):  # four strided in-place views: no full-size background map
+        for dx in (0, 1):
+            view = binned[dy::2, dx::2]
+            view -= sky[: view.shape[0], : view.shape[1]]
+    return float(model.globalback), float(model.globalrms)
+
+
+def _sky_noise(binned: np.ndarray, invalid: np.ndarray | None) -> float:
+    """Pixel noise of the binned image from neighbour differences: 1.4826 x MAD(Δ) / √2.
+
+    Differences of adjacent pixels cancel everything smooth (sky gradients, nebulae that a
+    mesh background cannot follow), which a plain MAD of the residual, or sep's mesh
+    ``globalrms``, would count as noise. Rows are strided to bound the cost.
+    """
+    height = binned.shape[0]
+    step = max(1, int(height * binned.shape[1] / NOISE_SAMPLES) // 2 * 2 + 1)
+    rows = binned[::step]
+    delta = rows[:, 1:] - rows[:, :-1]
+    if invalid is not None:
+        bad = invalid[::step]
+        delta = delta[~(bad[:, 1:] | bad[:, :-1])]
+    delta = delta[np.isfinite(delta)].ravel()
+    if delta.size < 16:
+        return math.nan
+    median = float(np.median(delta))
+    sigma = 1.4826 * float(np.median(np.abs(delta - median))) / math.sqrt(2.0)
+    # One clipping pass: star edges make the tails heavy, not the core.
+    kept = delta[np.abs(delta - median) <= 4.0 * math.sqrt(2.0) * sigma]
+    if kept.size >= 16:
+        sigma = 1.4826 * float(np.median(np.abs(kept - np.median(kept)))) / math.sqrt(2.0)
+    return sigma
+
+
+def _saturation(plane: np.ndarray) -> tuple[float, float]:
+    """(level, fraction of pixels at it): a plateau at the maximum means clipping; else (inf, 0)."""
+    peak = float(np.nanmax(plane)) if plane.dtype.kind == "f" else float(plane.max())
+    if not math.isfinite(peak):
+        return math.inf, 0.0
+    at_peak = int(np.count_nonzero(plane >= peak))
+    if at_peak < SATURATION_MIN_PIXELS:
+        return math.inf, 0.0
+    return peak, at_peak / plane.size
+
+
+def _is_full_scale(value: float, dtype: np.dtype) -> bool:
+    """The top of the range: the integer type's maximum, 16-bit 65535, or 1.0 for normalised data."""
+    if np.dtype(dtype).kind in "iu" and value >= np.iinfo(dtype).max:
+        return True
+    return value in FULL_SCALE_VALUES
+
+
+def _extract(binned: np.ndarray, rms: float, mask: np.ndarray | None) -> np.ndarray:
+    """sep sources; retried without deblending and then higher if sep runs out of room."""
+    import sep
+
+    attempts = ((DETECT_SIGMA, DEBLEND_LEVELS), (DETECT_SIGMA, 1), (3 * DETECT_SIGMA, 1))
+    last = ""
+    for threshold, nthresh in attempts:
+        try:
+            return sep.extract(
+                binned, threshold, err=rms, mask=mask, minarea=DETECT_MIN_AREA, deblend_nthresh=nthresh,
+            )
+        except Exception as exc:  # sep raises a bare Exception on overflow
+            last = str(exc)
+    raise _Unmeasurable(REASON_EXTRACTION_FAILED, last)
+
+
+def _find_trails(objects: np.ndarray, short_side: int) -> tuple[np.ndarray, float]:
+    """Streak segments (very elongated sources) and their summed length if it is long enough.
+
+    A uniform line of length L has a second-moment major axis of L / sqrt(12). Segments of one
+    trail share its orientation; the longest aligned family is measured.
+    """
+    if objects.size == 0:
+        return np.zeros(0, dtype=bool), 0.0
+    a, b = objects["a"], np.maximum(objects["b"], 1e-3)
+    thin = (a / b >= TRAIL_MIN_AXIS_RATIO) & (a >= 2.0)
+    if not thin.any():
+        return np.zeros(objects.size, dtype=bool), 0.0
+    length = math.sqrt(12.0) * a
+    theta = objects["theta"]
+    best, best_length = np.zeros(objects.size, dtype=bool), 0.0
+    for index in np.flatnonzero(thin):
+        # Orientation difference modulo pi.
+        delta = np.abs(((theta - theta[index]) + math.pi / 2) % math.pi - math.pi / 2)
+        family = thin & (delta < math.radians(5.0))
+        total = float(length[family].sum())
+        if total > best_length:
+            best, best_length = family, total
+    if best_length < TRAIL_MIN_LENGTH_FRACTION * short_side:
+        # Short thin things (a galaxy, a blend) are left to the star pipeline.
+        return np.zeros(objects.size, dtype=bool), 0.0
+    return best, best_length
+
+
+def _single_pixel_sources(plane: np.ndarray, sources: np.ndarray) -> np.ndarray:
+    """True for hot pixels and cosmic-ray hits: one sensor pixel whose 8 neighbours stay at the sky.
+
+    Binning and sep's smoothing kernel make a hot CFA site look like a small star, so each
+    source is checked on the full-resolution plane: at its brightest pixel, the second
+    largest excess of the 8 immediate neighbours (any colour) is compared with the peak's.
+    A star of FWHM >= 1.5 px lifts its neighbours to > 0.2 of the peak whatever its colour.
+    """
+    if sources.size == 0:
+        return np.zeros(0, dtype=bool)
+    height, width = plane.shape
+    half = 3
+    cx = np.floor(2.0 * sources["x"] + 1.0).astype(np.int64)
+    cy = np.floor(2.0 * sources["y"] + 1.0).astype(np.int64)
+    inside = (cx >= half) & (cx < width - half) & (cy >= half) & (cy < height - half)
+    result = np.zeros(sources.size, dtype=bool)
+    index = np.flatnonzero(inside)
+    if index.size == 0:
+        return result
+    offsets = np.arange(-half, half + 1)
+    stamps = plane[cy[index, None, None] + offsets[None, :, None], cx[index, None, None] + offsets[None, None, :]]
+    stamps = stamps.astype(np.float32)
+    side = 2 * half + 1
+    sky = _row_nanmedian(stamps.reshape(index.size, -1))
+    excess = np.nan_to_num(stamps - sky[:, None, None], nan=0.0)
+    core = excess[:, 1:-1, 1:-1].reshape(index.size, -1)  # the peak's neighbours stay inside
+    peak = np.argmax(core, axis=1)
+    py, px = peak // (side - 2) + 1, peak % (side - 2) + 1
+    rows = py[:, None] + np.array([-1, -1, -1, 0, 0, 1, 1, 1])[None, :]
+    cols = px[:, None] + np.array([-1, 0, 1, -1, 1, -1, 0, 1])[None, :]
+    neighbours = excess[np.arange(index.size)[:, None], rows, cols]
+    second = np.sort(neighbours, axis=1)[:, -2]
+    peak_excess = core[np.arange(index.size), peak]
+    result[index] = (peak_excess > 0) & (second < SINGLE_PIXEL_FRACTION * peak_excess)
+    return result
+
+
+def _star_shapes(
+    plane: np.ndarray,
+    green_parity: int | None,
+    sources: np.ndarray,
+    binned_shape: tuple[int, int],
+    saturation: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """FWHM (px) and elongation of the brightest isolated stars (adaptive moments, all stamps at once)."""
+    from scipy.spatial import cKDTree
+
+    clean = (sources["flag"] & (1 | 2 | 4 | 8)) == 0  # not merged, truncated or overflowed
+    if not clean.any():
+        return np.zeros(0), np.zeros(0)
+    # Stamp size from the typical detected size (binned sigma x 2 = sensor px): the weight
+    # (sigma x sqrt(WEIGHT_RATIO)) must fade out within it, and a ring for the sky fit in.
+    size = 2.0 * float(np.median(np.sqrt(0.5 * (sources["x2"][clean] + sources["y2"][clean]))))
+    half = int(np.clip(math.ceil(3.5 * math.sqrt(1.0 + WEIGHT_RATIO) * size), *STAMP_HALF_RANGE))
+    x = 2.0 * sources["x"] + 0.5
+    y = 2.0 * sources["y"] + 0.5
+    height, width = plane.shape
+    inside = (x >= half + 1) & (x <= width - half - 2) & (y >= half + 1) & (y <= height - half - 2)
+    if sources.size > 1:
+        distance, _ = cKDTree(np.column_stack([x, y])).query(np.column_stack([x, y]), k=2)
+        isolated = distance[:, 1] > 1.5 * half
+    else:
+        isolated = np.ones(1, dtype=bool)
+    usable = np.flatnonzero(clean & inside & isolated)
+    if usable.size == 0:
+        return np.zeros(0), np.zeros(0)
+    pixels = (2 * half + 1) ** 2
+    n_stars = min(MAX_SHAPE_STARS, max(MIN_SHAPE_STARS, MAX_STAMP_VALUES // pixels))
+    chosen = usable[np.argsort(-sources["flux"][usable], kind="stable")[:n_stars]]
+
+    centre_x = np.floor(x[chosen] + 0.5).astype(np.int64)
+    centre_y = np.floor(y[chosen] + 0.5).astype(np.int64)
+    offsets = np.arange(-half, half + 1)
+    rows = centre_y[:, None, None] + offsets[None, :, None]
+    cols = centre_x[:, None, None] + offsets[None, None, :]
+    stamps = plane[rows, cols].astype(np.float64).reshape(chosen.size, -1)
+    dy = np.broadcast_to(offsets[:, None], (2 * half + 1, 2 * half + 1)).ravel().astype(np.float64)
+    dx = np.broadcast_to(offsets[None, :], (2 * half + 1, 2 * half + 1)).ravel().astype(np.float64)
+    valid = np.isfinite(stamps)
+    if green_parity is not None:
+        valid &= (((rows + cols) & 1) == green_parity).reshape(chosen.size, -1)
+    unsaturated = ~np.any(valid & (stamps >= saturation), axis=1)
+    ring = np.maximum(np.abs(dx), np.abs(dy)) >= half - 1
+    ring_values = np.where(valid & ring[None, :], stamps, np.nan)
+    sky = _row_nanmedian(ring_values)
+    values = np.where(valid, stamps - sky[:, None], 0.0)
+
+    start = np.column_stack(
+        [x[chosen] - centre_x, y[chosen] - centre_y, 4.0 * sources["x2"][chosen], 4.0 * sources["y2"][chosen], 4.0 * sources["xy"][chosen]]
+    )
+    cxx, cyy, cxy, converged = _adaptive_moments(values, valid.astype(np.float64), dx, dy, start)
+    # Remove the pixel integration (a 1 px box: variance 1/12 per axis).
+    cxx, cyy = cxx - 1.0 / 12.0, cyy - 1.0 / 12.0
+    trace, det = cxx + cyy, cxx * cyy - cxy * cxy
+    spread = np.sqrt(np.maximum(trace * trace / 4.0 - det, 0.0))
+    major, minor = trace / 2.0 + spread, trace / 2.0 - spread
+    ok = converged & unsaturated & np.isfinite(major) & (minor > 0) & np.isfinite(sky)
+    safe_minor = np.where(ok, minor, 1.0)
+    safe_major = np.where(ok, major, 1.0)
+    fwhm = np.where(ok, FWHM_PER_SIGMA * (safe_major * safe_minor) ** 0.25, np.nan)
+    elongation = np.where(ok, np.sqrt(safe_major / safe_minor), np.nan)
+    return fwhm, elongation
+
+
+def _adaptive_moments(
+    values: np.ndarray, valid: np.ndarray, dx: np.ndarray, dy: np.ndarray, start: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Gaussian-weighted adaptive second moments of many stamps at once.
+
+    ``values`` (S, P) background-subtracted, ``valid`` (S, P) 0/1, ``dx, dy`` (P,) pixel
+    offsets from each stamp's centre pixel, ``start`` (S, 5): centroid x, y (offsets) and
+    covariance xx, yy, xy. The weight's covariance is W = r·C with C the current estimate of
+    the star's (r = ``WEIGHT_RATIO``). For a Gaussian star the weighted moment is then
+    M = (C⁻¹ + W⁻¹)⁻¹ = C·r/(r+1) exactly and the weighted centroid moves r/(r+1) of the
+    way to the true one, so C ← M·(r+1)/r and c ← c + (r+1)/r·(weighted offset) has the
+    star as its fixed point. r > 1 keeps the weighted profile wide enough that a sparse
+    lattice (the CFA green sites) samples it without aliasing.
+    Returns the star covariance (xx, yy, xy) and which stamps converged.
+    """
+    gain = (WEIGHT_RATIO + 1.0) / WEIGHT_RATIO
+    n_stars = values.shape[0]
+    cx, cy = start[:, 0].copy(), start[:, 1].copy()
+    cxx = np.clip(start[:, 2], 0.5, 25.0)
+    cyy = np.clip(start[:, 3], 0.5, 25.0)
+    cxy = np.clip(start[:, 4], -0.9 * np.sqrt(cxx * cyy), 0.9 * np.sqrt(cxx * cyy))
+    converged = np.zeros(n_stars, dtype=bool)
+    active = np.arange(n_stars)  # neither converged nor given up
+    limit = float(np.max(np.abs(dx)))
+    masked = (values * valid).astype(np.float32)
+    dx32, dy32 = dx.astype(np.float32), dy.astype(np.float32)
+    for _ in range(ADAPTIVE_ITERATIONS):
+        if active.size == 0:
+            break
+        wxx, wyy, wxy = WEIGHT_RATIO * cxx[active], WEIGHT_RATIO * cyy[active], WEIGHT_RATIO * cxy[active]
+        det = wxx * wyy - wxy * wxy
+        ixx, iyy, ixy = (wyy / det).astype(np.float32), (wxx / det).astype(np.float32), (-wxy / det).astype(np.float32)
+        ox = dx32[None, :] - cx[active, None].astype(np.float32)
+        oy = dy32[None, :] - cy[active, None].astype(np.float32)
+        q = ixx[:, None] * ox * ox
+        q += (2.0 * ixy[:, None]) * ox * oy
+        q += iyy[:, None] * oy * oy
+        q *= -0.5
+        weighted = np.exp(q, out=q)
+        weighted *= masked[active]
+        total = weighted.sum(axis=1, dtype=np.float64)
+        alive = total > 0
+        total = np.where(alive, total, 1.0)
+        wx, wy = weighted * ox, weighted * oy
+        mx = wx.sum(axis=1, dtype=np.float64) / total
+        my = wy.sum(axis=1, dtype=np.float64) / total
+        new_xx = gain * ((wx * ox).sum(axis=1, dtype=np.float64) / total - mx * mx)
+        new_yy = gain * ((wy * oy).sum(axis=1, dtype=np.float64) / total - my * my)
+        new_xy = gain * ((wx * oy).sum(axis=1, dtype=np.float64) / total - mx * my)
+        alive &= (new_xx > 0.05) & (new_yy > 0.05) & (new_xx * new_yy - new_xy * new_xy > 0.0025)
+        alive &= (new_xx < limit * limit) & (new_yy < limit * limit)
+        change = np.abs(new_xx - cxx[active]) + np.abs(new_yy - cyy[active]) + np.abs(new_xy - cxy[active])
+        step = np.hypot(mx, my) * gain
+        done = alive & (change < CONVERGENCE * (cxx[active] + cyy[active])) & (step < CONVERGENCE)
+        cxx[active] = np.where(alive, new_xx, cxx[active])
+        cyy[active] = np.where(alive, new_yy, cyy[active])
+        cxy[active] = np.where(alive, new_xy, cxy[active])
+        cx[active] += np.where(alive, np.clip(gain * mx, -1.0, 1.0), 0.0)
+        cy[active] += np.where(alive, np.clip(gain * my, -1.0, 1.0), 0.0)
+        alive &= (np.abs(cx[active]) < limit) & (np.abs(cy[active]) < limit)
+        converged[active[done & alive]] = True
+        active = active[alive & ~done]
+    return cxx, cyy, cxy, converged
+
+
+def _star_fluxes(binned: np.ndarray, mask: np.ndarray | None, sources: np.ndarray, fwhm_px: float) -> StarList:
+    """Aperture fluxes (background-subtracted binned image) of the brightest clean sources."""
+    import sep
+
+    clean = np.flatnonzero((sources["flag"] & (2 | 4 | 8)) == 0)
+    if clean.size == 0:
+        return StarList.empty()
+    chosen = clean[np.argsort(-sources["flux"][clean], kind="stable")[:MAX_FLUX_STARS]]
+    typical = fwhm_px if math.isfinite(fwhm_px) else 3.0
+    radius = max(2.0, APERTURE_FWHM * typical / 2.0)  # binned px
+    flux, _, flag = sep.sum_circle(binned, sources["x"][chosen], sources["y"][chosen], radius, mask=mask)
+    keep = (flag & (sep.APER_TRUNC | sep.APER_HASMASKED)) == 0
+    keep &= np.isfinite(flux) & (flux > 0)
+    chosen = chosen[keep]
+    return StarList(2.0 * sources["x"][chosen] + 0.5, 2.0 * sources["y"][chosen] + 0.5, np.asarray(flux[keep], dtype=np.float64))
+
+
+def _pixel_scale(info: Any) -> float | None:
+    """arcsec per pixel from the WCS, else from the header optics."""
+    if info is None:
+        return None
+    wcs = getattr(info, "wcs", None)
+    if wcs is not None:
+        try:
+            from astropy.wcs.utils import proj_plane_pixel_scales
+
+            scales = proj_plane_pixel_scales(wcs.celestial)
+            return float(np.sqrt(scales[0] * scales[1]) * 3600.0)
+        except Exception:  # a WCS astropy cannot reduce: fall back to the header
+            pass
+    scale = getattr(info, "header_scale_arcsec", None)
+    return float(scale) if scale else None
+
+
+# ============================================================================ many frames
+
+
+def load_measurement_data(info: Any) -> np.ndarray:
+    """The raw plane measure_frame wants: the CFA plane as stored (no debayer), else (C, H, W)."""
+    from .frames import _read_raw_image, _scaled_pixels, _to_chw
+
+    raw, header = _read_raw_image(info)
+    pixels, _ = _scaled_pixels(raw, header)
+    if info.layout == "cfa":
+        return pixels if pixels.ndim == 2 else pixels.reshape(info.shape)
+    return _to_chw(pixels, info.layout, info.shape, np)
+
+
+def measure_one(info: Any) -> FrameMetrics:
+    """Read one frame's raw pixels and measure them; an unreadable file gives a reason, not an error."""
+    from .frames import FrameError
+
+    try:
+        data = load_measurement_data(info)
+    except FrameError as exc:
+        return FrameMetrics(path=str(info.path), reason=REASON_UNREADABLE, detail=f"{exc.reason_key}: {exc.detail}")
+    except (OSError, ValueError) as exc:
+        return FrameMetrics(path=str(info.path), reason=REASON_UNREADABLE, detail=f"{type(exc).__name__}: {exc}")
+    return measure_frame(data, info)
+
+
+def measure_frames(
+    frames: Sequence[Any],
+    config: dict[str, Any],
+    reporter: Any,
+    *,
+    measure: Callable[[Any], FrameMetrics] = measure_one,
+) -> Generator[Any, None, list[FrameMetrics]]:
+    """Measure every frame on a thread pool, then the transparency of each pointing group.
+
+    Yields the reporter's events (progress ``P1`` / ``progress_quality`` after each frame);
+    returns the metrics in the order of ``frames``.
+    """
+    total = len(frames)
+    results: list[FrameMetrics | None] = [None] * total
+    workers = _worker_count(config, total)
+    if total:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="zemosaic-quality") as pool:
+            futures = {pool.submit(measure, info): index for index, info in enumerate(frames)}
+            for done, future in enumerate(as_completed(futures), start=1):
+                index = futures[future]
+                results[index] = future.result()
+                reporter.progress("P1", done, total, PROGRESS_KEY, name=Path(str(frames[index].path)).name)
+                yield from reporter.pop_pending()
+    metrics = [m if m is not None else FrameMetrics() for m in results]
+    assign_transparency(metrics, frames)
+    for item in metrics:
+        if item.reason:
+            reporter.debug(item.reason, path=item.path, detail=item.detail)
+        if item.trail_flag:
+            reporter.info("quality_info_trail", path=item.path, length=_fmt(item.trail_length_px))
+    measured = [m for m in metrics if math.isfinite(m.fwhm_px)]
+    reporter.info(
+        "quality_info_summary",
+        frames=total,
+        measured=len(measured),
+        fwhm=_fmt(_nanmedian([m.fwhm_px for m in measured])),
+        fwhm_arcsec=_fmt(_nanmedian([m.fwhm_arcsec for m in measured])),
+        stars=_fmt(_nanmedian([float(m.n_stars) for m in metrics])),
+    )
+    yield from reporter.pop_pending()
+    return metrics
+
+
+def _worker_count(config: dict[str, Any], total: int) -> int:
+    wanted = int(config.get("num_workers", 0) or 0)
+    if wanted <= 0:
+        wanted = min(8, os.cpu_count() or 1)
+    return max(1, min(wanted, max(total, 1)))
+
+
+# ----------------------------------------------------------------------------- transparency
+
+
+def pointing_groups(frames: Sequence[Any], metrics: Sequence[FrameMetrics]) -> list[int]:
+    """Group index per frame: centres within half the short side of a field, richest frame first.
+
+    Frames without a known centre share one extra group.
+    """
+    n = len(frames)
+    centres = [getattr(info, "centre", None) for info in frames]
+    radius_deg = []
+    for info in frames:
+        scale = _pixel_scale(info) or math.nan
+        radius_deg.append(0.5 * min(info.shape) * scale / 3600.0)
+    order = sorted(range(n), key=lambda i: (-metrics[i].n_stars, i))
+    groups = [-1] * n
+    next_group = 0
+    for seed in order:
+        if groups[seed] != -1 or centres[seed] is None or not math.isfinite(radius_deg[seed]):
+            continue
+        groups[seed] = next_group
+        seed_vector = _unit_vector(*centres[seed])
+        for other in order:
+            if groups[other] == -1 and centres[other] is not None:
+                separation = math.degrees(math.acos(float(np.clip(np.dot(seed_vector, _unit_vector(*centres[other])), -1.0, 1.0))))
+                if separation <= radius_deg[seed]:
+                    groups[other] = next_group
+        next_group += 1
+    return [g if g != -1 else next_group for g in groups]
+
+
+def assign_transparency(metrics: Sequence[FrameMetrics], frames: Sequence[Any] | None = None) -> None:
+    """Fill ``transparency`` and ``group`` of every metric, in place (see the module docstring)."""
+    if frames is None:
+        groups = [0] * len(metrics)
+    else:
+        groups = pointing_groups(frames, metrics)
+    for index, group in enumerate(groups):
+        metrics[index].group = group
+    for group in sorted(set(groups)):
+        members = [i for i, g in enumerate(groups) if g == group]
+        ratios = _matched_ratios(members, metrics, frames) if frames is not None else None
+        if ratios is not None:
+            method = "matched"
+        else:
+            ratios = {i: metrics[i].star_flux for i in members}
+            method = "flux_level"
+        typical = _nanmedian(list(ratios.values()))
+        for i in members:
+            value = ratios.get(i, math.nan)
+            if math.isfinite(value) and math.isfinite(typical) and typical > 0:
+                metrics[i].transparency = value / typical
+                metrics[i].transparency_method = method
+            elif metrics[i].n_stars == 0 and math.isfinite(metrics[i].noise):
+                metrics[i].transparency = 0.0  # sky measured but no star at all: a total cloud
+                metrics[i].transparency_method = method
+
+
+def _matched_ratios(members: list[int], metrics: Sequence[FrameMetrics], frames: Sequence[Any]) -> dict[int, float] | None:
+    """Median flux ratio to the group's reference frame, or None if matching is not possible for all."""
+    from scipy.spatial import cKDTree
+
+    usable = [i for i in members if getattr(frames[i], "wcs", None) is not None and metrics[i].stars.flux.size]
+    if len(usable) < len(members) or not usable:
+        return None
+    reference = max(usable, key=lambda i: (metrics[i].stars.flux.size, -i))
+    ref_vectors = _star_vectors(frames[reference], metrics[reference].stars)
+    if ref_vectors is None:
+        return None
+    tree = cKDTree(ref_vectors)
+    ratios: dict[int, float] = {}
+    for i in members:
+        scale = _pixel_scale(frames[i]) or math.nan
+        fwhm = metrics[i].fwhm_px if math.isfinite(metrics[i].fwhm_px) else 0.0
+        radius = math.radians(max(MATCH_RADIUS_PX, fwhm) * scale / 3600.0)
+        vectors = _star_vectors(frames[i], metrics[i].stars)
+        if vectors is None or not math.isfinite(radius):
+            return None
+        distance, nearest = tree.query(vectors, k=1, distance_upper_bound=radius)
+        matched = np.isfinite(distance)
+        if int(matched.sum()) < MIN_MATCHES:
+            if metrics[i].n_stars == 0:
+                continue  # nothing to match: assign_transparency gives 0
+            return None
+        ratio = metrics[i].stars.flux[matched] / metrics[reference].stars.flux[nearest[matched]]
+        ratios[i] = float(np.median(ratio))
+    return ratios
+
+
+def _star_vectors(info: Any, stars: StarList) -> np.ndarray | None:
+    if stars.flux.size == 0:
+        return None
+    try:
+        ra, dec = info.wcs.all_pix2world(stars.x, stars.y, 0)
+    except Exception:  # a WCS that cannot map these pixels
+        return None
+    ra, dec = np.radians(ra), np.radians(dec)
+    return np.column_stack([np.cos(dec) * np.cos(ra), np.cos(dec) * np.sin(ra), np.sin(dec)])
+
+
+def _unit_vector(ra_deg: float, dec_deg: float) -> np.ndarray:
+    ra, dec = math.radians(ra_deg), math.radians(dec_deg)
+    return np.array([math.cos(dec) * math.cos(ra), math.cos(dec) * math.sin(ra), math.sin(dec)])
+
+
+# ============================================================================ rules
+
+
+def quality_config(config: dict[str, Any] | None) -> dict[str, Any]:
+    """The quality keys of ``config`` with :data:`QUALITY_DEFAULTS` for the missing ones."""
+    merged = dict(QUALITY_DEFAULTS)
+    merged.update({key: value for key, value in (config or {}).items() if key in QUALITY_DEFAULTS})
+    return merged
+
+
+def apply_quality_rules(metrics: Sequence[FrameMetrics], config: dict[str, Any] | None = None) -> list[QualityDecision]:
+    """One decision per frame (same order). With ``quality_rejection`` off every frame is accepted."""
+    settings = quality_config(config)
+    decisions = [QualityDecision(True) for _ in metrics]
+    if not settings["quality_rejection"] or not metrics:
+        return decisions
+    checks = _rule_checks(metrics, settings)
+    for index, decision in enumerate(decisions):
+        for rule in RULES:
+            check = checks.get(rule)
+            if check is None:
+                continue
+            failed, value, threshold, median = check(index)
+            if failed:
+                decision.failed.append(
+                    {"rule": rule, "value": _json_float(value, 4), "threshold": _json_float(threshold, 4), "median": _json_float(median, 4)}
+                )
+        if decision.failed:
+            first = decision.failed[0]
+            decision.accepted = False
+            decision.rule = first["rule"]
+            decision.value, decision.threshold, decision.median = first["value"], first["threshold"], first["median"]
+    return decisions
+
+
+def _rule_checks(metrics: Sequence[FrameMetrics], settings: dict[str, Any]) -> dict[str, Callable[[int], tuple[bool, Any, Any, Any]]]:
+    """rule -> check(frame index) -> (failed, value, threshold, median); rules off or without data are absent."""
+    checks: dict[str, Callable[[int], tuple[bool, Any, Any, Any]]] = {}
+
+    def session_median(values: list[float]) -> float | None:
+        finite = [v for v in values if math.isfinite(v)]
+        return float(np.median(finite)) if len(finite) >= MIN_FRAMES_FOR_RULES else None
+
+    def above(values: list[float], threshold: float, median: float) -> Callable[[int], tuple[bool, Any, Any, Any]]:
+        return lambda i: (math.isfinite(values[i]) and values[i] > threshold, values[i], threshold, median)
+
+    def below(values: list[float], threshold: float, median: float) -> Callable[[int], tuple[bool, Any, Any, Any]]:
+        return lambda i: (math.isfinite(values[i]) and values[i] < threshold, values[i], threshold, median)
+
+    elongation = [m.elongation for m in metrics]
+    limit = float(settings["quality_max_elongation"])
+    median = session_median(elongation)
+    if limit > 0 and median is not None:
+        checks["elongation"] = above(elongation, max(limit, ELONGATION_MEDIAN_MARGIN * median), median)
+
+    fwhm = [m.fwhm_px for m in metrics]
+    ratio = float(settings["quality_max_fwhm_ratio"])
+    median = session_median(fwhm)
+    if ratio > 0 and median is not None:
+        checks["fwhm"] = above(fwhm, ratio * median, median)
+
+    transparency = [m.transparency for m in metrics]
+    fraction = float(settings["quality_min_transparency_fraction"])
+    median = session_median(transparency)
+    if fraction > 0 and median is not None:
+        checks["transparency"] = below(transparency, fraction * median, median)
+
+    fraction = float(settings["quality_min_star_fraction"])
+    if fraction > 0:
+        stars = [float(m.n_stars) for m in metrics]
+        group_median: dict[int, float | None] = {}
+        for group in {m.group for m in metrics}:
+            group_median[group] = session_median([stars[i] for i, m in enumerate(metrics) if m.group == group])
+
+        def star_check(i: int) -> tuple[bool, Any, Any, Any]:
+            typical = group_median.get(metrics[i].group)
+            if typical is None:
+                return False, stars[i], None, None
+            return stars[i] < fraction * typical, stars[i], fraction * typical, typical
+
+        checks["stars"] = star_check
+
+    background = [m.background for m in metrics]
+    ratio = float(settings["quality_max_background_ratio"])
+    median = session_median(background)
+    if ratio > 0 and median is not None:
+        checks["background"] = above(background, ratio * median, median)
+
+    if settings["quality_reject_trails"]:
+        checks["trail"] = lambda i: (metrics[i].trail_flag, metrics[i].trail_length_px, None, None)
+    return checks
+
+
+def excluded_entries(
+    metrics: Sequence[FrameMetrics], decisions: Sequence[QualityDecision]
+) -> list[dict[str, Any]]:
+    """``run_report.json`` ``frames.excluded`` entries for the rejected frames (nothing is moved)."""
+    return [
+        {"path": m.path, "reason_key": d.reason_key, "detail": d.detail, "params": d.params}
+        for m, d in zip(metrics, decisions)
+        if not d.accepted
+    ]
+
+
+# ============================================================================ weights
+
+
+def fwhm_weight_factors(metrics: Sequence[FrameMetrics]) -> np.ndarray:
+    """(median FWHM / FWHM)² per frame, mean 1 over the frames; 1 where the FWHM is unknown."""
+    fwhm = np.array([m.fwhm_px for m in metrics], dtype=np.float64)
+    finite = np.isfinite(fwhm) & (fwhm > 0)
+    if not finite.any():
+        return np.ones(len(metrics))
+    typical = float(np.median(fwhm[finite]))
+    factor = np.where(finite, (typical / np.where(finite, fwhm, 1.0)) ** 2, 1.0)
+    return factor / factor.mean()
+
+
+def quality_weights(metrics: Sequence[FrameMetrics], method: str) -> np.ndarray:
+    """Per-frame weights (mean 1 over frames with a valid noise) from the metrics alone.
+
+    ``noise_variance``: 1/σ² with σ the sky noise divided by the transparency (the noise of
+    the frame once brought to the session's flux scale). ``noise_fwhm``: that times
+    (median FWHM / FWHM)². ``none``: ones.
+    """
+    from .stack import noise_weights
+
+    if method not in WEIGHTING_METHODS:
+        raise ValueError(f"unknown weighting method {method!r}; expected one of {WEIGHTING_METHODS}")
+    n = len(metrics)
+    if method == "none" or n == 0:
+        return np.ones(n)
+    noise = np.array([m.noise for m in metrics], dtype=np.float64)
+    gain = np.array([m.transparency if math.isfinite(m.transparency) and m.transparency > 0 else 1.0 for m in metrics])
+    weights = np.asarray(noise_weights(noise / gain, np), dtype=np.float64)
+    if method == "noise_fwhm":
+        weights = weights * fwhm_weight_factors(metrics)
+        valid = weights > 0
+        if valid.any():
+            weights = weights * (valid.sum() / weights[valid].sum())
+    return weights
+
+
+# ============================================================================ tile gate
+
+
+def tile_quality(
+    data: Any,
+    coverage: Any,
+    *,
+    star_density_ref: float | None = None,
+    xp: Any = np,
+) -> TileQuality:
+    """Score a stacked tile (``data`` (C, H, W) or (H, W), ``coverage`` (H, W)) in [0, 1].
+
+    * coverage term: fraction of the covered pixels with at least half the tile's typical
+      (95th percentile) coverage; a tile made of a few shifted frames scores low;
+    * disparity term: ``exp(-D / 0.25)`` with D = |median sky of the outer 10 % band - median
+      sky of the centre| / max(|centre sky|, 10 x noise): dew, a moon glow or a gradient;
+    * density term: stars per megapixel / ``star_density_ref`` (the session's typical tile),
+      capped at 1; 1 when no reference is given.
+    """
+    import sep
+
+    image = _to_host(data, xp).astype(np.float32, copy=False)
+    weight = _to_host(coverage, xp).astype(np.float32, copy=False)
+    plane = image if image.ndim == 2 else np.nanmean(image, axis=0) if image.shape[0] > 1 else image[0]
+    covered = (weight > 0) & np.isfinite(plane)
+    if not covered.any():
+        return TileQuality(0.0, 0.0, math.inf, 0.0, 0.0, 0.0)
+
+    typical = float(np.percentile(weight[covered], 95))
+    coverage_term = float(np.count_nonzero(weight[covered] >= 0.5 * typical) / np.count_nonzero(covered))
+
+    binned = _bin2x2(np.where(covered, plane, np.nan)) / 4.0
+    invalid = ~np.isfinite(binned)
+    binned[invalid] = 0.0
+    mesh = max(8, min(BACKGROUND_MESH // 2, binned.shape[0] // 2, binned.shape[1] // 2))
+    disparity, disparity_term, density = math.inf, 0.0, 0.0
+    try:
+        background = sep.Background(binned, mask=invalid, bw=mesh, bh=mesh)
+        sky = background.back()
+        rms = _sky_noise(binned, invalid)
+        if not math.isfinite(rms):
+            rms = float(background.globalrms)
+        height, width = sky.shape
+        band_y, band_x = max(1, int(TILE_EDGE_FRACTION * height)), max(1, int(TILE_EDGE_FRACTION * width))
+        edge_mask = np.zeros(sky.shape, dtype=bool)
+        edge_mask[:band_y], edge_mask[-band_y:], edge_mask[:, :band_x], edge_mask[:, -band_x:] = True, True, True, True
+        centre_mask = np.zeros(sky.shape, dtype=bool)
+        centre_mask[height // 4 : height - height // 4, width // 4 : width - width // 4] = True
+        edge_values = sky[edge_mask & ~invalid]
+        centre_values = sky[centre_mask & ~invalid]
+        if edge_values.size and centre_values.size:
+            edge, centre = float(np.median(edge_values)), float(np.median(centre_values))
+            disparity = abs(edge - centre) / max(abs(centre), 10.0 * rms, 1e-12)
+            disparity_term = math.exp(-disparity / TILE_DISPARITY_SCALE)
+        background.subfrom(binned)
+        binned[invalid] = 0.0
+        objects = _extract(binned, rms, invalid) if rms > 0 else np.zeros(0)
+        area_mpx = 4.0 * np.count_nonzero(~invalid) / 1e6
+        density = float(len(objects) / area_mpx) if area_mpx > 0 else 0.0
+    except (_Unmeasurable, Exception):  # a tile sep cannot model scores low, it is not dropped
+        pass
+    density_term = 1.0 if not star_density_ref else float(min(1.0, density / star_density_ref))
+    score = coverage_term * disparity_term * density_term
+    return TileQuality(float(score), coverage_term, float(disparity), float(disparity_term), density, density_term)
+
+
+def tile_quality_score(data: Any, coverage: Any, *, star_density_ref: float | None = None, xp: Any = np) -> float:
+    """The score of :func:`tile_quality` alone."""
+    return tile_quality(data, coverage, star_density_ref=star_density_ref, xp=xp).score
+
+
+def tile_weight(score: float, floor: float = TILE_WEIGHT_FLOOR, full_at: float = TILE_FULL_WEIGHT_SCORE) -> float:
+    """Weight multiplier of a tile: 1 from ``full_at`` up, falling linearly to ``floor`` at 0; never 0."""
+    if not math.isfinite(score):
+        return floor
+    if score >= full_at:
+        return 1.0
+    return float(floor + (1.0 - floor) * max(0.0, score) / full_at)
+
+
+# ============================================================================ helpers
+
+
+def _row_nanmedian(values: np.ndarray) -> np.ndarray:
+    """Median of each row ignoring NaN; NaN for an all-NaN row (no warning, thread-safe)."""
+    ordered = np.sort(values, axis=1)  # NaN sort last
+    count = np.isfinite(ordered).sum(axis=1)
+    low = np.clip((count - 1) // 2, 0, None)
+    high = np.clip(count // 2, 0, values.shape[1] - 1)
+    rows = np.arange(values.shape[0])
+    median = 0.5 * (ordered[rows, low] + ordered[rows, high])
+    return np.where(count > 0, median, np.nan)
+
+
+def _nanmedian(values: Iterable[float]) -> float:
+    finite = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    return float(np.median(finite)) if finite else math.nan
+
+
+def _json_float(value: Any, digits: int) -> float | None:
+    if value is None:
+        return None
+    number = float(value)
+    return round(number, digits) if math.isfinite(number) else None
+
+
+def _fmt(value: Any) -> str:
+    """Numbers for message placeholders: 3 significant digits, integers as integers."""
+    if value is None:
+        return "-"
+    number = float(value)
+    if not math.isfinite(number):
+        return "-"
+    if number == int(number) and abs(number) < 1e9:
+        return str(int(number))
+    return f"{number:.3g}" if abs(number) < 1000 else f"{number:.0f}"
