@@ -260,6 +260,88 @@ def _clipped_lstsq_with_variance(
     return solution, np.diag(covariance)
 
 
+def _clipped_keep(design: np.ndarray, target: np.ndarray, kappa: float, iterations: int = 4) -> np.ndarray | None:
+    """The samples :func:`_clipped_lstsq` keeps (None when too few remain to fit)."""
+    kept = np.ones(target.size, bool)
+    final = None
+    for _ in range(iterations):
+        if kept.sum() < design.shape[1] + 3:
+            break
+        solution, *_ = np.linalg.lstsq(design[kept], target[kept], rcond=None)
+        final = kept
+        residual = target - design @ solution
+        centre = np.median(residual[kept])
+        sigma = 1.4826 * np.median(np.abs(residual[kept] - centre))
+        new_kept = np.abs(residual - centre) <= kappa * max(sigma, 1e-12)
+        if np.array_equal(new_kept, kept):
+            break
+        kept = new_kept
+    return final
+
+
+def _kept_sigma(design: np.ndarray, target: np.ndarray, kept: np.ndarray) -> float:
+    """Robust σ of the residual of the edge's own fit on its kept samples (its noise level)."""
+    solution, *_ = np.linalg.lstsq(design[kept], target[kept], rcond=None)
+    residual = target[kept] - design[kept] @ solution
+    sigma = 1.4826 * float(np.median(np.abs(residual - np.median(residual))))
+    return sigma if sigma > 0 and np.isfinite(sigma) else 1.0
+
+
+def _joint_plane_solve(
+    n: int,
+    rows: Sequence[tuple[int, int, np.ndarray, np.ndarray, np.ndarray, float]],
+    fit_tilt: bool,
+    anchor_priority: Sequence[int] | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Planes ``c + a·X + b·Y`` of every piece from all edges' kept cells at once.
+
+    Each row ``(i, j, X, Y, d, σ)`` says ``plane_i − plane_j = d`` at cells (X, Y), with noise σ:
+    one weighted least-squares problem in 3N unknowns (N without tilt), sparse normal equations.
+    Gauge per connected group: the anchor (first of ``anchor_priority`` in it) has no plane, or,
+    without one, the group's median coefficients are 0.
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.linalg import spsolve
+
+    k = 3 if fit_tilt else 1
+    x_all = np.concatenate([r[2] for r in rows])
+    y_all = np.concatenate([r[3] for r in rows])
+    x_ref, y_ref = float(np.mean(x_all)), float(np.mean(y_all))  # centred coordinates: a well-conditioned system
+    data, row_index, col_index, targets, weights = [], [], [], [], []
+    row = 0
+    for i, j, x, y, d, sigma in rows:
+        m = d.size
+        ids = np.arange(row, row + m)
+        terms = [np.ones(m), x - x_ref, y - y_ref][:k]
+        for t, values in enumerate(terms):
+            data += [values, -values]
+            row_index += [ids, ids]
+            col_index += [np.full(m, i * k + t), np.full(m, j * k + t)]
+        targets.append(d)
+        weights.append(np.full(m, 1.0 / sigma**2))
+        row += m
+    design = coo_matrix(
+        (np.concatenate(data), (np.concatenate(row_index), np.concatenate(col_index))), shape=(row, n * k)
+    ).tocsr()
+    w = np.concatenate(weights)
+    target = np.concatenate(targets)
+    normal = (design.T.multiply(w)) @ design
+    rhs = design.T @ (w * target)
+    ridge = 1e-9 * float(normal.diagonal().max() or 1.0)
+    solution = spsolve((normal + ridge * _identity(n * k)).tocsc(), rhs).reshape(n, k)
+    edges = np.array([(r[0], r[1]) for r in rows])
+    labels = _components(n, edges)
+    anchors = _component_anchors(labels, anchor_priority)
+    for label in np.unique(labels):
+        members = labels == label
+        anchor = anchors.get(int(label))
+        solution[members] -= solution[anchor] if anchor is not None else np.median(solution[members], axis=0)
+    full = np.zeros((n, 3))
+    full[:, :k] = solution
+    c, a, b = full[:, 0], full[:, 1], full[:, 2]
+    return c - a * x_ref - b * y_ref, a, b  # back to absolute coarse coordinates
+
+
 def _theil_sen_seed(x: np.ndarray, y: np.ndarray, max_pairs: int = 20000) -> tuple[float, float]:
     """Median slope between bright and faint cells of ``x`` (Theil–Sen, robust to leverage outliers).
 
@@ -423,6 +505,7 @@ def solve_normalisation(
     offset_only_fallback: bool = False,
     max_log_gain_sigma: float = MAX_LOG_GAIN_SIGMA,
     fixed_gains: np.ndarray | None = None,
+    plane_solve: str = "graph",
 ) -> Normalisation:
     """Per-frame gains, offsets and tilts that put every piece on one flux scale (see module docstring).
 
@@ -441,7 +524,15 @@ def solve_normalisation(
       cannot be solved: every gain stays 1 and only offsets are solved (``mode = "offset_only"``).
     * ``fixed_gains`` — ``(N, C)`` gains known from elsewhere (e.g. solved on other pieces of the
       same tiles): only the offsets and planes are solved, with these gains.
+    * ``plane_solve`` — ``"graph"``: each edge's plane is fitted alone and each coefficient is
+      solved over the graph on its own (fast, for thousands of frames). ``"joint"``: one weighted
+      least-squares problem over every kept common cell of every edge, all planes at once
+      (:func:`_joint_plane_solve`). Long, narrow overlaps (panel seams) leave a pairwise tilt across
+      them nearly undetermined; the joint solve takes each direction from where it is measured,
+      so such tilts cannot leak into the other seams. For a few pieces (tiles, mega-tiles).
     """
+    if plane_solve not in ("graph", "joint"):
+        raise ValueError(f"unknown plane_solve {plane_solve!r}")
     n_frames = len(pieces)
     n_channels = next((p.data.shape[0] for p in pieces if p.data.size), 1)
     result = Normalisation.identity(n_frames, n_channels, bin_px)
@@ -507,9 +598,18 @@ def solve_normalisation(
             result.gains[:, channel] = gains
         gains = result.gains[:, channel]
         plane_edges, plane_diffs, plane_weights = [], [], []
+        joint_rows: list[tuple[int, int, np.ndarray, np.ndarray, np.ndarray, float]] = []
         for i, j, (va, vb, x, y) in samples:
             difference = va / gains[i] - vb / gains[j]
             design = np.stack([np.ones_like(x), x, y], axis=1) if fit_gain else np.ones((x.size, 1))
+            if plane_solve == "joint":
+                kept = _clipped_keep(design, difference, kappa)
+                if kept is None:
+                    continue
+                residual_sigma = _kept_sigma(design, difference, kept)
+                joint_rows.append((i, j, x[kept], y[kept], difference[kept], residual_sigma))
+                constrained[i] = constrained[j] = True
+                continue
             coefficients = _clipped_lstsq(design, difference, kappa)
             if coefficients is None:
                 continue
@@ -519,7 +619,12 @@ def solve_normalisation(
             plane_diffs.append(full)
             plane_weights.append(va.size)
             constrained[i] = constrained[j] = True
-        if plane_edges:
+        if joint_rows:
+            c, a, b = _joint_plane_solve(n_frames, joint_rows, fit_gain, priority)
+            result.tilts[:, channel, 0] = a * gains
+            result.tilts[:, channel, 1] = b * gains
+            result.offsets[:, channel] = (c + a * result.centres[:, 0] + b * result.centres[:, 1]) * gains
+        elif plane_edges:
             edges_array, diffs, weights = np.array(plane_edges), np.array(plane_diffs), np.array(plane_weights, float)
             # Planes in corrected units (frame/gain): c + a·X + b·Y; convert to frame units.
             c, a, b = (_graph_solve(n_frames, edges_array, diffs[:, k], weights, priority) for k in range(3))
