@@ -129,7 +129,8 @@ def test_headless_run_uses_the_inclusion_set(headless_run, night):
     assert dropped == [0]
     assert result.status == "ok" and result.science_path.is_file()
     report = json.loads(result.report_path.read_text())
-    assert report["frames"]["used"] == len(truth.frames) - 1
+    quality = [e for e in report["frames"]["excluded"] if e["reason_key"].startswith("frame_excluded_quality_")]
+    assert report["frames"]["used"] == len(truth.frames) - 1 - len(quality)
     assert report["frames"]["found"] == len(truth.frames) - 1  # the excluded file is not even read
     assert report["config"]["use_gpu_phase5"] is False and report["workflow_requested"] == "mosaic_first"
     # The mosaic is astrometrically right: truth stars sit where the result's WCS says.

@@ -42,11 +42,15 @@ def test_demo_builds_frames_truth_and_mosaic(tiny_demo: Path) -> None:
 def test_plan_json_lists_frames_canvas_and_footprints(tiny_demo: Path, capsys) -> None:
     assert main(["plan", str(tiny_demo / "frames"), "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
-    assert plan["frames"]["found"] == 6 and plan["frames"]["used"] == 6
+    rejected = [row for row in plan["frame_table"] if not row["quality"]["accepted"]]
+    assert plan["frames"]["found"] == 6 and plan["frames"]["used"] == 6 - len(rejected)
     assert plan["workflow"] == "mosaic_first"
+    assert all(row["metrics"]["fwhm_px"] > 1 for row in plan["frame_table"])
     height, width = plan["canvas"]["shape"]
     for row in plan["frame_table"]:
         assert row["is_seestar"] and row["wcs_status"] == "valid"
+        if row in rejected:
+            continue
         xs = [p[0] for p in row["footprint"]]
         ys = [p[1] for p in row["footprint"]]
         assert min(xs) > -1 and max(xs) < width + 1 and min(ys) > -1 and max(ys) < height + 1

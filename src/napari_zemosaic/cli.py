@@ -60,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_options(plan)
     plan.add_argument("--json", action="store_true", help=tr("cli_help_json"))
 
+    from .engine.astrometry import add_solve_parser
+
+    add_solve_parser(commands)
+
     info = commands.add_parser("info", help=tr("cli_help_info"))
     info.add_argument("--json", action="store_true", help=tr("cli_help_json"))
     info.add_argument("--lang", choices=("en", "fr"), help=tr("cli_help_lang"))
@@ -224,6 +228,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     for name, version in info["packages"].items():
         print(f"  {name:12s} {version}")
     print(tr("info_gpu", summary=info["gpu"]["summary"]))
+    if not info["solvers"]:
+        print(tr("info_no_solver"))
+    for solver in info["solvers"]:
+        key = "info_solver" if solver["usable"] else "info_solver_unusable"
+        print(tr(key, **solver))
     return EXIT_OK
 
 
@@ -238,6 +247,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "info":
             return cmd_info(args)
+        if args.command == "solve":
+            return args.handler(args)
         config = resolve_config(args)
         set_language(config["language"])
         if args.command == "run":

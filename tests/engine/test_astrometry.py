@@ -12,10 +12,12 @@ import argparse
 import hashlib
 import inspect
 import json
+import os
 import shutil
 import stat
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -481,7 +483,9 @@ def test_detected_stars_sit_on_the_truth_positions(night) -> None:
 FAKE_ASTAP = r'''#!{python}
 """A stand-in for astap_cli: records its argv and answers as ASTAP does, from solution.json."""
 import json
+import os
 import sys
+import time
 from pathlib import Path
 
 here = Path(__file__).resolve().parent
@@ -538,7 +542,8 @@ def test_astap_command_carries_the_header_hints(tmp_path) -> None:
     solver = SolverInfo("astap", "/opt/astap/astap_cli", "2024.05.01", "/opt/astap")
     hints = astrometry._Hints(83.82, -5.39, 2.0, 2.3928, 0.15, (480, 270), 2)
     argv = build_astap_command(solver, tmp_path / "lum.fits", tmp_path / "solution", hints)
-    value = {argv[i]: argv[i + 1] for i in range(1, len(argv) - 1) if argv[i].startswith("-") and not argv[i + 1].startswith("-")}
+    value = {argv[i]: argv[i + 1] for i in range(1, len(argv) - 1)
+             if argv[i].startswith("-") and not argv[i + 1].startswith("-")}
     assert argv[0] == "/opt/astap/astap_cli" and value["-f"] == str(tmp_path / "lum.fits")
     assert float(value["-ra"]) == pytest.approx(83.82 / 15.0) and float(value["-spd"]) == pytest.approx(90 - 5.39)
     assert float(value["-fov"]) == pytest.approx(2.3928 * 480 / 3600, rel=1e-4)
@@ -590,6 +595,29 @@ def test_astap_failure_is_reported_with_its_error_text(night, fake_astap, tmp_pa
     assert "frame_excluded_solve_failed" in _keys(events, "warning")
 
 
+@pytest.mark.skipif(os.name != "posix", reason="the stand-in solver is a shell script")
+def test_closing_the_generator_stops_running_solvers(night, tmp_path) -> None:
+    _, truth, _ = night
+    folder = tmp_path / "slow"
+    folder.mkdir()
+    (folder / "d50_0101.1476").write_bytes(b"\0")
+    script = folder / "astap_cli"
+    script.write_text(f'#!/bin/sh\n[ "$1" = "-h" ] && exit 0\necho $$ > "{folder}/pid"\nexec sleep 60\n')
+    script.chmod(0o755)
+    config = {"solver": "astap", "astap_path": str(script), "astap_db_dir": str(folder)}
+    generator = solve_missing([read_frame_info(truth.frame_paths[0])], config, tmp_path / "cache", Reporter())
+    deadline = time.monotonic() + 30
+    while not (folder / "pid").exists() and time.monotonic() < deadline:
+        next(generator)  # heartbeats keep coming while the solver runs
+    pid = int((folder / "pid").read_text())
+    started = time.monotonic()
+    generator.close()
+    assert time.monotonic() - started < 5
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    assert not (tmp_path / "cache" / "solve_tmp").exists()
+
+
 def test_astap_ini_without_wcs_file(tmp_path) -> None:
     (tmp_path / "s.ini").write_text(
         "PLTSOLVD=T\nCRPIX1=135.5\nCRPIX2=240.5\nCRVAL1=83.82\nCRVAL2=-5.39\n"
@@ -622,7 +650,8 @@ def test_cli_solve_prints_method_cards_and_residual(night, solved, capsys, tmp_p
     assert all(r["wcs"]["CTYPE1"].startswith("RA---TAN") and r["residual_px"] < 0.5 for r in rows)
     assert any(s["name"] == "astrometry.net" and s["usable"] for s in document["solvers"])
 
-    args = parser.parse_args(["solve", str(folder), "--index-dir", str(index_dir), "--cache-dir", str(tmp_path / "cache")])
+    args = parser.parse_args(["solve", str(folder), "--index-dir", str(index_dir),
+                              "--cache-dir", str(tmp_path / "cache")])
     assert cli_solve(args) == 0
     text = capsys.readouterr().out
     assert text.count("cached") == 3 and "CRVAL1" in text and "A_2_0" in text

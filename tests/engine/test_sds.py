@@ -752,7 +752,10 @@ def test_scenario_non_seestar_data_runs_no_sds_batching(tiny_night, tmp_path: Pa
 
 def test_pipeline_sds_run_reports_the_plan_helper_batches(multi_panel, tmp_path: Path) -> None:
     _needs_sds_dispatch()
-    result, events = _pipeline_run(multi_panel.root / "frames", tmp_path, {"sds_mode": True, "max_memory_mb": 512})
+    # quality rejection off: the helper is given exactly the frames the run stacks
+    result, events = _pipeline_run(
+        multi_panel.root / "frames", tmp_path, {"sds_mode": True, "max_memory_mb": 512, "quality_rejection": False}
+    )
     assert result.status == "ok" and result.report["workflow_used"] == "sds"
     preview = sds.plan_sds(multi_panel.frames, multi_panel.canvas, multi_panel.config).to_report(multi_panel.frames)
     assert [b["frames"] for b in result.report["sds"]["batches"]] == [b["frames"] for b in preview["batches"]]

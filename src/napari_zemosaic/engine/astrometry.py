@@ -388,7 +388,8 @@ def _astap_solver(config: dict[str, Any]) -> SolverInfo | None:
     folder = _astap_db_dir(explicit, path)
     if folder is None:
         where = explicit or "ASTAP's folder"
-        return SolverInfo(SOLVER_ASTAP, path, version, explicit or None, False, f"no star database (*.1476, *.290) in {where}")
+        problem = f"no star database (*.1476, *.290) in {where}"
+        return SolverInfo(SOLVER_ASTAP, path, version, explicit or None, False, problem)
     return SolverInfo(SOLVER_ASTAP, path, version, folder)
 
 
@@ -584,7 +585,9 @@ def _triangles(xy: np.ndarray, neighbours: int = 5, min_side: float = 4.0) -> tu
     vertices = np.take_along_axis(vertices, order, axis=1)
     sides = np.take_along_axis(opposite, order, axis=1)
     good = (sides[:, 0] >= min_side) & (sides[:, 1] <= 8.0 * sides[:, 0])
-    invariants = np.column_stack([sides[:, 2] / np.maximum(sides[:, 1], 1e-9), sides[:, 1] / np.maximum(sides[:, 0], 1e-9)])
+    invariants = np.column_stack(
+        [sides[:, 2] / np.maximum(sides[:, 1], 1e-9), sides[:, 1] / np.maximum(sides[:, 0], 1e-9)]
+    )
     return invariants[good], vertices[good]
 
 
@@ -772,7 +775,8 @@ def propagate_wcs(
     if not _is_tan(reference_wcs):
         return Propagation(None, 0, math.inf, "reference WCS is not TAN/TAN-SIP")
     if tuple(stars.shape) != tuple(reference_stars.shape):
-        return Propagation(None, 0, math.inf, f"frame size {stars.shape} differs from the reference {reference_stars.shape}")
+        detail = f"frame size {stars.shape} differs from the reference {reference_stars.shape}"
+        return Propagation(None, 0, math.inf, detail)
     if len(stars) < min_stars:
         return Propagation(None, len(stars), math.inf, f"{len(stars)} stars detected, {min_stars} needed")
     src = _focal_offsets(reference_wcs, stars.xy)
@@ -783,7 +787,8 @@ def propagate_wcs(
     if match.n_matched < min_stars or not match.rms_px < max_rms_px:
         return Propagation(
             None, match.n_matched, match.rms_px,
-            f"{match.n_matched} stars matched (>= {min_stars} needed), RMS {match.rms_px:.3f} px (< {max_rms_px} needed)",
+            f"{match.n_matched} stars matched (>= {min_stars} needed), "
+            f"RMS {match.rms_px:.3f} px (< {max_rms_px} needed)",
         )
     wcs, error_px = compose_wcs(reference_wcs, match.matrix, match.offset, stars.shape)
     if error_px > 0.05:
@@ -804,7 +809,9 @@ class _ProcessResult:
     error: str = ""
 
 
-def _run_process(argv: Sequence[str], timeout_s: float, cwd: Path, cancel: threading.Event | None = None) -> _ProcessResult:
+def _run_process(
+    argv: Sequence[str], timeout_s: float, cwd: Path, cancel: threading.Event | None = None
+) -> _ProcessResult:
     """Run a solver; kill its whole process group at the deadline or on cancel."""
     options: dict[str, Any] = {}
     if os.name == "posix":
@@ -1043,7 +1050,9 @@ def _tangent_to_world(crval: np.ndarray, offset_deg: np.ndarray) -> np.ndarray:
     return plane.wcs_pix2world(np.asarray(offset_deg, dtype=np.float64)[None, :] + 1.0, 1)[0]
 
 
-def _inverse_sip(a: np.ndarray, b: np.ndarray, shape: tuple[int, int], crpix: np.ndarray, order: int) -> tuple[np.ndarray, np.ndarray]:
+def _inverse_sip(
+    a: np.ndarray, b: np.ndarray, shape: tuple[int, int], crpix: np.ndarray, order: int
+) -> tuple[np.ndarray, np.ndarray]:
     """AP/BP of ``order`` fitted on a grid over the frame (and a margin) to invert A/B."""
     height, width = shape
     gx, gy = np.meshgrid(np.linspace(-0.05 * width, 1.05 * width, 24), np.linspace(-0.05 * height, 1.05 * height, 24))
@@ -1083,7 +1092,8 @@ def _solve_field_once(
             return _DirectResult(reason_key=REASON_SOLVER_ERROR, detail=f"exit code {process.returncode}",
                                  stderr=stderr, seconds=seconds)
         if "cpu time limit" in (process.stdout + process.stderr).lower():
-            return _DirectResult(reason_key=REASON_SOLVE_TIMEOUT, detail=f"{timeout_s:g} s", stderr=stderr, seconds=seconds)
+            return _DirectResult(reason_key=REASON_SOLVE_TIMEOUT, detail=f"{timeout_s:g} s", stderr=stderr,
+                                 seconds=seconds)
         return _DirectResult(reason_key=REASON_SOLVE_FAILED, detail="no solution", stderr=stderr, seconds=seconds)
     wcs, problem = _accept_solution(_read_header_file(solution), hints.shape)
     if wcs is None:
@@ -1189,6 +1199,10 @@ def _astap_once(
         return _DirectResult(reason_key=REASON_SOLVER_ERROR, detail=process.error, seconds=seconds)
     if process.timed_out or process.cancelled:
         return _DirectResult(reason_key=REASON_SOLVE_TIMEOUT, detail=f"{timeout_s:g} s", stderr=stderr, seconds=seconds)
+    if not Path(f"{out_base}.ini").exists():  # it crashed or is not ASTAP: a retry will not help
+        code = process.returncode
+        detail = _ASTAP_EXIT.get(code or 0, f"exit code {code}") + ", no .ini file written"
+        return _DirectResult(reason_key=REASON_SOLVER_ERROR, detail=detail, stderr=stderr, seconds=seconds)
     wcs, detail = parse_astap_output(out_base, hints.shape)
     if wcs is None:
         code = process.returncode or 0
@@ -1217,7 +1231,9 @@ def _solve_direct(
             if solver.name == SOLVER_ASTAP:
                 result = _astap_once(solver, info, attempt, work_dir / f"try{number}", settings.timeout_s, cancel)
             else:
-                result = _solve_field_once(solver, stars, attempt, work_dir / f"try{number}", settings.timeout_s, cancel)
+                result = _solve_field_once(
+                    solver, stars, attempt, work_dir / f"try{number}", settings.timeout_s, cancel
+                )
             total += result.seconds
             result.blind_retry = number > 0
             if result.wcs is not None or result.reason_key != REASON_SOLVE_FAILED:
@@ -1360,7 +1376,9 @@ def _reference_for(cluster: _Cluster, frames: Sequence[FrameInfo], header_frames
 class _SolveRun:
     """State of one :func:`solve_missing` call (nothing outlives it)."""
 
-    def __init__(self, frames: Sequence[FrameInfo], config: dict[str, Any], cache_dir: Path, reporter: Reporter) -> None:
+    def __init__(
+        self, frames: Sequence[FrameInfo], config: dict[str, Any], cache_dir: Path, reporter: Reporter
+    ) -> None:
         self.frames = list(frames)
         self.config = config
         self.settings = _Settings.from_config(config)
@@ -1506,7 +1524,8 @@ class _SolveRun:
                         self.finish(index, self.failed(index, exc.reason_key, exc.detail))
                     except Exception as exc:  # sep on pathological data: the frame fails, the run goes on
                         if index not in self.outcomes:
-                            self.finish(index, self.failed(index, "frame_excluded_unreadable", f"{type(exc).__name__}: {exc}"))
+                            detail = f"{type(exc).__name__}: {exc}"
+                            self.finish(index, self.failed(index, "frame_excluded_unreadable", detail))
                     self.reporter.progress("P1", number, len(jobs), "progress_stars")
                     yield from self.reporter.pop_pending()
             finally:
@@ -1554,6 +1573,8 @@ class _SolveRun:
                     index, cluster = running.pop(job)
                     result = job.result()
                     yield from self._direct_done(index, cluster, result, submit)
+                if not finished:  # a heartbeat, so that a caller can cancel while solvers run
+                    self.reporter.progress("P1", self.done, self.total, "progress_solve")
                 yield from self.reporter.pop_pending()
         finally:
             self.cancel.set()
@@ -1563,12 +1584,15 @@ class _SolveRun:
     def _solvable(self, index: int) -> bool:
         return index in self.stars and len(self.stars[index]) >= MIN_STARS_TO_SOLVE
 
-    def _start_cluster(self, cluster: _Cluster, submit: Callable[[int, _Cluster | None], None]) -> Generator[Event, None, None]:
+    def _start_cluster(
+        self, cluster: _Cluster, submit: Callable[[int, _Cluster | None], None]
+    ) -> Generator[Event, None, None]:
         # Frames too poor in stars for any solver fail now, with the count found.
         for index in list(cluster.members):
             if not self._solvable(index) and index not in self.outcomes:
                 found = len(self.stars[index]) if index in self.stars else 0
-                self.finish(index, self.failed(index, REASON_TOO_FEW_STARS, f"{found} stars detected, {MIN_STARS_TO_SOLVE} needed"))
+                detail = f"{found} stars detected, {MIN_STARS_TO_SOLVE} needed"
+                self.finish(index, self.failed(index, REASON_TOO_FEW_STARS, detail))
         cluster.members = [i for i in cluster.members if i not in self.outcomes]
         if not cluster.members:
             return
@@ -1581,7 +1605,11 @@ class _SolveRun:
         yield from self.reporter.pop_pending()
 
     def _direct_done(
-        self, index: int, cluster: _Cluster | None, result: _DirectResult, submit: Callable[[int, _Cluster | None], None]
+        self,
+        index: int,
+        cluster: _Cluster | None,
+        result: _DirectResult,
+        submit: Callable[[int, _Cluster | None], None],
     ) -> Generator[Event, None, None]:
         info = self.frames[index]
         outcome = self._outcome_from_direct(index, result)
@@ -1659,7 +1687,8 @@ class _SolveRun:
             path = str(self.frames[index].path)
             if result.wcs is not None:
                 self.finish(index, SolveOutcome(
-                    Path(path), METHOD_PROPAGATED, result.wcs, residual_px=result.rms_px, reference=str(self.frames[reference].path),
+                    Path(path), METHOD_PROPAGATED, result.wcs, residual_px=result.rms_px,
+                    reference=str(self.frames[reference].path),
                     matched_stars=result.n_matched, solver="star-matching", seconds=seconds,
                 ))
             else:

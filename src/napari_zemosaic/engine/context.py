@@ -103,6 +103,17 @@ class RunContext:
         path.mkdir(parents=True, exist_ok=True)
         return path
 
-    def cleanup_cache(self) -> None:
-        if self.config.get("cache_retention", "run_end") == "run_end" and self.cache_dir.exists():
-            shutil.rmtree(self.cache_dir, ignore_errors=True)
+    def cleanup_cache(self, keep: tuple[str, ...] = ("wcs",)) -> None:
+        """After success, remove the work files (``cache_retention=run_end``) but keep ``keep``:
+        solved WCS are tied to the input files, not to this run, and save the next run a solve."""
+        if self.config.get("cache_retention", "run_end") != "run_end" or not self.cache_dir.exists():
+            return
+        for entry in self.cache_dir.iterdir():
+            if entry.name in keep:
+                continue
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+        if not any(self.cache_dir.iterdir()):
+            self.cache_dir.rmdir()

@@ -159,16 +159,13 @@ def _solve_missing(
     failures: list[ExcludedFrame] = []
     methods: list[dict[str, Any]] = []
     for info, outcome in zip(frames, outcomes):
-        methods.append({
-            "path": str(info.path), "method": outcome.method, "source_method": outcome.source_method,
-            "residual_px": outcome.residual_px, "reference": outcome.reference, "reason_key": outcome.reason_key,
-        })
+        methods.append(outcome.to_dict())
         if outcome.wcs is not None and outcome.method != "header":
-            solved.append(frame_with_wcs(info, outcome.wcs, outcome.method))
+            solved.append(frame_with_wcs(info, outcome.wcs, outcome.wcs_status))
         elif outcome.wcs is None and info.wcs is None:
+            # solve_missing has already logged the failure with its reason
             reason = outcome.reason_key or "frame_excluded_no_wcs"
             failures.append(ExcludedFrame(str(info.path), reason, outcome.report_detail))
-            reporter.warning(reason, path=str(info.path), detail=outcome.report_detail)
         else:
             solved.append(info)
     return solved, failures, methods
@@ -421,14 +418,12 @@ def _run_body(run: _Run, include: Iterable[str | Path] | None) -> Generator[Even
     )
 
 
-def _quality_filter(run: _Run, frames: list[FrameInfo]) -> Generator[Event, None, list[FrameInfo]]:
-    """Measure every frame (stars, FWHM, elongation, background, transparency) and apply the rules.
+def judge_frames(
+    frames: list[FrameInfo], config: dict[str, Any], reporter: Reporter
+) -> Generator[Event, None, tuple[list[Any], list[Any]]]:
+    """Quality metrics of every frame (stored on ``FrameInfo.metrics``) and the rules' decisions."""
+    from .quality import REASON_NO_VALID_PIXELS, REASON_UNREADABLE, apply_quality_rules, measure_frames
 
-    Rejected frames are listed with the rule, the value and the threshold; nothing is deleted.
-    """
-    from .quality import REASON_NO_VALID_PIXELS, REASON_UNREADABLE, apply_quality_rules, excluded_entries, measure_frames
-
-    ctx, config, reporter = run.ctx, run.config, run.ctx.reporter
     metrics = yield from measure_frames(frames, config, reporter)
     for info, metric in zip(frames, metrics):
         info.metrics = metric.filter_values()
@@ -437,6 +432,18 @@ def _quality_filter(run: _Run, frames: list[FrameInfo]) -> Generator[Event, None
         # Unreadable pixels are not a quality verdict: the loader excludes those frames with the exact reason.
         if getattr(metric, "reason", None) in (REASON_NO_VALID_PIXELS, REASON_UNREADABLE):
             decisions[index] = dataclasses.replace(decisions[index], accepted=True)
+    return metrics, decisions
+
+
+def _quality_filter(run: _Run, frames: list[FrameInfo]) -> Generator[Event, None, list[FrameInfo]]:
+    """Measure every frame (stars, FWHM, elongation, background, transparency) and apply the rules.
+
+    Rejected frames are listed with the rule, the value and the threshold; nothing is deleted.
+    """
+    from .quality import excluded_entries
+
+    ctx, config, reporter = run.ctx, run.config, run.ctx.reporter
+    metrics, decisions = yield from judge_frames(frames, config, reporter)
     run.report["frames"]["metrics"] = [
         {**metric.to_dict(), "decision": decision.to_dict()} for metric, decision in zip(metrics, decisions)
     ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 from importlib import metadata
 from pathlib import Path
@@ -12,7 +13,7 @@ from ..config import validate_config
 from ..events import Reporter
 from .canvas import build_canvas, footprint_polygon
 from .context import UserError
-from .pipeline import choose_workflow, ingest
+from .pipeline import choose_workflow, ingest, judge_frames
 
 
 def _drain(generator: Any) -> Any:
@@ -31,27 +32,27 @@ def make_plan(input_dir: str | Path, config: dict[str, Any] | None = None) -> di
         ingested = _drain(ingest(Path(input_dir).resolve(), None, config, reporter))
     except UserError:
         raise
-    workflow, fallbacks = (choose_workflow(config["workflow"], config, ingested) if ingested.usable else (None, []))
+    metrics, decisions = _drain(judge_frames(ingested.usable, config, reporter)) if ingested.usable else ([], [])
+    accepted = [
+        info for info, decision in zip(ingested.usable, decisions) if decision.accepted or not config["quality_rejection"]
+    ]
+    workflow, fallbacks = choose_workflow(config["workflow"], config, ingested) if accepted else (None, [])
     canvas = None
-    if ingested.usable:
+    if accepted:
         canvas = build_canvas(
-            [f.wcs for f in ingested.usable],
-            [f.shape for f in ingested.usable],
+            [f.wcs for f in accepted],
+            [f.shape for f in accepted],
             pixel_scale_arcsec=float(config["canvas_pixel_scale_arcsec"]),
             padding_pct=float(config["canvas_padding_pct"]),
         )
     sds_section = None
-    if canvas is not None and workflow == "sds":
+    if canvas is not None and workflow == "sds" and accepted:
         from .sds import SdsError, plan_sds
 
         try:
-            sds_section = plan_sds(ingested.usable, canvas, config, reporter).to_report(ingested.usable)
+            sds_section = plan_sds(accepted, canvas, config, reporter).to_report(accepted)
         except SdsError as exc:
             sds_section = {"error": {"key": exc.key, "params": exc.params}}
-    from .quality import apply_quality_rules, measure_frames
-
-    metrics = _drain(measure_frames(ingested.usable, config, reporter)) if ingested.usable else []
-    decisions = apply_quality_rules(metrics, config) if metrics else []
     table = []
     for index, info in enumerate(ingested.usable):
         row = info.to_dict()
@@ -66,7 +67,7 @@ def make_plan(input_dir: str | Path, config: dict[str, Any] | None = None) -> di
         "fallbacks": fallbacks,
         "frames": {
             "found": len(ingested.found),
-            "used": len(ingested.usable),
+            "used": len(accepted),
             "excluded": [e.to_dict() for e in ingested.excluded],
             "warnings": ingested.warnings,
         },
@@ -97,9 +98,14 @@ def system_info() -> dict[str, Any]:
         gpu["summary"] = (gpu["detail"] or {}).get("name", "GPU") if ok else reason
     except ImportError as exc:  # the GPU module itself failed to import: report, don't crash
         gpu["summary"] = str(exc)
+    from ..config import validate_config as _validated
+    from .astrometry import find_solvers
+
+    solvers = [dataclasses.asdict(solver) for solver in find_solvers(_validated({}))]
     return {
         "version": __version__,
         "python": platform.python_version(),
+        "solvers": solvers,
         "platform": platform.platform(),
         "packages": packages,
         "gpu": gpu,
