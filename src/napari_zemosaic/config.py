@@ -9,6 +9,7 @@ use them); known keys are validated and coerced, and a wrong value raises
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -38,10 +39,15 @@ class Option:
         if self.kind == "choice":
             return ", ".join(str(c) for c in self.choices)
         if self.kind in ("int", "float"):
-            low = "-inf" if self.minimum is None else self.minimum
-            high = "inf" if self.maximum is None else self.maximum
-            return f"{self.kind} in [{low}, {high}]"
+            low = ("-inf" if self.kind == "float" else -INT_LIMIT) if self.minimum is None else self.minimum
+            high = ("inf" if self.kind == "float" else INT_LIMIT) if self.maximum is None else self.maximum
+            return f"{self.kind} in [{low}, {high}]" + (", finite" if self.kind == "float" else "")
         return self.kind
+
+
+#: Largest magnitude of an integer option: beyond it sizes and counts overflow C integers
+#: downstream (a hostile or mistyped config must be refused here, not crash a run later).
+INT_LIMIT = 2**31 - 1
 
 
 def _choice(default: str, doc: str, *choices: str) -> Option:
@@ -121,6 +127,7 @@ OPTIONS: dict[str, Option] = {
     "cluster_panel_threshold": Option(0.0, "Max separation (deg) between frame centres of one pointing group; 0 = automatic.", "float", minimum=0.0),
     "cluster_orientation_split_deg": Option(0.0, "Split groups whose field orientation differs by more than this; 0 = off.", "float", minimum=0.0),
     "max_raw_per_master_tile": Option(0, "Cap on frames per master tile; 0 = automatic from the memory budget.", "int", minimum=0),
+    "master_tile_crop_pct": Option(0.0, "Crop this percentage off each master tile's edges before assembly.", "float", minimum=0.0, maximum=40.0),
     "apply_intertile_photometry": Option(True, "Phase 4.5: match tile gains/offsets on their overlaps.", "bool"),
     "final_assembly_method": _choice("reproject_coadd", "Classic final assembly.", "reproject_coadd", "incremental"),
     "two_pass_coverage_renorm": Option(True, "Second assembly pass that removes residual gain steps along coverage changes.", "bool"),
@@ -147,6 +154,28 @@ OPTIONS: dict[str, Option] = {
     "cache_retention": _choice("run_end", "Remove the cache after a successful run, or keep it.", "run_end", "keep"),
 }
 
+def _file_name(value: str) -> str:
+    """A bare file name (``output_basename``): no folder part, no NUL, not '.'/'..', not blank."""
+    if not value.strip() or value in (".", "..") or any(char in value for char in "/\\\0"):
+        raise ValueError(value)
+    return value
+
+
+def _percentile_pair(value: list[Any]) -> list[float]:
+    """``[low, high]`` percentiles with 0 <= low < high <= 100."""
+    if len(value) != 2 or any(isinstance(item, bool) for item in value):
+        raise ValueError(value)
+    low, high = (float(item) for item in value)
+    if not (0.0 <= low < high <= 100.0):
+        raise ValueError(value)
+    return [low, high]
+
+
+#: Structural checks of options whose kind alone says too little (key -> check, allowed text).
+_STRUCTURE_CHECKS: dict[str, tuple[Callable[[Any], Any], str]] = {
+    "output_basename": (_file_name, "a file name without folder separators"),
+    "preview_stretch_percentiles": (_percentile_pair, "[low, high] with 0 <= low < high <= 100"),
+}
 DEFAULT_CONFIG: dict[str, Any] = {key: option.default for key, option in OPTIONS.items()}
 
 GPU_STACK_ALIASES = ("stack_use_gpu", "use_gpu_stack")
@@ -187,14 +216,14 @@ def _coerce(option: Option, value: Any) -> Any:
         if isinstance(value, bool):
             raise ValueError(value)
         number = float(value)
-        if number != int(number):
+        if number != int(number) or abs(number) > INT_LIMIT:
             raise ValueError(value)
         return int(number)
     if option.kind == "float":
         if isinstance(value, bool):
             raise ValueError(value)
         number = float(value)
-        if number != number:  # NaN
+        if not math.isfinite(number):  # NaN, or inf (e.g. JSON 'Infinity', 1e999): no setting means that
             raise ValueError(value)
         return number
     if option.kind == "str":
@@ -226,18 +255,27 @@ def validate_config(config: Mapping[str, Any], explicit_keys: Iterable[str] = ()
         value = merged[key]
         try:
             coerced = _coerce(option, value)
+            if key in _STRUCTURE_CHECKS:
+                coerced = _STRUCTURE_CHECKS[key][0](coerced)
         except (ValueError, TypeError, OverflowError):
-            raise ConfigError("config_error_invalid_value", key=key, value=repr(value), allowed=option.allowed()) from None
+            allowed = _STRUCTURE_CHECKS[key][1] if key in _STRUCTURE_CHECKS else option.allowed()
+            raise ConfigError("config_error_invalid_value", key=key, value=_short_repr(value), allowed=allowed) from None
         if option.kind in ("int", "float"):
             if (option.minimum is not None and coerced < option.minimum) or (
                 option.maximum is not None and coerced > option.maximum
             ):
-                raise ConfigError("config_error_invalid_value", key=key, value=repr(value), allowed=option.allowed())
+                raise ConfigError("config_error_invalid_value", key=key, value=_short_repr(value), allowed=option.allowed())
         merged[key] = coerced
     _sync_gpu_aliases(merged, set(explicit_keys))
     # SDS sizes follow the seed's coercion: at least 1, and a target never below the minimum.
     merged["sds_target_batch_size"] = max(merged["sds_target_batch_size"], merged["sds_min_batch_size"])
     return merged
+
+
+def _short_repr(value: Any, limit: int = 80) -> str:
+    """The offending value for the message, cut so that a huge nested value cannot flood the log."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _sync_gpu_aliases(config: dict[str, Any], explicit_keys: set[str]) -> None:
@@ -251,7 +289,8 @@ def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The raw mapping stored in a JSON config file; a clear error when it is not one."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        # utf-8-sig: editors on Windows start UTF-8 files with a byte-order mark.
+        text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise ConfigError("config_error_file_missing", path=str(path)) from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -260,6 +299,8 @@ def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ConfigError("config_error_not_json", path=str(path), detail=str(exc)) from None
+    except RecursionError:  # thousands of nested brackets: not a config anyone wrote
+        raise ConfigError("config_error_not_json", path=str(path), detail="nested too deeply") from None
     if not isinstance(data, dict):
         raise ConfigError("config_error_not_json", path=str(path), detail="top level is not an object")
     return data
@@ -276,7 +317,10 @@ def load_config(path: str | os.PathLike[str] | None = None, *, use_user_file: bo
     try:
         return validate_config(config, explicit_keys=config.keys())
     except ConfigError as exc:
-        exc.params.setdefault("path", str(path or user_file))
+        params = {**exc.params, "path": str(path or user_file)}
+        if exc.key == "config_error_invalid_value":  # say which file holds the bad value
+            raise ConfigError("config_error_invalid_value_in_file", **params) from None
+        exc.params.setdefault("path", params["path"])
         raise
 
 

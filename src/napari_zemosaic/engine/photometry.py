@@ -66,7 +66,7 @@ class Normalisation:
     converged: bool = True
     constrained: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # (N,) had enough cells
     mode: str = ""  # what was solved: the method, or "offset_only" after the under-constrained fallback
-    anchors: list[int] = field(default_factory=list)  # the gauge piece of each connected group (anchor gauge)
+    anchors: list[int] = field(default_factory=list)  # the gauge piece of each connected group, largest group first
     clipped: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # (N,) a gain hit ``gain_limits``
 
     @classmethod
@@ -634,7 +634,9 @@ def solve_normalisation(
             result.offsets[:, channel] = (c + a * result.centres[:, 0] + b * result.centres[:, 1]) * gains
     if priority is not None:
         labels = _components(n_frames, sample_edges)
-        result.anchors = sorted(_component_anchors(labels, priority).values())
+        sizes = np.bincount(labels)
+        # Largest group first: its anchor sets the flux scale of most of the mosaic.
+        result.anchors = sorted(_component_anchors(labels, priority).values(), key=lambda k: (-sizes[labels[k]], k))
     result.constrained = constrained
     result.iterations = 1
     return result

@@ -36,7 +36,7 @@ from .outputs import (
     write_science_fits,
 )
 
-WORKFLOWS_AVAILABLE = ("mosaic_first", "sds")
+WORKFLOWS_AVAILABLE = ("mosaic_first", "sds", "classic")
 
 
 @dataclass
@@ -479,9 +479,16 @@ def _stack_with_workflow(
                 run.report["sds"] = outcome.report
                 return outcome.stack
         else:
+            # Not all Seestar: SDS is off and the normal workflow for such data runs on every frame.
             reporter.info("sds_info_disabled_not_seestar", non_seestar=non_seestar_count(frames), frames=len(frames))
-            run.report["workflow_used"] = "mosaic_first"
+            run.report["workflow_used"] = "classic"
             yield from ctx.drain()
+    if run.report["workflow_used"] == "classic":
+        from .classic import run_classic
+
+        outcome = yield from run_classic(frames, canvas, ctx, n_channels)
+        run.report["classic"] = outcome.report
+        return outcome.stack
     return (yield from mosaic_first(frames, canvas, ctx, n_channels))
 
 

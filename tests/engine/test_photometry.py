@@ -1,0 +1,195 @@
+"""The photometric solve on synthetic coarse pieces with known gains, offsets and planes.
+
+Pieces are windows of one sky (smooth structure plus point-like cells) seen through
+``piece = gain · sky + offset + tilt · (X − Xc, Y − Yc)`` with a little noise, laid out so that
+their overlaps form the graphs under test.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from napari_zemosaic.engine.photometry import (
+    CoarsePiece,
+    coarse_piece,
+    fit_gain_ratio,
+    solve_normalisation,
+)
+
+SKY_SHAPE = (60, 90)
+
+
+def _sky(seed: int = 0, stars: bool = True) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[: SKY_SHAPE[0], : SKY_SHAPE[1]].astype(float)
+    sky = 500.0 + 80.0 * np.exp(-((x - 40) ** 2 + (y - 25) ** 2) / 400.0) + 30.0 * np.sin(x / 9.0) * np.cos(y / 7.0)
+    if stars:
+        cells = rng.random(SKY_SHAPE) < 0.08
+        sky = sky + cells * rng.uniform(20.0, 300.0, SKY_SHAPE)
+    return np.stack([sky, 0.8 * sky, 0.6 * sky])  # (C, H, W), one sky in three channels
+
+
+def _piece(sky: np.ndarray, y0: int, x0: int, h: int, w: int, gain: float, offset: float,
+           tilt: tuple[float, float] = (0.0, 0.0), noise: float = 0.3, seed: int = 1) -> CoarsePiece:
+    rng = np.random.default_rng(seed)
+    window = sky[:, y0 : y0 + h, x0 : x0 + w]
+    rows, cols = np.mgrid[y0 : y0 + h, x0 : x0 + w].astype(float)
+    xc, yc = x0 + (w - 1) / 2.0, y0 + (h - 1) / 2.0
+    plane = offset + tilt[0] * (cols - xc) + tilt[1] * (rows - yc)
+    data = gain * window + plane[None] + rng.normal(0.0, noise, window.shape)
+    return CoarsePiece(y0, x0, data.astype(np.float32))
+
+
+def _relative(values: np.ndarray, reference: int) -> np.ndarray:
+    return values / values[reference]
+
+
+def _corrected(norm, slot: int, piece: CoarsePiece) -> np.ndarray:
+    """(piece − plane) / gain evaluated at the cells (tilts are per coarse cell)."""
+    _, h, w = piece.data.shape
+    cols = np.arange(piece.x0, piece.x0 + w) - norm.centres[slot, 0]
+    rows = np.arange(piece.y0, piece.y0 + h) - norm.centres[slot, 1]
+    tilt = norm.tilts[slot]
+    plane = norm.offsets[slot][:, None, None] + tilt[:, 0, None, None] * cols[None, None, :] + tilt[:, 1, None, None] * rows[None, :, None]
+    return (piece.data - plane) / norm.gains[slot][:, None, None]
+
+
+# A 2×2 layout with overlaps of 10 cells (the tile case) and a hub piece overlapping all four.
+LAYOUT = [(0, 0, 35, 50), (0, 40, 35, 50), (25, 0, 35, 50), (25, 40, 35, 50)]
+GAINS = [1.0, 0.92, 0.85, 0.95]
+OFFSETS = [0.0, 60.0, 110.0, 40.0]
+TILTS = [(0.0, 0.0), (0.4, -0.2), (-0.3, 0.1), (0.2, 0.3)]
+
+
+def _layout_pieces(sky: np.ndarray, extra: list[tuple] = ()) -> list[CoarsePiece]:
+    pieces = [_piece(sky, *box, g, o, t, seed=k) for k, (box, g, o, t) in enumerate(zip(LAYOUT, GAINS, OFFSETS, TILTS))]
+    return pieces + [_piece(sky, *item[:4], *item[4:], seed=10 + k) for k, item in enumerate(extra)]
+
+
+def test_default_gauge_recovers_gain_ratios_with_median_gain_one() -> None:
+    sky = _sky()
+    norm = solve_normalisation(_layout_pieces(sky), method="linear_fit")
+    assert norm.mode == "linear_fit" and norm.anchors == [] and not norm.clipped.any()
+    assert np.median(np.log(norm.gains), axis=0) == pytest.approx(np.zeros(3), abs=1e-9)
+    for channel in range(3):
+        assert _relative(norm.gains[:, channel], 0) == pytest.approx(np.array(GAINS) / GAINS[0], rel=2e-3)
+
+
+def test_best_connected_anchor_keeps_its_pixels_and_flattens_the_others() -> None:
+    """A hub piece overlapping all four is the best connected: its correction is the identity."""
+    sky = _sky()
+    hub = (15, 25, 30, 40, 1.1, 25.0, (0.1, -0.1))
+    pieces = _layout_pieces(sky, [hub])
+    norm = solve_normalisation(pieces, method="linear_fit", anchor="best_connected", plane_solve="joint")
+    assert norm.anchors == [4]
+    assert norm.gains[4] == pytest.approx(np.ones(3)) and norm.offsets[4] == pytest.approx(np.zeros(3), abs=1e-9)
+    assert np.abs(norm.tilts[4]).max() < 1e-9
+    for slot, gain in enumerate(GAINS):
+        assert norm.gains[slot] == pytest.approx(np.full(3, gain / 1.1), rel=3e-3)
+    # every corrected piece is the hub's view of the sky (gain 1.1, its own plane) to within the noise
+    hub_piece = pieces[4]
+    assert np.abs(_corrected(norm, 4, hub_piece) - hub_piece.data).max() < 1e-4
+    for slot, (y0, x0, h, w) in enumerate(LAYOUT):
+        mine = _corrected(norm, slot, pieces[slot])
+        ys, xs = slice(max(y0, 15), min(y0 + h, 45)), slice(max(x0, 25), min(x0 + w, 65))
+        overlap_mine = mine[:, ys.start - y0 : ys.stop - y0, xs.start - x0 : xs.stop - x0]
+        overlap_hub = hub_piece.data[:, ys.start - 15 : ys.stop - 15, xs.start - 25 : xs.stop - 25]
+        assert np.median(np.abs(overlap_mine - overlap_hub)) < 1.0
+
+
+def test_an_explicit_anchor_is_honoured() -> None:
+    norm = solve_normalisation(_layout_pieces(_sky()), method="linear_fit", anchor=2)
+    assert 2 in norm.anchors and norm.gains[2] == pytest.approx(np.ones(3))
+    assert norm.gains[0, 1] == pytest.approx(GAINS[0] / GAINS[2], rel=2e-3)
+
+
+def test_gains_outside_the_limits_are_clipped_and_flagged() -> None:
+    sky = _sky()
+    boxes = LAYOUT
+    gains = [1.0, 0.92, 3.0, 0.95]
+    pieces = [_piece(sky, *box, g, 10.0, seed=k) for k, (box, g) in enumerate(zip(boxes, gains))]
+    norm = solve_normalisation(pieces, method="linear_fit", anchor=0, gain_limits=(0.5, 2.0))
+    assert norm.clipped.tolist() == [False, False, True, False]
+    assert norm.gains[2] == pytest.approx(np.full(3, 2.0))
+    assert norm.gains[1] == pytest.approx(np.full(3, 0.92), rel=3e-3)
+
+
+def test_flat_overlaps_fall_back_to_offsets_only() -> None:
+    """Overlaps of featureless sky cannot tell a gain from an offset: offsets only, and said so."""
+    flat = np.full((3, *SKY_SHAPE), 500.0)
+    pieces = [_piece(flat, *box, g, o, noise=0.5, seed=k) for k, (box, g, o) in enumerate(zip(LAYOUT, GAINS, OFFSETS))]
+    norm = solve_normalisation(pieces, method="linear_fit", anchor="best_connected", offset_only_fallback=True)
+    assert norm.mode == "offset_only"
+    assert np.all(norm.gains == 1.0)
+    # the levels are matched: every corrected piece sits at the anchor's level
+    anchor = norm.anchors[0]
+    level = np.median(_corrected(norm, anchor, pieces[anchor]), axis=(1, 2))
+    for slot, piece in enumerate(pieces):
+        assert np.median(_corrected(norm, slot, piece), axis=(1, 2)) == pytest.approx(level, abs=0.5)
+    # without the fallback the default behaviour is unchanged (gains are fitted, whatever they are worth)
+    assert solve_normalisation(pieces, method="linear_fit").mode == "linear_fit"
+
+
+def test_a_piece_without_overlap_is_left_alone() -> None:
+    sky = np.concatenate([_sky(), _sky(3)], axis=2)  # wide enough for a far piece
+    pieces = _layout_pieces(sky) + [_piece(sky, 10, 140, 30, 35, 0.7, 300.0, seed=9)]
+    norm = solve_normalisation(pieces, method="linear_fit", anchor="best_connected", offset_only_fallback=True)
+    assert norm.mode == "linear_fit"
+    assert norm.constrained.tolist() == [True, True, True, True, False]
+    assert norm.gains[4] == pytest.approx(np.ones(3)) and norm.offsets[4] == pytest.approx(np.zeros(3))
+    assert 4 in norm.anchors and norm.anchors[0] != 4  # the big group's anchor first
+
+
+def test_fixed_gains_solve_offsets_and_planes_only() -> None:
+    sky = _sky()
+    pieces = _layout_pieces(sky)
+    gains = np.repeat(np.array(GAINS)[:, None], 3, axis=1)
+    for solver in ("graph", "joint"):
+        norm = solve_normalisation(pieces, method="linear_fit", anchor=0, fixed_gains=gains, plane_solve=solver)
+        assert np.array_equal(norm.gains, gains)
+        for slot in range(4):
+            offset = OFFSETS[slot] - OFFSETS[0] * GAINS[slot] / GAINS[0]
+            assert norm.offsets[slot] == pytest.approx(np.full(3, offset), abs=0.5), solver
+            assert norm.tilts[slot, 1] == pytest.approx(np.array(TILTS[slot]), abs=0.02), solver
+
+
+@pytest.mark.parametrize("origin", [0, 300])
+def test_joint_plane_solve_recovers_every_plane_far_from_the_grid_origin(origin: int) -> None:
+    """All edges in one least-squares problem (centred coordinates): exact planes wherever the pieces are."""
+    sky = _sky(5)
+    boxes = [(0, 0, 33, 48), (0, 42, 33, 48), (27, 0, 33, 48), (27, 42, 33, 48)]  # 6-cell seams
+    pieces = []
+    for k, (box, offset, tilt) in enumerate(zip(boxes, OFFSETS, TILTS)):
+        piece = _piece(sky, *box, 1.0, offset, tilt, noise=0.01, seed=k)
+        pieces.append(CoarsePiece(piece.y0 + origin, piece.x0 + origin, piece.data))
+    norm = solve_normalisation(pieces, method="linear_fit", anchor=0, fixed_gains=np.ones((4, 3)), plane_solve="joint")
+    for slot in range(4):
+        assert norm.offsets[slot] == pytest.approx(np.full(3, OFFSETS[slot]), abs=0.05)
+        assert norm.tilts[slot] == pytest.approx(np.tile(TILTS[slot], (3, 1)), abs=2e-3)
+    with pytest.raises(ValueError):
+        solve_normalisation(pieces, plane_solve="exact")
+
+
+def test_fit_gain_ratio_ignores_additive_differences() -> None:
+    rng = np.random.default_rng(2)
+    signal = rng.gamma(2.0, 50.0, 400)
+    x, y = rng.uniform(0, 30, 400), rng.uniform(0, 30, 400)
+    a = 0.87 * signal + 120.0 + 0.5 * x - 0.3 * y + rng.normal(0, 0.5, 400)
+    b = signal + rng.normal(0, 0.5, 400)
+    ratio, log_sigma = fit_gain_ratio(a, b, x, y)
+    assert ratio == pytest.approx(0.87, rel=2e-3) and 0 < log_sigma < 0.01
+    assert fit_gain_ratio(a[:3], b[:3], x[:3], y[:3]) is None
+
+
+def test_coarse_medians_drop_the_stars_of_a_cell() -> None:
+    data = np.full((1, 32, 32), 100.0, np.float32)
+    data[0, 3, 4] = 5000.0  # a star in the first cell
+    means = coarse_piece(data, (0, 32, 0, 32), 16)
+    medians = coarse_piece(data, (0, 32, 0, 32), 16, "median")
+    assert means.data[0, 0, 0] == pytest.approx(100.0 + 4900.0 / 256)
+    assert np.all(medians.data == 100.0)
+    data[0, 20, 20] = np.nan
+    assert np.isnan(coarse_piece(data, (0, 32, 0, 32), 16, "median").data[0, 1, 1])
+    with pytest.raises(ValueError):
+        coarse_piece(data, (0, 32, 0, 32), 16, "mode")
