@@ -60,7 +60,7 @@ import os
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Generator, Iterator, Sequence
 
@@ -80,6 +80,7 @@ from .frames import (
     _to_chw,
     estimate_background_noise,
     load_frame,
+    validate_wcs,
 )
 from .gpu import WorkerStreams, chunk_slices, kernel_bytes_per_pixel, plan_chunks, to_device, to_host
 from .photometry import CoarsePiece, Normalisation, coarse_piece, solve_normalisation
@@ -104,8 +105,11 @@ PHOTOMETRY_BIN_PX = 16
 #: GPU runs with at least this many frames read them in a process pool (below: threads,
 #: whose start costs nothing). Reading and the astropy mapping hold the GIL.
 PROCESS_READERS_MIN_FRAMES = 48
-#: Device worker threads of the GPU reprojection (config ``gpu_threads``, 0 = this).
-DEFAULT_GPU_THREADS = 3
+#: Device worker threads of the GPU reprojection (config ``gpu_threads``, 0 = this). The
+#: device pass is a few hundred small kernels per frame, bound by the host's launch overhead,
+#: so more threads mostly contend for the GIL: on an H100, 500 frames went through P3 at
+#: 29.8 frames/s with 1 thread and 27.4 with 3 (benchmarks/bench_gpu.py).
+DEFAULT_GPU_THREADS = 1
 #: Smallest sampling chunk (rows) and stacking strip (rows) a GPU unit may be cut into.
 MIN_SAMPLE_ROWS = 8
 MIN_STACK_ROWS = 8
@@ -551,14 +555,89 @@ def _main_module_is_importable() -> bool:
     return main_file is None or os.path.exists(main_file)
 
 
-def _reader_executor(config: dict[str, Any], n_frames: int) -> tuple[Executor, str, int]:
-    """Readers for the GPU path: processes for large runs on several cores, else threads."""
+_READER_CANVAS: Canvas | None = None  # the canvas of a reader process (set once by its initializer)
+
+
+def _init_reader_process(canvas: Canvas) -> None:
+    global _READER_CANVAS
+    _READER_CANVAS = canvas
+
+
+#: A reader's answer when the frame's WCS cannot be rebuilt from its header (sent again whole).
+NEEDS_WCS = "needs_wcs"
+
+
+def _wcs_fingerprint(wcs: Any) -> tuple[Any, ...] | None:
+    """Everything the pixel mapping of a (TAN/SIP/PV) WCS depends on, as exact bytes.
+
+    ``None`` for WCSs with lookup-table distortions (those always travel whole).
+    """
+    if wcs is None or any(getattr(wcs, name, None) is not None for name in ("cpdis1", "cpdis2", "det2im1", "det2im2")):
+        return None
+    core = wcs.wcs
+    arrays = [core.crval, core.crpix, wcs.pixel_scale_matrix, [core.lonpole, core.latpole]]
+    sip = wcs.sip
+    if sip is not None:
+        arrays += [sip.crpix, sip.a, sip.b, sip.ap, sip.bp]
+    return (
+        tuple(core.ctype),
+        tuple(str(unit) for unit in core.cunit),
+        tuple(core.get_pv()),
+        tuple(b"" if a is None else np.asarray(a, dtype=np.float64).tobytes() for a in arrays),
+    )
+
+
+def _prepare_in_reader_process(
+    info: FrameInfo, index: int, tol_px: float, bbox: BBox | None, fingerprint: tuple[Any, ...] | None = None
+) -> HostFrame | str | None:
+    """:func:`prepare_frame_on_host` with the canvas the process received once (not per task).
+
+    A frame may come without its WCS (pickling a WCS costs the main process milliseconds
+    per frame): the reader then rebuilds it from the header, exactly as the header pass
+    did, and uses it only if its ``fingerprint`` matches; otherwise it answers
+    :data:`NEEDS_WCS` and the frame is sent again with its WCS (e.g. a plate-solved one).
+    """
+    assert _READER_CANVAS is not None, "reader process started without its canvas"
+    if info.wcs is None:
+        wcs = validate_wcs(info.header, info.shape)[0] if info.header is not None else None
+        if wcs is None or _wcs_fingerprint(wcs) != fingerprint:
+            return NEEDS_WCS
+        info = replace(info, wcs=wcs)
+    return prepare_frame_on_host(info, index, _READER_CANVAS, tol_px, bbox)
+
+
+def _reader_executor(
+    config: dict[str, Any], n_frames: int, canvas: Canvas
+) -> tuple[Executor, Callable[..., Future], str, int]:
+    """Readers for the GPU path: processes for large runs on several cores, else threads.
+
+    Returns the executor, ``submit(info, index, tol_px, bbox)``, the kind and the count.
+    """
     readers = _reader_count(config)
     if n_frames >= PROCESS_READERS_MIN_FRAMES and readers >= 2 and _main_module_is_importable():
-        pool = ProcessPoolExecutor(max_workers=readers, mp_context=_process_context())
-        return pool, "processes", readers
+        pool = ProcessPoolExecutor(
+            max_workers=readers, mp_context=_process_context(), initializer=_init_reader_process, initargs=(canvas,)
+        )
+
+        def submit_to_process(
+            info: FrameInfo, index: int, tol_px: float, bbox: BBox | None, whole: bool = False
+        ) -> Future:
+            fingerprint = None if whole or info.header is None else _wcs_fingerprint(info.wcs)
+            if fingerprint is not None:
+                light = replace(info, wcs=None)  # the header travels; the reader rebuilds the WCS
+                return pool.submit(_prepare_in_reader_process, light, index, tol_px, bbox, fingerprint)
+            return pool.submit(_prepare_in_reader_process, info, index, tol_px, bbox)
+
+        return pool, submit_to_process, "processes", readers
     readers = max(1, min(readers, 4))
-    return ThreadPoolExecutor(max_workers=readers, thread_name_prefix="zemosaic-reader"), "threads", readers
+    threads = ThreadPoolExecutor(max_workers=readers, thread_name_prefix="zemosaic-reader")
+
+    def submit_to_thread(
+        info: FrameInfo, index: int, tol_px: float, bbox: BBox | None, whole: bool = False
+    ) -> Future:
+        return threads.submit(prepare_frame_on_host, info, index, canvas, tol_px, bbox)
+
+    return threads, submit_to_thread, "threads", readers
 
 
 def _frame_weights(config: dict[str, Any], noises: np.ndarray, norm: Normalisation) -> np.ndarray:
@@ -679,7 +758,8 @@ def mosaic_first(
     # --- P4.5: photometric normalisation of the frames --------------------------------------
     with ctx.timed("P4.5"):
         norm_used = solve_normalisation(
-            [coarse[i] for i in used], coarse_shape, config["stacking_normalize_method"], bin_px=PHOTOMETRY_BIN_PX
+            [coarse[i] for i in used], coarse_shape, config["stacking_normalize_method"], bin_px=PHOTOMETRY_BIN_PX,
+            shared_gain=True,
         )
         ctx.reporter.info(
             "mf_info_normalisation",
@@ -823,7 +903,7 @@ def _reproject_frames_gpu(
     tol_px = float(config["control_grid_tolerance_px"])
     device_threads = _gpu_thread_count(config)
     streams = WorkerStreams(policy.xp_for("reproject"))
-    readers, reader_kind, n_readers = _reader_executor(config, len(todo))
+    readers, submit_read, reader_kind, n_readers = _reader_executor(config, len(todo), canvas)
     timing = {"read_s": 0.0, "grid_s": 0.0, "device_s": 0.0}
 
     def device_unit(host: HostFrame) -> ReprojectedFrame:
@@ -868,7 +948,7 @@ def _reproject_frames_gpu(
                 index = next(queue, None)
                 if index is None:
                     break
-                future = readers.submit(prepare_frame_on_host, frames[index], index, canvas, tol_px, bboxes[index])
+                future = submit_read(frames[index], index, tol_px, bboxes[index])
                 reading[future] = index
             if not reading and not computing:
                 break
@@ -881,6 +961,9 @@ def _reproject_frames_gpu(
                     except FrameError as exc:
                         reject(index, exc)
                         host = None
+                    if isinstance(host, str):  # the reader needs the frame's own WCS: send it whole
+                        reading[submit_read(frames[index], index, tol_px, bboxes[index], True)] = index
+                        continue
                     if host is not None:
                         timing["read_s"] += host.read_s
                         timing["grid_s"] += host.grid_s

@@ -506,6 +506,7 @@ def solve_normalisation(
     max_log_gain_sigma: float = MAX_LOG_GAIN_SIGMA,
     fixed_gains: np.ndarray | None = None,
     plane_solve: str = "graph",
+    shared_gain: bool = False,
 ) -> Normalisation:
     """Per-frame gains, offsets and tilts that put every piece on one flux scale (see module docstring).
 
@@ -524,6 +525,10 @@ def solve_normalisation(
       cannot be solved: every gain stays 1 and only offsets are solved (``mode = "offset_only"``).
     * ``fixed_gains`` — ``(N, C)`` gains known from elsewhere (e.g. solved on other pieces of the
       same tiles): only the offsets and planes are solved, with these gains.
+    * ``shared_gain`` — one gain per piece for all channels, fitted on the luminance (the sum of
+      the channels); offsets and planes stay per channel. Haze and thin cloud dim all colours
+      alike, and the luminance has the best signal, so the weak links between panels are not
+      left to the faintest channel (on the demo night: ±0.7 % instead of up to 2.8 % in blue).
     * ``plane_solve`` — ``"graph"``: each edge's plane is fitted alone and each coefficient is
       solved over the graph on its own (fast, for thousands of frames). ``"joint"``: one weighted
       least-squares problem over every kept common cell of every edge, all planes at once
@@ -531,6 +536,15 @@ def solve_normalisation(
       them nearly undetermined; the joint solve takes each direction from where it is measured,
       so such tilts cannot leak into the other seams. For a few pieces (tiles, mega-tiles).
     """
+    if shared_gain and fixed_gains is None and method == "linear_fit" and len(pieces) > 1:
+        luminance = [CoarsePiece(p.y0, p.x0, p.data.sum(axis=0, keepdims=True)) for p in pieces]
+        grey = solve_normalisation(
+            luminance, grid_shape, method, bin_px=bin_px, neighbours=neighbours, min_cells=min_cells, kappa=kappa,
+            anchor=anchor, gain_limits=gain_limits, offset_only_fallback=offset_only_fallback,
+            max_log_gain_sigma=max_log_gain_sigma, plane_solve=plane_solve,
+        )
+        n_channels = next((p.data.shape[0] for p in pieces if p.data.size), 1)
+        fixed_gains = np.repeat(grey.gains[:, :1], n_channels, axis=1)
     if plane_solve not in ("graph", "joint"):
         raise ValueError(f"unknown plane_solve {plane_solve!r}")
     n_frames = len(pieces)
