@@ -29,7 +29,7 @@ edges, so thousands of frames are solved in seconds.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -491,6 +491,20 @@ def _under_constrained(n: int, sample_edges: np.ndarray, gain_edges: np.ndarray)
 MAX_LOG_GAIN_SIGMA = 0.05
 
 
+MAX_CELLS_PER_PIECE = 3000
+
+
+def _coarsening_factor(pieces: Sequence[CoarsePiece]) -> int:
+    """Power of two that brings the median piece to at most ``MAX_CELLS_PER_PIECE`` cells."""
+    sizes = [p.data.shape[1] * p.data.shape[2] for p in pieces if p.data.size]
+    if not sizes:
+        return 1
+    factor = 1
+    while float(np.median(sizes)) / factor**2 > MAX_CELLS_PER_PIECE:
+        factor *= 2
+    return factor
+
+
 def solve_normalisation(
     pieces: Sequence[CoarsePiece],
     grid_shape: tuple[int, int] | None = None,
@@ -536,6 +550,11 @@ def solve_normalisation(
       them nearly undetermined; the joint solve takes each direction from where it is measured,
       so such tilts cannot leak into the other seams. For a few pieces (tiles, mega-tiles).
     """
+    factor = _coarsening_factor(pieces)
+    if factor > 1:
+        # Large frames: fewer, bigger cells keep the pairwise fits fast without losing the signal.
+        pieces = [coarse_piece(p.data, (p.y0, 0, p.x0, 0), factor) for p in pieces]
+        bin_px *= factor
     if shared_gain and fixed_gains is None and method == "linear_fit" and len(pieces) > 1:
         luminance = [CoarsePiece(p.y0, p.x0, p.data.sum(axis=0, keepdims=True)) for p in pieces]
         grey = solve_normalisation(
@@ -559,20 +578,19 @@ def solve_normalisation(
     edge_list = overlap_edges(_piece_bounds(pieces), neighbours, min_cells)
     fit_gain = method == "linear_fit"
 
-    # Common cells of every edge, per channel (kept: the gain and plane steps both use them).
-    samples_by_channel: list[list[tuple[int, int, tuple[np.ndarray, ...]]]] = []
-    for channel in range(n_channels):
-        samples = []
+    def edge_samples(channel: int) -> Iterator[tuple[int, int, tuple[np.ndarray, ...]]]:
+        # Recomputed on each pass (slicing is cheap): keeping every edge's cells for every channel
+        # would make memory grow with the number of frames.
         for i, j in edge_list:
             common = _common_cells(pieces[i], pieces[j], channel)
             if common is not None and common[0].size >= min_cells:
-                samples.append((i, j, common))
-        samples_by_channel.append(samples)
-    sample_edges = np.array([(i, j) for i, j, _ in samples_by_channel[0]], dtype=int).reshape(-1, 2)
+                yield i, j, common
+
+    edge_sizes = [(i, j, common[0].size) for i, j, common in edge_samples(0)]
+    sample_edges = np.array([(i, j) for i, j, _ in edge_sizes], dtype=int).reshape(-1, 2)
     priority: list[int] | None = None
     if anchor is not None:
-        priority = connectivity_order(n_frames, [tuple(e) for e in sample_edges],
-                                      [c[0].size for _, _, c in samples_by_channel[0]])
+        priority = connectivity_order(n_frames, [tuple(e) for e in sample_edges], [size for _, _, size in edge_sizes])
         if isinstance(anchor, (int, np.integer)) and not isinstance(anchor, bool):
             priority = [int(anchor)] + [k for k in priority if k != int(anchor)]
 
@@ -580,8 +598,8 @@ def solve_normalisation(
     if fixed_gains is not None:
         result.gains = np.array(fixed_gains, dtype=np.float64).reshape(n_frames, n_channels)
     if fit_gain and fixed_gains is None:
-        for channel, samples in enumerate(samples_by_channel):
-            for i, j, common in samples:
+        for channel in range(n_channels):
+            for i, j, common in edge_samples(channel):
                 fit = _pair_gain_ratio(*common, kappa=kappa, fit_plane=True)
                 if fit is not None and np.isfinite(fit[0]) and np.isfinite(fit[1]):
                     if offset_only_fallback and np.sqrt(fit[1]) > max_log_gain_sigma:
@@ -596,7 +614,6 @@ def solve_normalisation(
 
     constrained = np.zeros(n_frames, bool)
     for channel in range(n_channels):
-        samples = samples_by_channel[channel]
         fits = gain_fits[channel]
         if fit_gain and fits and fixed_gains is None:
             gain_edges = np.array([(i, j) for i, j, _, _ in fits])
@@ -613,7 +630,7 @@ def solve_normalisation(
         gains = result.gains[:, channel]
         plane_edges, plane_diffs, plane_weights = [], [], []
         joint_rows: list[tuple[int, int, np.ndarray, np.ndarray, np.ndarray, float]] = []
-        for i, j, (va, vb, x, y) in samples:
+        for i, j, (va, vb, x, y) in edge_samples(channel):
             difference = va / gains[i] - vb / gains[j]
             design = np.stack([np.ones_like(x), x, y], axis=1) if fit_gain else np.ones((x.size, 1))
             if plane_solve == "joint":
