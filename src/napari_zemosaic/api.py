@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable, Generator, Iterable, Sequence
 
 import numpy as np
 
-from .config import apply_overrides, load_config, validate_config
+from .config import GPU_MODES, apply_overrides, gpu_mode_overrides, load_config, validate_config
 from .events import Event, LogEvent, Reporter
 from .i18n import tr
 
@@ -38,25 +38,21 @@ __all__ = ["Session", "ScanResult", "SDSPreview", "show", "drain", "gpu_override
 
 #: Workflow names accepted by :meth:`Session.run` (the CLI spelling ``mosaic-first`` works too).
 WORKFLOW_CHOICES = ("auto", "classic", "mosaic_first", "sds")
-GPU_CHOICES = ("auto", "on", "off")
+GPU_CHOICES = GPU_MODES
 
 
 def gpu_overrides(mode: str) -> dict[str, Any]:
-    """Config keys for ``--gpu auto|on|off`` (the same mapping as the CLI)."""
+    """Config keys for ``gpu="auto"|"on"|"off"`` (the same mapping as the CLI's ``--gpu``)."""
     if mode not in GPU_CHOICES:
         raise ValueError(f"gpu must be one of {GPU_CHOICES}, not {mode!r}")
-    enabled = mode != "off"
-    return {"use_gpu_phase5": enabled, "stack_use_gpu": enabled, "gpu_strict": mode == "on"}
+    return gpu_mode_overrides(mode)
 
 
 def drain(generator: Generator[Event, None, Any], on_event: Callable[[Event], None] | None = None) -> Any:
-    while True:
-        try:
-            event = next(generator)
-        except StopIteration as stop:
-            return stop.value
-        if on_event is not None:
-            on_event(event)
+    """Run an engine generator to the end (see :func:`napari_zemosaic.engine.pipeline.drain`)."""
+    from .engine.pipeline import drain as drain_engine
+
+    return drain_engine(generator, on_event)
 
 
 def angular_distance_deg(ra1: np.ndarray, dec1: np.ndarray, ra2: float, dec2: float) -> np.ndarray:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from . import __version__
-from .config import ConfigError, apply_overrides, load_config, parse_set_option
+from .config import ConfigError, apply_overrides, gpu_mode_overrides, load_config, parse_set_option
 from .events import Event, LogEvent, ProgressEvent
 from .i18n import set_language, tr
 
@@ -70,20 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _gpu_overrides(mode: str | None) -> dict[str, Any]:
-    if mode is None:
-        return {}
-    enabled = mode != "off"
-    return {"use_gpu_phase5": enabled, "stack_use_gpu": enabled, "gpu_strict": mode == "on"}
-
-
 def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     """Config file (or the user's), then ``--set``, ``--workflow``, ``--gpu``, ``--lang``."""
     config = load_config(getattr(args, "config", None))
     overrides: dict[str, Any] = dict(parse_set_option(text) for text in getattr(args, "set", []) or [])
     if getattr(args, "workflow", None):
         overrides["workflow"] = args.workflow.replace("-", "_")
-    overrides.update(_gpu_overrides(getattr(args, "gpu", None)))
+    if getattr(args, "gpu", None):
+        overrides.update(gpu_mode_overrides(args.gpu))
     if getattr(args, "lang", None):
         overrides["language"] = args.lang
     return apply_overrides(config, overrides)

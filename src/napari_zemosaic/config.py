@@ -359,6 +359,24 @@ def apply_overrides(config: Mapping[str, Any], overrides: Mapping[str, Any]) -> 
     return validate_config(merged, explicit_keys=overrides.keys())
 
 
+GPU_MODES = ("auto", "on", "off")
+
+
+def gpu_mode_overrides(mode: str) -> dict[str, Any]:
+    """Config keys for ``--gpu auto|on|off`` (CLI, Run widget, console API).
+
+    ``auto`` keeps the config's flags; ``on`` asks for the GPU everywhere and fails rather
+    than falling back (``gpu_strict``); ``off`` runs everything on the CPU.
+    """
+    mode = str(mode).strip().lower()
+    if mode not in GPU_MODES:
+        raise ConfigError("config_error_invalid_value", key="gpu", value=repr(mode), allowed=", ".join(GPU_MODES))
+    if mode == "auto":
+        return {}
+    enabled = mode == "on"
+    return {"use_gpu_phase5": enabled, "stack_use_gpu": enabled, "use_gpu_stack": enabled, "gpu_strict": enabled}
+
+
 def option_docs() -> dict[str, str]:
     """Key → one-line documentation, for ``zemosaic info`` and the README."""
     return {key: option.doc for key, option in OPTIONS.items()}

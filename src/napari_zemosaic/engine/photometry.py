@@ -225,13 +225,12 @@ def _clipped_lstsq(
     return None if fit is None else fit[0]
 
 
-def _clipped_lstsq_with_variance(
-    design: np.ndarray, target: np.ndarray, kappa: float, iterations: int = 4, kept: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray] | None:
+def _clip_loop(
+    design: np.ndarray, target: np.ndarray, kappa: float, iterations: int, kept: np.ndarray | None
+) -> tuple[np.ndarray | None, np.ndarray]:
     """Least squares with iterative kappa-sigma clipping of residuals (sigma from the MAD).
 
-    ``kept`` seeds the clipping (e.g. from a resistant fit), so high-leverage outliers such as a
-    satellite trail never get to pull the first solution.
+    Returns the last solution and the samples it was fitted on (solution None: too few samples).
     """
     kept = np.ones(target.size, bool) if kept is None else kept
     solution = None
@@ -248,6 +247,18 @@ def _clipped_lstsq_with_variance(
         if np.array_equal(new_kept, kept):
             break
         kept = new_kept
+    return solution, final_kept
+
+
+def _clipped_lstsq_with_variance(
+    design: np.ndarray, target: np.ndarray, kappa: float, iterations: int = 4, kept: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Clipped least squares (:func:`_clip_loop`) and the variances of its coefficients.
+
+    ``kept`` seeds the clipping (e.g. from a resistant fit), so high-leverage outliers such as a
+    satellite trail never get to pull the first solution.
+    """
+    solution, final_kept = _clip_loop(design, target, kappa, iterations, kept)
     if solution is None:
         return None
     used = design[final_kept]
@@ -262,21 +273,8 @@ def _clipped_lstsq_with_variance(
 
 def _clipped_keep(design: np.ndarray, target: np.ndarray, kappa: float, iterations: int = 4) -> np.ndarray | None:
     """The samples :func:`_clipped_lstsq` keeps (None when too few remain to fit)."""
-    kept = np.ones(target.size, bool)
-    final = None
-    for _ in range(iterations):
-        if kept.sum() < design.shape[1] + 3:
-            break
-        solution, *_ = np.linalg.lstsq(design[kept], target[kept], rcond=None)
-        final = kept
-        residual = target - design @ solution
-        centre = np.median(residual[kept])
-        sigma = 1.4826 * np.median(np.abs(residual[kept] - centre))
-        new_kept = np.abs(residual - centre) <= kappa * max(sigma, 1e-12)
-        if np.array_equal(new_kept, kept):
-            break
-        kept = new_kept
-    return final
+    solution, final_kept = _clip_loop(design, target, kappa, iterations, None)
+    return None if solution is None else final_kept
 
 
 def _kept_sigma(design: np.ndarray, target: np.ndarray, kept: np.ndarray) -> float:

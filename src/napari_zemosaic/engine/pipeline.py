@@ -505,6 +505,17 @@ def _crop(stacked: CanvasStack, config: dict[str, Any]) -> tuple[np.ndarray, np.
     )
 
 
+def drain(generator: Generator[Event, None, Any], on_event: Callable[[Event], None] | None = None) -> Any:
+    """Run an engine generator to the end; ``on_event`` sees every event; returns its result."""
+    while True:
+        try:
+            event = next(generator)
+        except StopIteration as stop:
+            return stop.value
+        if on_event is not None:
+            on_event(event)
+
+
 def run(
     input_dir: str | Path,
     output_dir: str | Path,
@@ -513,14 +524,7 @@ def run(
     **kwargs: Any,
 ) -> MosaicResult:
     """Drain :func:`iter_run` (for scripts and tests); ``on_event`` sees every event."""
-    generator = iter_run(input_dir, output_dir, config, **kwargs)
-    while True:
-        try:
-            event = next(generator)
-        except StopIteration as stop:
-            return stop.value
-        if on_event is not None:
-            on_event(event)
+    return drain(iter_run(input_dir, output_dir, config, **kwargs), on_event)
 
 
 def log_messages(events: Iterable[Event]) -> list[LogEvent]:

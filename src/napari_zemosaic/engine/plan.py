@@ -13,15 +13,7 @@ from ..config import validate_config
 from ..events import Reporter
 from .canvas import build_canvas, footprint_polygon
 from .context import UserError
-from .pipeline import choose_workflow, ingest, judge_frames
-
-
-def _drain(generator: Any) -> Any:
-    while True:
-        try:
-            next(generator)
-        except StopIteration as stop:
-            return stop.value
+from .pipeline import choose_workflow, drain, ingest, judge_frames
 
 
 def make_plan(input_dir: str | Path, config: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -29,10 +21,10 @@ def make_plan(input_dir: str | Path, config: dict[str, Any] | None = None) -> di
     config = validate_config(config or {})
     reporter = Reporter()
     try:
-        ingested = _drain(ingest(Path(input_dir).resolve(), None, config, reporter))
+        ingested = drain(ingest(Path(input_dir).resolve(), None, config, reporter))
     except UserError:
         raise
-    metrics, decisions = _drain(judge_frames(ingested.usable, config, reporter)) if ingested.usable else ([], [])
+    metrics, decisions = drain(judge_frames(ingested.usable, config, reporter)) if ingested.usable else ([], [])
     accepted = [
         info for info, decision in zip(ingested.usable, decisions) if decision.accepted or not config["quality_rejection"]
     ]
