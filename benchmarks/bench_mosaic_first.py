@@ -1,16 +1,18 @@
 """End-to-end Mosaic-First on full-size demo frames: frames/s and peak RSS versus frame count.
 
-Each run happens in its own process so that peak RSS is that run's alone. The canvas is fixed
-(one pointing on an equatorial mount: no field rotation, so dithers alone set the canvas), only the
-number of frames changes.
+One night of N frames is generated (one pointing, equatorial mount: no field rotation, so the
+canvas is fixed); each run stacks an evenly spaced subset of it, in its own process, so peak RSS
+is that run's alone. Peak RSS is reported two ways: the kernel's high-water mark (ru_maxrss) and
+the largest resident size sampled every 20 ms, per phase.
 
-    python benchmarks/bench_mosaic_first.py --counts 50 200 --max-memory-mb 1500 --repeats 1
+    python benchmarks/bench_mosaic_first.py --counts 50 200 --max-memory-mb 1500
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -19,14 +21,36 @@ import time
 from pathlib import Path
 
 CHILD = r"""
-import json, sys, time
-from napari_zemosaic.engine.pipeline import run
+import json, sys, threading, time
+from pathlib import Path
+import psutil
+from napari_zemosaic.engine.pipeline import iter_run
 from napari_zemosaic.engine.context import peak_rss_mb
-frames, out, budget, workflow = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+from napari_zemosaic.events import ProgressEvent
+frames, out, budget, workflow, count = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
+paths = sorted(Path(frames).glob("*.fit"))
+include = paths[:: max(1, len(paths) // count)][:count]
+process, phase, peaks, done = psutil.Process(), ["P1"], {}, threading.Event()
+def sample():
+    while not done.is_set():
+        peaks[phase[0]] = max(peaks.get(phase[0], 0.0), process.memory_info().rss / 2**20)
+        time.sleep(0.02)
+threading.Thread(target=sample, daemon=True).start()
+config = {"max_memory_mb": budget, "workflow": workflow, "use_gpu_phase5": False, "stack_use_gpu": False}
 start = time.perf_counter()
-result = run(frames, out, {"max_memory_mb": budget, "workflow": workflow, "use_gpu_phase5": False, "stack_use_gpu": False})
+generator = iter_run(frames, out, config, include=include)
+while True:
+    try:
+        event = next(generator)
+    except StopIteration as stop:
+        result = stop.value
+        break
+    if isinstance(event, ProgressEvent):
+        phase[0] = event.phase
 elapsed = time.perf_counter() - start
+done.set()
 print(json.dumps({"seconds": elapsed, "frames": result.report["frames"]["used"], "peak_rss_mb": peak_rss_mb(),
+                  "sampled_peak_by_phase_mb": {k: round(v, 1) for k, v in peaks.items()},
                   "canvas": result.report["canvas"]["shape"], "block": result.report["canvas"]["block_side"],
                   "spilled": result.report["canvas"]["spilled"], "timings": result.report["timings_s"]}))
 """
@@ -39,33 +63,37 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--scale", type=float, default=1.0)
     parser.add_argument("--workflow", default="mosaic_first")
+    parser.add_argument("--frames-dir", help="reuse a folder of demo frames instead of generating one")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
-    from napari_zemosaic.engine.demo import DemoSpec, generate_demo
-
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        if args.frames_dir:
+            frames = Path(args.frames_dir)
+        else:
+            from napari_zemosaic.engine.demo import DemoSpec, generate_demo
+
+            generate_demo(Path(tmp) / "night", DemoSpec(panels=(1, 1), frames_per_panel=max(args.counts),
+                                                        scale=args.scale, seed=1, eqmode=1))
+            frames = Path(tmp) / "night" / "frames"
         for count in args.counts:
-            root = Path(tmp) / f"n{count}"
-            start = time.perf_counter()
-            generate_demo(root, DemoSpec(panels=(1, 1), frames_per_panel=count, scale=args.scale, seed=1, eqmode=1))
-            generation = time.perf_counter() - start
             runs = []
             for repeat in range(args.repeats):
                 out = Path(tmp) / f"out{count}_{repeat}"
                 completed = subprocess.run(
-                    [sys.executable, "-c", CHILD, str(root / "frames"), str(out), str(args.max_memory_mb), args.workflow],
+                    [sys.executable, "-c", CHILD, str(frames), str(out), str(args.max_memory_mb), args.workflow, str(count)],
                     check=True, capture_output=True, text=True,
                 )
                 runs.append(json.loads(completed.stdout.strip().splitlines()[-1]))
+                shutil.rmtree(out, ignore_errors=True)
             seconds = statistics.median(r["seconds"] for r in runs)
-            rss = statistics.median(r["peak_rss_mb"] for r in runs)
-            rows.append({"frames": count, "median_s": round(seconds, 2), "frames_per_s": round(count / seconds, 2),
-                         "peak_rss_mb": round(rss, 1), "canvas": runs[0]["canvas"], "block": runs[0]["block"],
-                         "spilled": runs[0]["spilled"], "timings": runs[0]["timings"],
-                         "generation_s": round(generation, 1)})
-            shutil_rm(root)
+            rows.append({"frames": runs[0]["frames"], "median_s": round(seconds, 2),
+                         "frames_per_s": round(runs[0]["frames"] / seconds, 2),
+                         "peak_rss_mb": round(statistics.median(r["peak_rss_mb"] for r in runs), 1),
+                         "sampled_peak_by_phase_mb": runs[0]["sampled_peak_by_phase_mb"],
+                         "canvas": runs[0]["canvas"], "block": runs[0]["block"], "spilled": runs[0]["spilled"],
+                         "timings": runs[0]["timings"]})
     if args.json:
         print(json.dumps(rows, indent=2))
         return
@@ -76,12 +104,6 @@ def main() -> None:
     if len(rows) >= 2:
         growth = rows[-1]["peak_rss_mb"] / rows[0]["peak_rss_mb"] - 1
         print(f"peak RSS growth from {rows[0]['frames']} to {rows[-1]['frames']} frames: {growth:+.1%}")
-
-
-def shutil_rm(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
 
 
 if __name__ == "__main__":

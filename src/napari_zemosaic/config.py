@@ -115,6 +115,8 @@ OPTIONS: dict[str, Option] = {
     "use_gpu_stack": Option(True, "Legacy alias of stack_use_gpu (kept in sync).", "bool"),
     "gpu_strict": Option(False, "Fail instead of falling back to the CPU when the GPU cannot be used (--gpu on).", "bool"),
     "gpu_device_id": Option(0, "CUDA device used by this run.", "int", minimum=0),
+    "gpu_memory_limit_mb": Option(0, "Cap on the GPU memory a run plans to use, MB; 0 = no cap (env ZEMOSAIC_GPU_MEMORY_LIMIT_MB overrides).", "int", minimum=0),
+    "gpu_threads": Option(0, "Device threads feeding the GPU during reprojection; 0 = default (1).", "int", minimum=0),
     "gpu_safety_fraction": Option(0.8, "Share of free GPU memory a stage may plan to use.", "float", minimum=0.05, maximum=1.0),
     # --- SDS (seed 000) ---------------------------------------------------------------------
     "sds_mode": Option(False, "ZeSupaDupStack: stack batches of Seestar frames into mega-tiles, then stack those.", "bool"),

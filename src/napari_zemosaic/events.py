@@ -7,6 +7,7 @@ and Dask task callbacks are all consumers (see :class:`Reporter`).
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Union
@@ -59,13 +60,16 @@ class Reporter:
         self.listeners: list[Listener] = list(listeners or [])
         self._pending: list[Event] = []
         self.log_events: list[LogEvent] = []
+        # Worker threads (readers, solvers) log too: the swap in pop_pending must not lose events.
+        self._lock = threading.RLock()
 
     def emit(self, event: Event) -> None:
-        self._pending.append(event)
-        if isinstance(event, LogEvent):
-            self.log_events.append(event)
-        for listener in self.listeners:
-            listener(event)
+        with self._lock:
+            self._pending.append(event)
+            if isinstance(event, LogEvent):
+                self.log_events.append(event)
+            for listener in self.listeners:
+                listener(event)
 
     def log(self, level: str, key: str, **params: Any) -> LogEvent:
         event = LogEvent(level, key, params)
@@ -88,7 +92,8 @@ class Reporter:
         self.emit(ProgressEvent(phase, done, total, key, params))
 
     def pop_pending(self) -> list[Event]:
-        pending, self._pending = self._pending, []
+        with self._lock:
+            pending, self._pending = self._pending, []
         return pending
 
 

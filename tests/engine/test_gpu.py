@@ -752,8 +752,13 @@ def small_night(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "frames"
 
 
-def run_mosaic_first(frames_dir: Path, tmp_path: Path, policy: ComputePolicy | None, **overrides: Any):
-    """Mosaic-First on a folder with a given policy (the pipeline builds its own from CuPy)."""
+def run_mosaic_first(
+    frames_dir: Path, tmp_path: Path, policy: ComputePolicy | None, edit: Any = None, **overrides: Any
+):
+    """Mosaic-First on a folder with a given policy (the pipeline builds its own from CuPy).
+
+    ``edit(infos)`` may change the ingested frames first (e.g. give one a plate-solved WCS).
+    """
     from napari_zemosaic.config import validate_config
     from napari_zemosaic.engine.canvas import build_canvas
     from napari_zemosaic.engine.context import RunContext
@@ -763,6 +768,8 @@ def run_mosaic_first(frames_dir: Path, tmp_path: Path, policy: ComputePolicy | N
     # A small host budget: several blocks, and the CPU path spills its pieces to disk.
     config = validate_config({"max_memory_mb": 16, **overrides})
     infos = [read_frame_info(path) for path in sorted(frames_dir.glob("*.fit"))]
+    if edit is not None:
+        edit(infos)
     canvas = build_canvas([i.wcs for i in infos], [i.shape for i in infos],
                           pixel_scale_arcsec=float(config["canvas_pixel_scale_arcsec"]),
                           padding_pct=float(config["canvas_padding_pct"]))
@@ -830,6 +837,28 @@ def test_gpu_path_reads_in_processes_for_large_runs(small_night, cpu_reference, 
     stacked, ctx = run_mosaic_first(small_night, tmp_path, policy, num_workers=2)
     assert ctx.extras["mosaic_first_gpu"][0]["reader_kind"] == "processes"
     assert_same_mosaic(stacked, cpu_reference)
+
+
+def test_process_readers_use_the_frame_wcs_even_when_it_is_not_the_header_one(
+    small_night, tmp_path, monkeypatch
+) -> None:
+    """Readers rebuild a frame's WCS from its header only when it is the same; a solved one travels whole."""
+    from napari_zemosaic.engine import mosaic_first as module
+
+    def solve_one(infos: list) -> None:
+        solved = infos[2].wcs.deepcopy()
+        solved.wcs.crval = solved.wcs.crval + np.array([3e-4, -2e-4])  # ~1 px: as a plate solve would move it
+        solved.wcs.set()
+        infos[2].wcs = solved
+
+    monkeypatch.setattr(module, "PROCESS_READERS_MIN_FRAMES", 1)
+    reference, _ = run_mosaic_first(small_night, tmp_path / "cpu", None, edit=solve_one)
+    policy = standin_policy(LimitedNumpy(), Reporter())
+    stacked, ctx = run_mosaic_first(small_night, tmp_path / "gpu", policy, edit=solve_one, num_workers=2)
+    assert ctx.extras["mosaic_first_gpu"][0]["reader_kind"] == "processes"
+    assert_same_mosaic(stacked, reference)
+    unedited, _ = run_mosaic_first(small_night, tmp_path / "plain", None)
+    assert not np.allclose(np.nan_to_num(unedited.data), np.nan_to_num(reference.data))  # the edit mattered
 
 
 def test_a_small_gpu_budget_stacks_in_strips_with_the_same_mosaic(small_night, cpu_reference, tmp_path) -> None:

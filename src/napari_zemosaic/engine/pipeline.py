@@ -258,8 +258,8 @@ class _Run:
             self.report["error"] = error
         self.report["elapsed_s"] = round(time.time() - self.started, 3)
         self.report["peak_rss_mb"] = round(peak_rss_mb(), 1)
-        if self.ctx.policy is not None and hasattr(self.ctx.policy, "to_report"):
-            self.report["compute"] = self.ctx.policy.to_report()
+        if self.ctx.policy is not None:
+            self.report["compute"] = self.ctx.policy.summary_end() if status == "ok" else self.ctx.policy.to_report()
         self.report["outputs"].setdefault("log", str(self.output_dir / "zemosaic.log"))
         try:
             write_json(self.report_path(), self.report)
@@ -305,6 +305,8 @@ def iter_run(
     try:
         reporter.info("run_info_start", version=__version__, input=str(input_dir), output=str(output_dir))
         ctx.policy = _build_policy(config, reporter)
+        if ctx.policy is not None:
+            ctx.policy.summary_start()
         yield from ctx.drain()
         result = yield from _run_body(run, include)
         return result
