@@ -481,3 +481,33 @@ def test_quality_rejection_switch_in_the_pipeline(night, tmp_path):
     assert excluded == expected
     assert on.report["frames"]["used"] == len(truth.frames) - 3 and off.report["frames"]["used"] == len(truth.frames)
     assert len(on.report["frames"]["metrics"]) == len(truth.frames)
+
+
+def test_noise_fwhm_weighting_favours_sharp_frames_in_the_stack(tmp_path):
+    """``noise_fwhm`` weights reach Mosaic-First: the blurred frame counts for less than with ``noise_variance``."""
+    from napari_zemosaic.config import validate_config
+    from napari_zemosaic.engine.mosaic_first import _frame_weights
+    from napari_zemosaic.engine.photometry import Normalisation
+
+    config = validate_config({"stacking_weighting_method": "noise_fwhm"})
+    noises = np.ones((4, 3))
+    norm = Normalisation.identity(4, 3)
+    fwhm = np.array([2.5, 2.5, 2.5, 5.0])  # the last frame is twice as blurred
+    sharp_aware = _frame_weights(config, noises, norm, fwhm)
+    plain = _frame_weights(validate_config({"stacking_weighting_method": "noise_variance"}), noises, norm, fwhm)
+    assert plain == pytest.approx(np.ones(4))
+    assert sharp_aware[3] == pytest.approx(sharp_aware[0] / 4, rel=1e-6)
+    assert sharp_aware.mean() == pytest.approx(1.0)
+
+
+def test_tile_gate_down_weights_a_patchy_dewy_tile_but_never_drops_it():
+    rng = np.random.default_rng(3)
+    good = rng.normal(1000.0, 5.0, (3, 120, 120)).astype(np.float32)
+    coverage = np.full((120, 120), 10.0, np.float32)
+    poor = good.copy()
+    poor[:, :, :30] += 400.0  # a dew/moon glow along one edge
+    patchy = coverage.copy()
+    patchy[40:, :] = 1.0  # most of the tile from a single frame
+    good_weight = q.tile_weight(q.tile_quality_score(good, coverage))
+    poor_weight = q.tile_weight(q.tile_quality_score(poor, patchy))
+    assert poor_weight < good_weight and poor_weight >= 0.1

@@ -27,6 +27,9 @@ def test_auto_runs_classic_on_non_seestar_data_and_mosaic_first_on_seestar(tmp_p
     classic = run(other, tmp_path / "out_other", {"max_memory_mb": 512, "quality_rejection": False})
     assert classic.report["workflow_requested"] == "auto" and classic.report["workflow_used"] == "classic"
     assert classic.report["classic"]["groups"] and classic.report["fallbacks"] == []
+    # tile quality gate: every master tile scored; a poor one is down-weighted, never dropped
+    for tile in classic.report["classic"]["tiles"]:
+        assert 0.0 <= tile["quality"]["score"] <= 1.0 and 0.1 <= tile["quality_weight"] <= 1.0
     seestar_dir = tmp_path / "seestar"
     shutil.copytree(root / "frames", seestar_dir)
     seestar = run(seestar_dir, tmp_path / "out_seestar", {"max_memory_mb": 512, "quality_rejection": False})

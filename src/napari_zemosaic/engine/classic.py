@@ -65,6 +65,7 @@ from .assembly import (
 )
 from .canvas import Canvas, footprint_polygon
 from .grouping import GroupPlan, plan_groups
+from .quality import tile_quality, tile_weight
 from .photometry import Normalisation, solve_normalisation
 
 #: Alpha taper width: the tile's short side divided by this.
@@ -192,6 +193,7 @@ class MasterTile:
     n_channels: int
     noise_per_unit_weight: float = float("nan")
     median_weight: float = 0.0
+    quality: dict[str, float] | None = None  # tile quality gate (engine/quality.py), set in P4.5
     reused: bool = False
     frame_gains: np.ndarray | None = None  # (len(members), C) each used frame's gain inside the tile
 
@@ -554,13 +556,19 @@ def run_classic(
     with ctx.timed("P4.5"):
         views: list[TilePhotometry] = []
         kept: list[MasterTile] = []
+        qualities: list[dict[str, float]] = []
         for tile, placed in zip(tiles, _placed(tiles, canvas, ctx, "intertile")):
             if placed is not None and (placed.weight > 0).any():
                 views.append(tile_photometry(placed, canvas.wcs, [frames[i].wcs for i in tile.members]))
+                tile.quality = tile_quality(placed.data, placed.weight).to_dict()
+                qualities.append(tile.quality)
                 kept.append(tile)
             del placed
         tiles = kept
         harmony = harmonise_tiles(tiles, views, canvas, config, reporter)
+        # Tile quality gate: a poor master tile is down-weighted in the assembly, never dropped (no holes).
+        gates = np.array([tile_weight(q["score"]) for q in qualities]) if qualities else np.ones(0)
+        harmony.scales = np.asarray(harmony.scales, dtype=np.float64) * gates
         _end_stage(ctx, "intertile")
     yield from ctx.drain()
 
@@ -641,6 +649,8 @@ def _report(
             "constrained": bool(harmony.norm.constrained[slot]) if harmony.applied else False,
             "gain_clipped": bool(harmony.norm.clipped[slot]) if harmony.norm.clipped.size else False,
             "weight_scale": round(float(harmony.scales[slot]), 6),
+            "quality": tile.quality,
+            "quality_weight": round(float(tile_weight(tile.quality["score"])), 4) if tile.quality else 1.0,
         })
         tile_entries.append(entry)
     return {

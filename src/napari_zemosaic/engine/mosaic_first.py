@@ -640,13 +640,23 @@ def _reader_executor(
     return threads, submit_to_thread, "threads", readers
 
 
-def _frame_weights(config: dict[str, Any], noises: np.ndarray, norm: Normalisation) -> np.ndarray:
-    """Weights of the normalised frames: 1/σ² where σ is the noise after dividing by the gain."""
-    if config["stacking_weighting_method"] != "noise_variance":
+def _frame_weights(
+    config: dict[str, Any], noises: np.ndarray, norm: Normalisation, fwhm: np.ndarray | None = None
+) -> np.ndarray:
+    """Weights of the normalised frames: 1/σ² where σ is the noise after dividing by the gain;
+    ``noise_fwhm`` also favours sharp frames by (median FWHM / FWHM)²."""
+    method = config["stacking_weighting_method"]
+    if method not in ("noise_variance", "noise_fwhm"):
         return np.ones(len(noises), dtype=np.float32)
     sigma = np.nanmean(noises / norm.gains, axis=1)
     sigma = np.where(np.isfinite(sigma) & (sigma > 0), sigma, np.nanmedian(sigma))
-    return np.asarray(noise_weights(sigma, np), dtype=np.float32)
+    weights = np.asarray(noise_weights(sigma, np), dtype=np.float64)
+    if method == "noise_fwhm" and fwhm is not None:
+        from .quality import fwhm_factors
+
+        weights = weights * fwhm_factors(fwhm)
+        weights = weights / weights[weights > 0].mean() if (weights > 0).any() else weights
+    return weights.astype(np.float32)
 
 
 def _split_into_blocks(
@@ -779,7 +789,8 @@ def mosaic_first(
         normalisation.centres[index] = norm_used.centres[slot]
         noise_all[index] = noises[index]
     normalisation.iterations, normalisation.converged = norm_used.iterations, norm_used.converged
-    weights = _frame_weights(config, noise_all, normalisation)
+    fwhm = np.array([info.metrics.get("fwhm_px", np.nan) for info in frames], dtype=np.float64)
+    weights = _frame_weights(config, noise_all, normalisation, fwhm)
 
     # --- P5: stack block by block ----------------------------------------------------------
     height, width = canvas.shape

@@ -1035,7 +1035,12 @@ def excluded_entries(
 
 def fwhm_weight_factors(metrics: Sequence[FrameMetrics]) -> np.ndarray:
     """(median FWHM / FWHM)² per frame, mean 1 over the frames; 1 where the FWHM is unknown."""
-    fwhm = np.array([m.fwhm_px for m in metrics], dtype=np.float64)
+    return fwhm_factors(np.array([m.fwhm_px for m in metrics], dtype=np.float64))
+
+
+def fwhm_factors(fwhm: np.ndarray) -> np.ndarray:
+    """(median FWHM / FWHM)² for an array of FWHMs, mean 1; 1 where the FWHM is unknown."""
+    fwhm = np.asarray(fwhm, dtype=np.float64)
     finite = np.isfinite(fwhm) & (fwhm > 0)
     if not finite.any():
         return np.ones(len(metrics))

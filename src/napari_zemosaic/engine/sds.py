@@ -82,6 +82,7 @@ import numpy as np
 
 from ..events import Event, Reporter
 from .canvas import Canvas, crop_canvas, footprint_polygon, frame_bbox_on_canvas
+from .quality import tile_quality, tile_weight
 
 if TYPE_CHECKING:  # pragma: no cover
     from .context import RunContext
@@ -648,6 +649,7 @@ class MegaTile:
     frames_failed: list[tuple[int, str, str]]
     frame_norm: "Normalisation | None" = None  # the used frames' correction inside the batch (crop coordinates)
     frame_coarse: "dict[int, CoarsePiece] | None" = None  # per used frame (global index), on the canvas' coarse grid
+    quality: "dict[str, float] | None" = None  # tile quality gate (engine/quality.py): score and its terms
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -780,6 +782,7 @@ def build_megatile(
         frames_failed=failed,
         frame_norm=stack.normalisation.subset(used),
         frame_coarse=_frames_coarse_on_canvas(stack, frame_indices, bbox),
+        quality=tile_quality(data, weight).to_dict(),
     )
 
 
@@ -1266,6 +1269,10 @@ def run_sds(
         good = np.isfinite(sigma) & (sigma > 0)
         if good.all():
             scales = (sigma[reference] / sigma) ** 2
+    # Tile quality gate: a poor mega-tile (patchy coverage, sky disparity, few stars) is
+    # down-weighted, never dropped, so it cannot leave a hole.
+    gate = np.array([tile_weight(t.quality["score"]) if t.quality else 1.0 for t in tiles])
+    scales = scales * gate
     params_plain = StackParams.from_config({**config, "stacking_rejection_algorithm": "none"})
 
     # --- P5: final stack, block by block -----------------------------------------------------------
@@ -1340,6 +1347,8 @@ def run_sds(
             "tilt": [[round(float(t), 6) for t in pair] for pair in tile_norm.tilts[slot]],
             "frames_used": len(tile.frames_used),
             "weight_scale": round(float(scales[slot]), 6),
+            "quality": tile.quality,
+            "quality_weight": round(float(gate[slot]), 4),
         })
     report.update({
         "reference_batch": tiles[reference].batch,
