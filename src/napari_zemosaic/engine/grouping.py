@@ -40,6 +40,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from .preplan import load_preplan, preplan_groups, resolved_path
+
 #: Automatic threshold: this many median nearest-neighbour separations ...
 AUTO_NN_FACTOR = 4.0
 #: ... but at least this fraction of the frames' short field side ...
@@ -272,38 +274,6 @@ def automatic_cap(frames: Sequence[Any], n_channels: int, budget_bytes: int) -> 
 # ------------------------------------------------------------------------------ preplan
 
 
-def _load_preplan(value: Any) -> Any:
-    if isinstance(value, (str, Path)) and str(value).strip():
-        return json.loads(Path(value).expanduser().read_text(encoding="utf-8"))
-    return value
-
-
-def _preplan_groups(value: Any) -> list[list[str]] | None:
-    """``[[path, ...], ...]``, ``[{"frames": [...]}, ...]`` or either under a known key."""
-    if isinstance(value, Mapping):
-        for key in ("preplan_master_groups", "groups", "batches"):
-            if key in value:
-                return _preplan_groups(value[key])
-        return None
-    if not isinstance(value, (list, tuple)):
-        return None
-    groups: list[list[str]] = []
-    for group in value:
-        if isinstance(group, Mapping):
-            group = group.get("frames", group.get("members"))
-        if not isinstance(group, (list, tuple)) or not all(isinstance(item, (str, Path)) for item in group):
-            return None
-        groups.append([str(item) for item in group])
-    return groups
-
-
-def _resolved(path: Any) -> str:
-    try:
-        return str(Path(str(path)).expanduser().resolve())
-    except OSError:  # pragma: no cover - unresolvable: compare as written
-        return str(path)
-
-
 def resolve_preplan(
     value: Any, frames: Sequence[Any], reporter: Any = None
 ) -> list[list[int]] | None:
@@ -316,14 +286,14 @@ def resolve_preplan(
             reporter.warning("classic_warn_preplan_unused", reason=reason, detail=detail)
 
     try:
-        groups = _preplan_groups(_load_preplan(value))
+        groups = preplan_groups(load_preplan(value))
     except (OSError, ValueError) as exc:
         refuse("sds_reason_preplan_unreadable", f"{type(exc).__name__}: {exc}")
         return None
     if groups is None:
         refuse("sds_reason_preplan_malformed", "expected lists of frame paths")
         return None
-    by_path = {_resolved(info.path): i for i, info in enumerate(frames)}
+    by_path = {resolved_path(info.path): i for i, info in enumerate(frames)}
     names: dict[str, int] = {}
     for index, info in enumerate(frames):
         name = Path(str(info.path)).name
@@ -333,7 +303,7 @@ def resolve_preplan(
     for group in groups:
         members: list[int] = []
         for item in group:
-            index = by_path.get(_resolved(item), names.get(Path(item).name, -1))
+            index = by_path.get(resolved_path(item), names.get(Path(item).name, -1))
             if index is None or index < 0:
                 refuse("sds_reason_preplan_unknown_frames", str(item))
                 return None

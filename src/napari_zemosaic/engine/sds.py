@@ -80,6 +80,7 @@ from typing import TYPE_CHECKING, Any, Generator, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from .preplan import load_preplan, preplan_groups, resolved_path
 from ..events import Event, Reporter
 from .canvas import Canvas, crop_canvas, footprint_polygon, frame_bbox_on_canvas
 from .quality import tile_quality, tile_weight
@@ -465,39 +466,6 @@ def measure_batches(frames_or_wcs: Sequence[Any], canvas: Canvas, batches: Seque
 # --------------------------------------------------------------------------------- preplan
 
 
-def _load_preplan(value: Any) -> Any:
-    """A preplan given as a JSON file path is read; anything else is returned as is."""
-    if isinstance(value, (str, Path)) and str(value).strip():
-        text = Path(value).expanduser().read_text(encoding="utf-8")
-        return json.loads(text)
-    return value
-
-
-def _preplan_groups(value: Any) -> list[list[str]] | None:
-    """Groups as lists of path strings; ``None`` when the value has another shape.
-
-    Accepted: ``[[path, ...], ...]``, ``[{"frames": [path, ...]}, ...]`` (a report's batches) and
-    either of those under a ``"preplan_master_groups"``, ``"groups"`` or ``"batches"`` key.
-    """
-    if isinstance(value, Mapping):
-        for key in ("preplan_master_groups", "groups", "batches"):
-            if key in value:
-                return _preplan_groups(value[key])
-        return None
-    if not isinstance(value, (list, tuple)):
-        return None
-    groups: list[list[str]] = []
-    for group in value:
-        if isinstance(group, Mapping):
-            group = group.get("frames")
-        if not isinstance(group, (list, tuple)) or not group:
-            return None
-        if not all(isinstance(item, (str, Path)) for item in group):
-            return None
-        groups.append([str(item) for item in group])
-    return groups
-
-
 def _path_index(frames: Sequence[Any]) -> tuple[dict[str, int], dict[str, int]]:
     """Frame index by resolved path, and by file name when that name is unique."""
     by_path: dict[str, int] = {}
@@ -505,20 +473,13 @@ def _path_index(frames: Sequence[Any]) -> tuple[dict[str, int], dict[str, int]]:
     duplicate_names: set[str] = set()
     for index, info in enumerate(frames):
         path = Path(str(getattr(info, "path", "")))
-        by_path[_resolved(path)] = index
+        by_path[resolved_path(path)] = index
         if path.name in by_name:
             duplicate_names.add(path.name)
         by_name[path.name] = index
     for name in duplicate_names:
         by_name.pop(name, None)
     return by_path, by_name
-
-
-def _resolved(path: Path | str) -> str:
-    try:
-        return str(Path(path).expanduser().resolve())
-    except OSError:  # pragma: no cover - unresolvable path: compare as written
-        return str(path)
 
 
 def resolve_preplan(
@@ -539,11 +500,11 @@ def resolve_preplan(
             reporter.warning("sds_warn_preplan_unused", reason=reason, detail=detail)
 
     try:
-        loaded = _load_preplan(raw)
+        loaded = load_preplan(raw)
     except (OSError, ValueError) as exc:
         refuse(REASON_PREPLAN_UNREADABLE, f"{type(exc).__name__}: {exc}")
         return None
-    groups = _preplan_groups(loaded)
+    groups = preplan_groups(loaded)
     if groups is None:
         refuse(REASON_PREPLAN_MALFORMED, "expected lists of frame paths")
         return None
@@ -555,7 +516,7 @@ def resolve_preplan(
     for group in groups:
         batch: list[int] = []
         for item in group:
-            index = by_path.get(_resolved(item), by_name.get(Path(item).name))
+            index = by_path.get(resolved_path(item), by_name.get(Path(item).name))
             if index is None:
                 unknown.append(item)
             elif index in seen:
