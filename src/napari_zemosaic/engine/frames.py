@@ -58,6 +58,15 @@ MAX_PIXEL_SCALE_ARCSEC = 15.0
 #: Largest pixel error of the corners' pixel -> sky -> pixel round trip of a valid WCS.
 MAX_ROUND_TRIP_PX = 0.05
 
+#: Largest pixel magnitude kept (after BSCALE/BZERO); beyond it a value is undefined (NaN).
+#: No sensor or calibrated image comes near it, and it keeps float32 sums of 10^8 values finite.
+MAX_PIXEL_MAGNITUDE = 1e30
+
+#: The FITS standard's limit on NAXIS.
+MAX_FITS_AXES = 999
+#: Header blocks read at most when looking for structural keywords before astropy opens an HDU.
+_MAX_HEADER_BLOCKS = 200
+
 _FITS_BLOCK = 2880
 _CARD = 80
 _WCS_TEXT_KEY = re.compile(r"^(CTYPE\d|CUNIT\d|RADESYS|RADECSYS|PS\d_\d+)$")
@@ -157,7 +166,14 @@ class FrameInfo:
         wcs = wcs_from_dict(data["wcs"], shape) if data.get("wcs") else None
         header = fits.Header()
         for key, value in (data.get("header") or {}).items():
-            header[key] = value
+            try:
+                # append(Card), not header[key] = value: a key such as 'A*' would be taken as a
+                # wildcard and overwrite every matching card (or fail to compile as a pattern).
+                header.append(fits.Card(key, value))
+            except Exception:
+                # astropy reads cards it refuses to write (non-ASCII values, a stray 'END = 0',
+                # NUL keywords): the copy here is informational, so such cards are left out.
+                continue
         return cls(
             path=Path(data["path"]),
             shape=shape,
@@ -217,15 +233,27 @@ def scan_inputs(input_dir: str | os.PathLike[str], output_dir: str | os.PathLike
 # ----------------------------------------------------------------------------- headers
 
 
+def _card_value(header: fits.Header | dict[str, Any], key: str) -> Any:
+    """``header.get(key)``, or None when the card is unparsable (e.g. ``XBAYROFF= NAN``).
+
+    astropy raises ``VerifyError`` on such a card only when its value is asked for; a
+    metadata keyword we cannot read is treated as absent instead of failing the frame.
+    """
+    try:
+        return header.get(key)
+    except Exception:
+        return None
+
+
 def is_seestar_header(header: fits.Header | dict[str, Any], force_seestar_mode: bool = False) -> bool:
     """True for ZWO Seestar frames: INSTRUME/CREATOR/TELESCOP mention "seestar", or TELESCOP is S50_*/S30_*."""
     if force_seestar_mode:
         return True
     for key in ("INSTRUME", "CREATOR", "TELESCOP"):
-        value = header.get(key)
+        value = _card_value(header, key)
         if isinstance(value, str) and "seestar" in value.lower():
             return True
-    telescope = header.get("TELESCOP")
+    telescope = _card_value(header, "TELESCOP")
     return isinstance(telescope, str) and bool(_SEESTAR_TELESCOPE.match(telescope))
 
 
@@ -242,7 +270,7 @@ def shift_bayer_pattern(pattern: str, x_offset: int = 0, y_offset: int = 0) -> s
 def header_bayer_pattern(header: fits.Header) -> str | None:
     """BAYERPAT (or COLORTYP) shifted by XBAYROFF/YBAYROFF; None when absent or not a Bayer pattern."""
     for key in ("BAYERPAT", "COLORTYP"):
-        value = header.get(key)
+        value = _card_value(header, key)
         if isinstance(value, str) and value.strip().upper() in PATTERNS:
             x_offset = _header_int(header, "XBAYROFF") or 0
             y_offset = _header_int(header, "YBAYROFF") or 0
@@ -252,7 +280,7 @@ def header_bayer_pattern(header: fits.Header) -> str | None:
 
 def _header_float(header: fits.Header, *keys: str) -> float | None:
     for key in keys:
-        value = header.get(key)
+        value = _card_value(header, key)
         if isinstance(value, bool) or value is None:
             continue
         if isinstance(value, (int, float)):
@@ -276,7 +304,7 @@ def _header_int(header: fits.Header, key: str) -> int | None:
 
 def _header_str(header: fits.Header, *keys: str) -> str | None:
     for key in keys:
-        value = header.get(key)
+        value = _card_value(header, key)
         if isinstance(value, str) and value.strip():
             return value.strip()
     return None
@@ -505,7 +533,7 @@ class _ImagePlan:
 def _data_nbytes(raw_header: fits.Header) -> int:
     """Bytes of the data unit announced by a raw (on-disk) header, padding excluded."""
     n_axes = int(raw_header.get("NAXIS", 0) or 0)
-    if n_axes == 0:
+    if not 0 < n_axes <= MAX_FITS_AXES:
         return 0
     count = 1
     for axis in range(1, n_axes + 1):
@@ -522,13 +550,14 @@ def _raw_header(hdul: fits.HDUList, index: int, path: Path) -> fits.Header:
     if not isinstance(hdu, fits.CompImageHDU):
         return hdu.header
     with open(path, "rb") as handle:
-        handle.seek(hdul.fileinfo(index)["hdrLoc"])
+        handle.seek(hdul[index].fileinfo()["hdrLoc"])
         return fits.Header.fromfile(handle)
 
 
 def _check_data_present(hdul: fits.HDUList, index: int, path: Path, file_size: int) -> None:
     """Raise ``frame_excluded_truncated`` if the file ends before the HDU's data does."""
-    expected_end = int(hdul.fileinfo(index)["datLoc"]) + _data_nbytes(_raw_header(hdul, index, path))
+    # hdul[index].fileinfo(), not hdul.fileinfo(index): the latter reads every HDU of the file.
+    expected_end = int(hdul[index].fileinfo()["datLoc"]) + _data_nbytes(_raw_header(hdul, index, path))
     if expected_end > file_size:
         raise FrameError(
             REASON_TRUNCATED,
@@ -564,6 +593,10 @@ def _find_image(hdul: fits.HDUList, path: Path) -> _ImagePlan:
     unsupported = ""
     index = 0
     while True:
+        absurd = _absurd_naxis_after(hdul, index, path)
+        if absurd:
+            unsupported = unsupported or absurd
+            break
         try:
             hdu = hdul[index]
         except IndexError:
@@ -576,6 +609,9 @@ def _find_image(hdul: fits.HDUList, path: Path) -> _ImagePlan:
             header = hdu.header
             n_axes = int(header.get("NAXIS", 0) or 0)
             dims = [int(header.get(f"NAXIS{axis}", 0) or 0) for axis in range(1, n_axes + 1)]
+            conflict = _conflicting_structure(header, n_axes)
+            if conflict:
+                raise FrameError(REASON_UNREADABLE, f"HDU {index}: {conflict}", path=str(path))
             if n_axes > 0 and all(size > 0 for size in dims):
                 classified = _classify_image(header, dims)
                 if isinstance(classified, str):
@@ -588,6 +624,79 @@ def _find_image(hdul: fits.HDUList, path: Path) -> _ImagePlan:
     if unsupported:
         raise FrameError(REASON_UNSUPPORTED_SHAPE, unsupported, path=str(path))
     raise FrameError(REASON_NO_IMAGE, f"{index} HDU(s), none with 2-D or 3-D image data", path=str(path))
+
+
+def _conflicting_structure(header: fits.Header, n_axes: int) -> str:
+    """'' unless BITPIX/NAXIS/NAXISn appear twice with different values.
+
+    Readers disagree on such a header (``header.get`` sees the first card, astropy's data
+    reader the last), so the frame would load with another shape than the header pass found.
+    """
+    wanted = {"BITPIX", "NAXIS", *(f"NAXIS{axis}" for axis in range(1, n_axes + 1))}
+    seen: dict[str, list[Any]] = {}
+    for card in header.cards:
+        if card.keyword in wanted:
+            try:
+                seen.setdefault(card.keyword, []).append(card.value)
+            except Exception:
+                seen.setdefault(card.keyword, []).append(card.image)
+    for keyword, values in seen.items():
+        if len(set(map(repr, values))) > 1:
+            return f"{keyword} is given {len(values)} times with different values ({', '.join(map(str, values))})"
+    return ""
+
+
+def _raw_naxis_values(path: Path, offset: int) -> list[int]:
+    """Integer values of every NAXIS card of the raw header starting at ``offset``.
+
+    Every card counts, duplicates included: which one a reader uses differs between readers.
+    Reads header blocks up to the END card (at most :data:`_MAX_HEADER_BLOCKS`).
+    """
+    values: list[int] = []
+    with open(path, "rb") as handle:
+        handle.seek(offset)
+        for _ in range(_MAX_HEADER_BLOCKS):
+            block = handle.read(_FITS_BLOCK)
+            if not block:
+                break
+            for start in range(0, len(block) - _CARD + 1, _CARD):
+                card = block[start : start + _CARD]
+                if card[:8] == b"END     ":
+                    return values
+                if card[:8] == b"NAXIS   " and card[8:10] == b"= ":
+                    try:
+                        values.append(int(card[10:].split(b"/", 1)[0].strip()))
+                    except ValueError:
+                        continue  # not an integer: astropy refuses it quickly by itself
+    return values
+
+
+def _naxis_problem(path: Path, offset: int, index: int) -> str:
+    """Why the HDU whose header starts at ``offset`` must not be handed to astropy ('' when it may be).
+
+    astropy lists NAXIS1..NAXISn while it *opens* an HDU, so ``NAXIS = 2147483647`` (or a second
+    NAXIS card saying so) would hang ``fits.open`` for hours, growing in memory; FITS allows 0..999.
+    """
+    try:
+        values = _raw_naxis_values(path, offset)
+    except OSError:
+        return ""  # astropy will say what is wrong with the file
+    absurd = [value for value in values if not 0 <= value <= MAX_FITS_AXES]
+    if absurd:
+        return f"HDU {index}: NAXIS = {absurd[0]} (FITS allows 0 to {MAX_FITS_AXES})"
+    return ""
+
+
+def _absurd_naxis_after(hdul: fits.HDUList, index: int, path: Path) -> str:
+    """:func:`_naxis_problem` of HDU ``index`` (> 0), read raw where astropy says it starts."""
+    if index == 0:
+        return ""  # checked before the file was opened
+    try:
+        previous = hdul[index - 1].fileinfo()  # (HDUList.fileinfo would read every HDU)
+        offset = int(previous["datLoc"]) + int(previous["datSpan"])
+    except Exception:  # astropy reports a damaged structure itself when asked for the HDU
+        return ""
+    return _naxis_problem(path, offset, index)
 
 
 def _looks_cut(exc: Exception) -> bool:
@@ -609,6 +718,9 @@ def _check_file_start(path: Path) -> int:
         raise FrameError(REASON_NOT_FITS, "the file does not start with the FITS keyword SIMPLE", path=str(path))
     if size < _FITS_BLOCK:
         raise FrameError(REASON_TRUNCATED, f"{size} bytes, shorter than one FITS header block", path=str(path))
+    problem = _naxis_problem(path, 0, 0)
+    if problem:
+        raise FrameError(REASON_UNSUPPORTED_SHAPE, problem, path=str(path))
     return size
 
 
@@ -651,6 +763,8 @@ def _frame_info_from_header(
     focal = _header_float(header, "FOCALLEN")
     pixel = _header_float(header, "XPIXSZ", "PIXSIZE1", "PIXSIZE")
     scale = 206.265 * pixel / focal if focal and pixel and focal > 0 and pixel > 0 else None
+    if scale is not None and not math.isfinite(scale):  # e.g. XPIXSZ = 1E300, FOCALLEN = 1E-300
+        scale = None
     exposure = _header_float(header, "EXPTIME", "EXPOSURE")
     wcs, status, reason, detail = validate_wcs(header, plan.shape)
     is_seestar = force_seestar_mode or (auto_detect_seestar and is_seestar_header(header))
@@ -703,14 +817,33 @@ def _scaled_pixels(raw: np.ndarray, header: fits.Header) -> tuple[np.ndarray, bo
                 return np.bitwise_xor(unsigned, np.uint16(0x8000), dtype=np.uint16), False
             if bzero == 0.0 and raw.dtype.itemsize <= 2:
                 return raw.astype(raw.dtype.newbyteorder("=")), False
-        scaled = (raw.astype(np.float64) * bscale + bzero).astype(np.float32)
+        with np.errstate(over="ignore", invalid="ignore"):
+            scaled = (raw.astype(np.float64) * bscale + bzero).astype(np.float32)
         if has_blank:
             scaled[raw == blank] = np.nan
-        return scaled, has_blank
-    values = raw.astype(np.float32) if bscale == 1.0 and bzero == 0.0 else (
-        raw.astype(np.float64) * bscale + bzero
-    ).astype(np.float32)
+        overflowed = _out_of_range_to_nan(scaled)
+        return scaled, has_blank or overflowed
+    with np.errstate(over="ignore", invalid="ignore"):
+        values = raw.astype(np.float32) if bscale == 1.0 and bzero == 0.0 else (
+            raw.astype(np.float64) * bscale + bzero
+        ).astype(np.float32)
+    _out_of_range_to_nan(values)
     return values, True
+
+
+def _out_of_range_to_nan(values: np.ndarray) -> bool:
+    """Mark pixels beyond :data:`MAX_PIXEL_MAGNITUDE` (inf included) as undefined (NaN), in place.
+
+    An infinity would poison every mean and sigma it enters, and values near the float32 limit
+    overflow to one in the debayer averages or the stack sums; NaN is what the stackers skip.
+    Returns True if any pixel was changed.
+    """
+    with np.errstate(invalid="ignore"):
+        out_of_range = np.abs(values) > MAX_PIXEL_MAGNITUDE
+    if not out_of_range.any():
+        return False
+    values[out_of_range] = np.nan
+    return True
 
 
 def _read_raw_image(info: FrameInfo) -> tuple[np.ndarray, fits.Header]:
@@ -839,4 +972,12 @@ def _json_value(value: Any) -> Any:
 def header_to_dict(header: fits.Header, skip: Iterable[str] = ("COMMENT", "HISTORY", "")) -> dict[str, Any]:
     """Header cards (commentary cards left out) as a JSON-safe dict."""
     skipped = set(skip)
-    return {card.keyword: _json_value(card.value) for card in header.cards if card.keyword not in skipped}
+    result: dict[str, Any] = {}
+    for card in header.cards:
+        if card.keyword in skipped:
+            continue
+        try:
+            result[card.keyword] = _json_value(card.value)
+        except Exception:  # an unparsable card (e.g. 'XBAYROFF= NAN') is left out, as the header pass ignores it
+            continue
+    return result

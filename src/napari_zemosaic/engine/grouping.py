@@ -32,7 +32,6 @@ Every frame with a WCS lands in exactly one group; groups are ordered by their f
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
