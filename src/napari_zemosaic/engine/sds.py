@@ -72,7 +72,6 @@ number shown in the logs) makes that batch's unit raise, to exercise the fallbac
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
