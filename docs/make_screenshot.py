@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Make ``docs/screenshot.png``: napari after a finished demo run from the *Run mosaic* widget.
 
-    python docs/make_screenshot.py [--out docs/screenshot.png] [--scale 0.35] [--frames-per-panel 4]
+    python docs/make_screenshot.py [--out docs/screenshot.png] [--scale 0.35] [--frames-per-panel 12]
 
 It writes a synthetic Seestar night (``zemosaic demo``'s generator) to a temporary
 folder, opens the three napari-zemosaic dock widgets, scans the frames with the Frame
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=HERE / "screenshot.png")
     parser.add_argument("--scale", type=float, default=0.35, help="demo sensor scale (1 = full Seestar frames)")
-    parser.add_argument("--frames-per-panel", type=int, default=4)
+    parser.add_argument("--frames-per-panel", type=int, default=12)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--size", default="1600x1000", help="window size WxH")
     args = parser.parse_args(argv)
