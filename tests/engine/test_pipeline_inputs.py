@@ -188,3 +188,17 @@ def test_user_error_for_missing_input(tmp_path) -> None:
     with pytest.raises(UserError) as info:
         run(tmp_path / "nope", tmp_path / "out")
     assert info.value.key == "input_error_missing"
+
+
+def test_a_second_run_into_the_same_output_refuses_while_the_first_runs(small_night, tmp_path) -> None:
+    from napari_zemosaic.engine.pipeline import iter_run
+
+    root, _ = small_night
+    first = iter_run(root / "frames", tmp_path / "out", {"max_memory_mb": 256})
+    next(first)  # the first run has started and holds OUTPUT
+    with pytest.raises(UserError) as info:
+        run(root / "frames", tmp_path / "out", {"max_memory_mb": 256})
+    assert info.value.key == "run_error_output_locked"
+    assert tr(info.value.key, **info.value.params) != info.value.key
+    first.close()  # cancelled: the lock goes with it
+    assert run(root / "frames", tmp_path / "out", {"max_memory_mb": 256}).status == "ok"

@@ -297,8 +297,13 @@ def iter_run(
         check_output_dir(output_dir)
     except OutputError as exc:
         raise UserError(exc.key, **exc.params) from None
+    from .resume import RunLock
+
+    # One run per OUTPUT at a time; taken before the log is opened so a refused run touches nothing.
+    lock = RunLock(output_dir, version=__version__).acquire()
     log_listener = LogFileListener(str(output_dir / "zemosaic.log"), config["language"], mode="w")
     reporter = Reporter([log_listener, *listeners])
+    lock.emit_warnings(reporter)
     cache_dir = Path(config["cache_dir"]) if config["cache_dir"] else output_dir / ".zemosaic_cache"
     ctx = RunContext(config, reporter, output_dir, cache_dir, cancel_event=cancel_event or threading.Event())
     run = _Run(input_dir, output_dir, config, ctx)
@@ -325,6 +330,7 @@ def iter_run(
         raise
     finally:
         log_listener.close()
+        lock.release()
 
 
 def _run_body(run: _Run, include: Iterable[str | Path] | None) -> Generator[Event, None, MosaicResult]:
