@@ -301,7 +301,11 @@ def iter_run(
 
     # One run per OUTPUT at a time; taken before the log is opened so a refused run touches nothing.
     lock = RunLock(output_dir, version=__version__).acquire()
-    log_listener = LogFileListener(str(output_dir / "zemosaic.log"), config["language"], mode="w")
+    try:
+        log_listener = LogFileListener(str(output_dir / "zemosaic.log"), config["language"], mode="w")
+    except BaseException:
+        lock.release()  # napari lives on: a folder must never stay locked by a run that never started
+        raise
     reporter = Reporter([log_listener, *listeners])
     lock.emit_warnings(reporter)
     cache_dir = Path(config["cache_dir"]) if config["cache_dir"] else output_dir / ".zemosaic_cache"
