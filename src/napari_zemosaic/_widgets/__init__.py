@@ -197,3 +197,27 @@ def notify(outcome: Outcome, language: str | None = None) -> None:
         show_warning(outcome.message(language))
     elif outcome.status in ("user_error", "error"):
         show_error(outcome.message(language))
+
+
+def _container_base() -> type:
+    from magicgui.widgets import Container
+
+    return Container
+
+
+class EngineWidget(_container_base()):  # type: ignore[misc]
+    """What the three dock widgets share: the viewer, its session state, the config and language."""
+
+    def __init__(self, napari_viewer: Any) -> None:
+        from .layers import unwrap
+
+        super().__init__(labels=True)
+        self._viewer = unwrap(napari_viewer)
+        self._state = state_for(self._viewer)
+        self.config, self.config_warning = widget_config()
+        self.language: str = self.config["language"]
+        self.worker: Any = None
+
+    def _t(self, key: str, **params: Any) -> str:
+        return tr(key, self.language, **params)
+

@@ -18,8 +18,8 @@ from magicgui.widgets import ComboBox, Container, FileEdit, FloatSpinBox, Label,
 
 from ..events import LogEvent, ProgressEvent
 from ..i18n import tr
-from . import Outcome, guarded, notify, start_worker, state_for, widget_config
-from .layers import selected_frames, unwrap
+from . import EngineWidget, Outcome, guarded, notify, start_worker
+from .layers import selected_frames
 
 PROGRESS_STEPS = 1000
 
@@ -28,17 +28,13 @@ def _row(*widgets: Any) -> Container:
     return Container(widgets=list(widgets), layout="horizontal", labels=False)
 
 
-class FrameFilterWidget(Container):
+class FrameFilterWidget(EngineWidget):
     """Dock widget: input folder, scan, frames table and selection tools, CSV export."""
 
     def __init__(self, napari_viewer: Any) -> None:
-        super().__init__(labels=True)
-        self._viewer = unwrap(napari_viewer)
-        self._state = state_for(self._viewer)
-        self.config, warning = widget_config()
-        self.language: str = self.config["language"]
+        super().__init__(napari_viewer)
+        warning = self.config_warning
         t = self._t
-        self.worker: Any = None
 
         self.input_dir = FileEdit(mode="d", label=t("widget_input_folder"), tooltip=t("widget_input_folder_tip"))
         self.scan_button = PushButton(text=t("filter_scan"), tooltip=t("filter_scan_tip"))
@@ -110,9 +106,6 @@ class FrameFilterWidget(Container):
             self.refresh()
         if warning:
             self.status.value = warning
-
-    def _t(self, key: str, **params: Any) -> str:
-        return tr(key, self.language, **params)
 
     def _configure_table(self) -> None:
         from qtpy.QtWidgets import QAbstractItemView

@@ -29,8 +29,8 @@ from magicgui.widgets import ComboBox, Container, FileEdit, FloatSpinBox, Label,
 from ..config import OPTIONS
 from ..events import LogEvent, ProgressEvent
 from ..i18n import tr
-from . import Outcome, guarded, notify, start_worker, state_for, widget_config
-from .layers import max_texture_size, prepare_mosaic_display, show_mosaic_steps, unwrap, warm_up
+from . import EngineWidget, Outcome, guarded, notify, start_worker
+from .layers import max_texture_size, prepare_mosaic_display, show_mosaic_steps, warm_up
 
 PROGRESS_STEPS = 1000
 WORKFLOWS = ("auto", "classic", "mosaic_first", "sds")
@@ -49,17 +49,13 @@ def format_duration(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
-class RunMosaicWidget(Container):
+class RunMosaicWidget(EngineWidget):
     """Dock widget: folders, workflow, GPU, stacking options; Start/Cancel; progress, ETA, log."""
 
     def __init__(self, napari_viewer: Any) -> None:
-        super().__init__(labels=True)
-        self._viewer = unwrap(napari_viewer)
-        self._state = state_for(self._viewer)
-        self.config, warning = widget_config()
-        self.language: str = self.config["language"]
+        super().__init__(napari_viewer)
+        warning = self.config_warning
         t = self._t
-        self.worker: Any = None
         self.cancel_event: threading.Event | None = None
         self.last_outcome: Outcome | None = None
         self._phase = ""
@@ -129,9 +125,6 @@ class RunMosaicWidget(Container):
         from qtpy.QtCore import QTimer
 
         QTimer.singleShot(0, warm_up)  # once the dock is shown, not during a run
-
-    def _t(self, key: str, **params: Any) -> str:
-        return tr(key, self.language, **params)
 
     def _choice_label(self, key: str, choice: str) -> str:
         label_key = f"run_choice_{choice}"

@@ -14,24 +14,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from magicgui.widgets import Container, FloatSpinBox, Label, ProgressBar, PushButton, SpinBox
+from magicgui.widgets import FloatSpinBox, Label, ProgressBar, PushButton, SpinBox
 
-from ..i18n import tr
-from . import Outcome, guarded_call, notify, start_worker, state_for, widget_config
-from .layers import select_sds_batch, unwrap
+from . import EngineWidget, Outcome, guarded_call, notify, start_worker
+from .layers import select_sds_batch
 
 
-class SDSPreviewWidget(Container):
+class SDSPreviewWidget(EngineWidget):
     """Dock widget: SDS policy controls, Preview, batch selector, summary, Use as preplan."""
 
     def __init__(self, napari_viewer: Any) -> None:
-        super().__init__(labels=True)
-        self._viewer = unwrap(napari_viewer)
-        self._state = state_for(self._viewer)
-        self.config, warning = widget_config()
-        self.language: str = self.config["language"]
+        super().__init__(napari_viewer)
+        warning = self.config_warning
         t = self._t
-        self.worker: Any = None
 
         self.coverage_threshold = FloatSpinBox(
             value=float(self.config["sds_coverage_threshold"]), min=0.0, max=1.0, step=0.01,
@@ -72,9 +67,6 @@ class SDSPreviewWidget(Container):
         self._refresh()
         if warning:
             self.summary.value = warning
-
-    def _t(self, key: str, **params: Any) -> str:
-        return tr(key, self.language, **params)
 
     @property
     def session(self) -> Any:
