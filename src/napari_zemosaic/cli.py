@@ -98,6 +98,8 @@ class ConsoleProgress:
         if isinstance(event, LogEvent):
             if event.level == "debug" and not self.verbose:
                 return
+            if self.bar is not None and self.bar.total and self.bar.n >= self.bar.total:
+                self.close()  # the phase is done: its bar should not be redrawn under later lines
             prefix = {"warning": "! ", "error": "x "}.get(event.level, "  ")
             self._tqdm.write(prefix + event.text(), file=sys.stderr)
         elif isinstance(event, ProgressEvent):
