@@ -64,15 +64,12 @@ from typing import Any, Iterable, Protocol, Sequence
 
 import numpy as np
 
-from .canvas import Canvas, autocrop_slices, crop_canvas
-from .photometry import MAX_LOG_GAIN_SIGMA, CoarsePiece, Normalisation, coarse_piece, fit_gain_ratio
+from .canvas import BBox, Canvas, autocrop_slices, crop_canvas
+from .photometry import MAX_LOG_GAIN_SIGMA, PHOTOMETRY_BIN_PX, CoarsePiece, Normalisation, coarse_piece, fit_gain_ratio
 from .reproject import reproject_frame
 
-BBox = tuple[int, int, int, int]  # (y0, y1, x0, x1), end-exclusive, canvas pixels
 
 ASSEMBLY_METHODS = ("reproject_coadd", "incremental")
-#: Coarse bin of the tile photometry and of the coverage renormalisation (canvas pixels).
-PHOTOMETRY_BIN_PX = 16
 #: Pass-2 gains are clipped into this range (a safety net: P4.5 has already matched the tiles).
 RENORM_GAIN_LIMITS = (0.85, 1.18)
 #: Only the well-covered part of a tile (coverage weight ≥ this share of its median) is used to

@@ -67,7 +67,7 @@ from typing import Any, Callable, Generator, Iterator, Sequence
 import numpy as np
 
 from ..events import Event
-from .canvas import Canvas, frame_bbox_on_canvas
+from .canvas import BBox, Canvas, frame_bbox_on_canvas
 from .context import RunContext
 from .debayer import correct_hot_pixels, debayer_bilinear
 from .frames import (
@@ -83,7 +83,7 @@ from .frames import (
     validate_wcs,
 )
 from .gpu import WorkerStreams, chunk_slices, kernel_bytes_per_pixel, plan_chunks, to_device, to_host
-from .photometry import CoarsePiece, Normalisation, coarse_piece, solve_normalisation
+from .photometry import PHOTOMETRY_BIN_PX, CoarsePiece, Normalisation, coarse_piece, solve_normalisation
 from .reproject import (
     ControlGrid,
     _check_method,
@@ -96,11 +96,9 @@ from .reproject import (
 )
 from .stack import StackParams, noise_weights, stack_cube
 
-BBox = tuple[int, int, int, int]  # (y0, y1, x0, x1), end-exclusive, canvas pixels
 
 # The stacker holds the cube plus about three cube-sized temporaries (mask, sorted copy, work).
 STACK_WORKSPACE_FACTOR = 4
-PHOTOMETRY_BIN_PX = 16
 
 #: GPU runs with at least this many frames read them in a process pool (below: threads,
 #: whose start costs nothing). Reading and the astropy mapping hold the GIL.

@@ -35,6 +35,9 @@ import numpy as np
 
 NORMALISATION_METHODS = ("none", "sky_mean", "linear_fit")
 
+#: Coarse cell (canvas pixels) on which frames, tiles and mega-tiles are compared.
+PHOTOMETRY_BIN_PX = 16
+
 # Floor on the uncertainty of one pairwise gain ratio (PSF and sampling differences between
 # frames), so that no single edge dominates the graph however many cells it has.
 SYSTEMATIC_LOG_GAIN = 0.002

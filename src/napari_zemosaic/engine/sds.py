@@ -79,9 +79,10 @@ from typing import TYPE_CHECKING, Any, Generator, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from .preplan import load_preplan, preplan_groups, resolved_path
 from ..events import Event, Reporter
-from .canvas import Canvas, crop_canvas, footprint_polygon, frame_bbox_on_canvas
+from .canvas import BBox, Canvas, crop_canvas, footprint_polygon, frame_bbox_on_canvas
+from .photometry import PHOTOMETRY_BIN_PX
+from .preplan import load_preplan, preplan_groups, resolved_path
 from .quality import tile_quality, tile_weight
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -90,7 +91,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from .mosaic_first import CanvasStack
     from .photometry import CoarsePiece, Normalisation
 
-BBox = tuple[int, int, int, int]  # (y0, y1, x0, x1), end-exclusive, canvas pixels
 
 #: Largest side of the coverage grid, in cells.
 MAX_GRID_CELLS = 512
@@ -98,8 +98,6 @@ MAX_GRID_CELLS = 512
 FOOTPRINT_POINTS_PER_EDGE = 8
 #: Fewest overlapping mega-tiles for which rejection across mega-tiles is applied.
 MIN_TILES_FOR_REJECTION = 3
-#: Coarse bin (canvas pixels) of the mega-tile photometry.
-PHOTOMETRY_BIN_PX = 16
 #: Residual clip of the mega-tile photometry fits (sigmas). Mega-tiles are deep stacks whose
 #: trails and hot pixels were already rejected inside their batch; what a 3-sigma clip of the sky
 #: noise removes between them is mostly the star cells that carry the gain, which biases it
