@@ -308,7 +308,16 @@ def build_master_tile(
 
     config = ctx.config
     path = out_dir / tile_cache_name(frames, tile, config, n_channels)
-    if str(config.get("resume", "auto")) != "off" and path.exists():
+    manifest = getattr(ctx, "manifest", None)
+    signature = ""
+    if manifest is not None:  # the run's record of finished units decides (and checks the file's hash)
+        signature = manifest.signature("master_tile", {"frames": list(frames), "tile": tile, "channels": n_channels})
+        found = manifest.lookup("master_tile", index, signature)
+        reusable = found is not None
+        path = found or path
+    else:
+        reusable = str(config.get("resume", "auto")) != "off" and path.exists()
+    if reusable:
         meta = _read_tile_meta(path)
         if meta is not None and meta.get("members") == [str(Path(f.path)) for f in frames]:
             used = [int(frame_indices[i]) for i in meta["used"]]
@@ -351,6 +360,8 @@ def build_master_tile(
         "COMBINE": (config["stacking_final_combine"], "combine method"),
     }
     write_tile_fits(path, data, weight, count, alpha, tile, provenance, [Path(frames[i].path).name for i in local_used], meta)
+    if manifest is not None:
+        manifest.record("master_tile", index, signature, path)
     for phase, seconds in inner_ctx.timings_s.items():
         ctx.extras.setdefault("classic_tile_timings_s", {}).setdefault(phase, 0.0)
         ctx.extras["classic_tile_timings_s"][phase] += seconds
@@ -536,11 +547,23 @@ def run_classic(
     out_dir = ctx.make_cache_dir("classic")
     tiles: list[MasterTile] = []
     failed: list[tuple[int, str, str]] = []
+    from .distributed import master_tile_result, master_tile_task, submit_units
+
+    remote = submit_units(ctx, "master_tile", master_tile_task, [  # None without a scheduler
+        (f"master_tile-{number:04d}", ([frames[i] for i in group.members], list(group.members), number - 1,
+                                       tile_canvas([frames[i] for i in group.members]), ctx.config,
+                                       str(ctx.cache_dir), n_channels))
+        for number, group in enumerate(plan.groups, start=1)
+    ], cancel_on_error=False)
     with ctx.timed("P3"):
         for number, group in enumerate(plan.groups, start=1):
             members = [frames[i] for i in group.members]
-            tile = yield from build_master_tile(members, group.members, number - 1, tile_canvas(members), ctx,
-                                                n_channels, out_dir)
+            if remote is not None:  # a task on the run's scheduler (engine/distributed.py), taken in order
+                tile = yield from master_tile_result(remote, number - 1, group.members, tile_canvas(members), ctx,
+                                                     n_channels)
+            else:
+                tile = yield from build_master_tile(members, group.members, number - 1, tile_canvas(members), ctx,
+                                                    n_channels, out_dir)
             failed.extend(tile.frames_failed)
             if tile.path is not None:
                 tiles.append(tile)
@@ -551,6 +574,9 @@ def run_classic(
                                   width=tile.canvas.shape[1], height=tile.canvas.shape[0])
             reporter.progress("P3", number, len(plan.groups), "progress_tiles")
             yield from ctx.drain()
+        if getattr(ctx, "manifest", None) is not None:
+            for kind in ("master_tile", "reproject", "block"):
+                ctx.manifest.log_summary(kind, reporter)
 
     # --- P4.5: harmonisation between tiles ----------------------------------------------------------
     with ctx.timed("P4.5"):

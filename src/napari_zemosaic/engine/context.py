@@ -6,7 +6,6 @@ hangs off a :class:`RunContext`, so napari can run many jobs in one process.
 
 from __future__ import annotations
 
-import shutil
 import threading
 import time
 from contextlib import contextmanager
@@ -70,6 +69,8 @@ class RunContext:
     cancel_event: threading.Event = field(default_factory=threading.Event)
     timings_s: dict[str, float] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)
+    manifest: Any = None  # engine.resume.UnitManifest: finished work units, for resuming
+    executor: Any = None  # engine.distributed.UnitExecutor when work units run on a scheduler
 
     @property
     def budget_bytes(self) -> int:
@@ -102,18 +103,3 @@ class RunContext:
         path = self.cache_dir / name
         path.mkdir(parents=True, exist_ok=True)
         return path
-
-    def cleanup_cache(self, keep: tuple[str, ...] = ("wcs",)) -> None:
-        """After success, remove the work files (``cache_retention=run_end``) but keep ``keep``:
-        solved WCS are tied to the input files, not to this run, and save the next run a solve."""
-        if self.config.get("cache_retention", "run_end") != "run_end" or not self.cache_dir.exists():
-            return
-        for entry in self.cache_dir.iterdir():
-            if entry.name in keep:
-                continue
-            if entry.is_dir():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                entry.unlink(missing_ok=True)
-        if not any(self.cache_dir.iterdir()):
-            self.cache_dir.rmdir()

@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import shutil
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
@@ -84,6 +85,7 @@ from .frames import (
 )
 from .gpu import WorkerStreams, chunk_slices, kernel_bytes_per_pixel, plan_chunks, to_device, to_host
 from .photometry import PHOTOMETRY_BIN_PX, CoarsePiece, Normalisation, coarse_piece, solve_normalisation
+from .resume import ensure_free_space, write_raw_atomic
 from .reproject import (
     ControlGrid,
     _check_method,
@@ -187,63 +189,90 @@ def plan_block_side(
 
 
 class PieceStore:
-    """Frame pieces grouped by canvas block, in RAM or spilled to one append-only file per block.
+    """Frame pieces grouped by canvas block, in RAM or spilled to one file per piece.
 
     With ``on_device=True`` (and no spill folder) pieces that arrive as device arrays stay on
     the device; the caller hands over arrays it owns (copies, not views of a larger frame).
     Anything else is kept as a host copy, as without a GPU.
+
+    Spilled pieces live in ``spill_dir/b{row}_{col}/{frame name}.f32`` (plain writes renamed
+    into place, never memory maps, so spilled pages do not count against the resident set).
+    ``names`` maps frame indices to names that do not depend on the frame's position in the
+    run (a resumed run adopts the pieces an interrupted one left, :meth:`adopt`). ``only``,
+    when set, restricts :meth:`add` to those blocks (a resumed run recomputing a few blocks).
     """
 
-    def __init__(self, spill_dir: Path | None, on_device: bool = False) -> None:
+    def __init__(self, spill_dir: Path | None, on_device: bool = False, names: dict[int, str] | None = None) -> None:
         self.spill_dir = spill_dir
         self.on_device = bool(on_device) and spill_dir is None
-        self._memory: dict[tuple[int, int], list[tuple[int, int, int, Any]]] = {}
-        self._index: dict[tuple[int, int], list[tuple[int, int, int, tuple[int, ...], int]]] = {}
+        self.names = names or {}
+        self.only: set[tuple[int, int]] | None = None
+        # block -> frame index -> (y0, x0, piece) in RAM, or (y0, x0, shape, path) when spilled
+        self._entries: dict[tuple[int, int], dict[int, tuple[Any, ...]]] = {}
 
     @property
     def spilled(self) -> bool:
         return self.spill_dir is not None
 
-    def _path(self, block: tuple[int, int]) -> Path:
+    def piece_path(self, block: tuple[int, int], frame_index: int) -> Path:
         assert self.spill_dir is not None
-        return self.spill_dir / f"block_{block[0]:04d}_{block[1]:04d}.f32"
+        name = self.names.get(frame_index, f"f{frame_index:06d}")
+        return self.spill_dir / f"b{block[0]:04d}_{block[1]:04d}" / f"{name}.f32"
 
     def add(self, block: tuple[int, int], frame_index: int, y0: int, x0: int, piece: Any) -> None:
+        if self.only is not None and block not in self.only:
+            return
         if not (self.on_device and not isinstance(piece, np.ndarray)):
             piece = np.ascontiguousarray(to_host(piece), dtype=np.float32)
         if self.spill_dir is None:
-            self._memory.setdefault(block, []).append((frame_index, y0, x0, piece))
+            self._entries.setdefault(block, {})[frame_index] = (y0, x0, piece)
             return
-        path = self._path(block)
-        with open(path, "ab") as handle:
-            offset = handle.tell()
-            handle.write(piece.tobytes())
-        self._index.setdefault(block, []).append((frame_index, y0, x0, piece.shape, offset))
+        path = self.piece_path(block, frame_index)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_raw_atomic(path, piece)
+        self._entries.setdefault(block, {})[frame_index] = (y0, x0, tuple(piece.shape), path)
+
+    def adopt(self, block: tuple[int, int], frame_index: int, y0: int, x0: int, shape: tuple[int, ...]) -> bool:
+        """Take over a spilled piece written by an earlier run; False when its file is missing or short."""
+        if self.spill_dir is None:
+            return False
+        path = self.piece_path(block, frame_index)
+        try:
+            if path.stat().st_size != int(np.prod(shape)) * 4:
+                return False
+        except OSError:
+            return False
+        self._entries.setdefault(block, {})[frame_index] = (y0, x0, tuple(shape), path)
+        return True
+
+    def has(self, block: tuple[int, int], frame_index: int) -> bool:
+        return frame_index in self._entries.get(block, {})
+
+    def frame_pieces(self, frame_index: int) -> list[list[int]]:
+        """``[row, col, y0, x0, *shape]`` of every spilled piece of a frame (recorded for resume)."""
+        return [
+            [block[0], block[1], entry[0], entry[1], *entry[2]]
+            for block, entries in sorted(self._entries.items())
+            if (entry := entries.get(frame_index)) is not None and len(entry) == 4
+        ]
 
     def pieces(self, block: tuple[int, int]) -> list[tuple[int, int, int, Any]]:
         """The block's pieces sorted by frame index (order-independent results)."""
+        entries = sorted(self._entries.get(block, {}).items())
         if self.spill_dir is None:
-            return sorted(self._memory.get(block, []), key=lambda item: item[0])
-        entries = sorted(self._index.get(block, []), key=lambda item: item[0])
-        result = []
-        if entries:
-            with open(self._path(block), "rb") as handle:
-                for frame_index, y0, x0, shape, offset in entries:
-                    handle.seek(offset)
-                    count = int(np.prod(shape))
-                    data = np.frombuffer(handle.read(count * 4), dtype=np.float32).reshape(shape)
-                    result.append((frame_index, y0, x0, data))
-        return result
+            return [(index, y0, x0, piece) for index, (y0, x0, piece) in entries]
+        return [
+            (index, y0, x0, np.fromfile(path, dtype=np.float32).reshape(shape))
+            for index, (y0, x0, shape, path) in entries
+        ]
 
     def frame_indices(self, block: tuple[int, int]) -> list[int]:
-        source = self._memory if self.spill_dir is None else self._index
-        return sorted({entry[0] for entry in source.get(block, [])})
+        return sorted(self._entries.get(block, {}))
 
     def drop(self, block: tuple[int, int]) -> None:
-        self._memory.pop(block, None)
+        self._entries.pop(block, None)
         if self.spill_dir is not None:
-            self._index.pop(block, None)
-            self._path(block).unlink(missing_ok=True)
+            shutil.rmtree(self.spill_dir / f"b{block[0]:04d}_{block[1]:04d}", ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- work units
@@ -657,6 +686,127 @@ def _frame_weights(
     return weights.astype(np.float32)
 
 
+class MosaicUnits:
+    """Resume bookkeeping of one Mosaic-First call (``ctx.manifest``; inert without one).
+
+    Two unit kinds: ``reproject`` per frame (its coarse photometry cells and noise, plus the
+    list of its spilled pieces when the store spills: a resumed run adopts them instead of
+    resampling the frame again) and ``block`` per canvas block (the stacked block). A block's
+    signature holds its frames, the canvas, its box and the normalisation and weights it
+    applies, so a stacking setting or a changed frame set invalidates exactly the blocks it
+    touches; the per-frame units depend only on the frame, the canvas and the pixel settings.
+    """
+
+    def __init__(self, ctx: RunContext, frames: Sequence[FrameInfo], canvas: Canvas, label: str, n_channels: int) -> None:
+        self.manifest = getattr(ctx, "manifest", None)
+        self.frames = frames
+        self.canvas = canvas
+        self.label = label or "_main"
+        self.n_channels = n_channels
+        self.folder = ctx.cache_dir / "units" / f"mosaic_first{self.label}"
+        self._tokens: dict[int, str] = {}
+
+    @property
+    def active(self) -> bool:
+        return self.manifest is not None
+
+    def token(self, index: int) -> str:
+        """A short digest of the frame's identity (file, HDU, shape, WCS), computed once per run."""
+        if index not in self._tokens:
+            import hashlib
+
+            from .resume import canonical_json
+
+            identity = self.manifest._canonical(self.frames[index])  # noqa: SLF001 - same canonical form as signatures
+            self._tokens[index] = hashlib.sha256(canonical_json(identity).encode("ascii")).hexdigest()[:24]
+        return self._tokens[index]
+
+    def names(self, indices: Sequence[int]) -> dict[int, str]:
+        return {index: self.token(index) for index in indices} if self.active else {}
+
+    def _frame_key(self, index: int) -> str:
+        return f"{self.label}:{self.frames[index].path}"
+
+    def _reproject_signature(self, index: int, bbox: BBox) -> str:
+        return self.manifest.signature(
+            "reproject",
+            {"frame": self.token(index), "canvas": self.canvas, "bbox": list(bbox), "channels": self.n_channels},
+        )
+
+    def load_frame(self, index: int, bbox: BBox) -> tuple[CoarsePiece, np.ndarray, list[list[int]] | None] | None:
+        """(coarse cells, noise, spilled pieces or None) of a finished frame unit, else None."""
+        if not self.active:
+            return None
+        record = self.manifest.lookup_record("reproject", self._frame_key(index), self._reproject_signature(index, bbox))
+        if record is None:
+            return None
+        from .resume import load_unit_arrays
+
+        try:
+            arrays = load_unit_arrays(record.path)
+            coarse = CoarsePiece(int(arrays["origin"][0]), int(arrays["origin"][1]), arrays["coarse"])
+            noise = np.asarray(arrays["noise"], dtype=np.float64)
+        except (OSError, KeyError, ValueError):
+            self.manifest.forget("reproject", self._frame_key(index))
+            return None
+        pieces = record.meta.get("pieces")
+        return coarse, noise, pieces if isinstance(pieces, list) else None
+
+    def save_frame(self, frame: ReprojectedFrame, coarse: CoarsePiece, pieces: list[list[int]] | None) -> None:
+        if not self.active:
+            return
+        from .resume import save_unit_arrays
+
+        path = self.folder / "frames" / f"{self.token(frame.index)}.npz"
+        digest = save_unit_arrays(
+            path, durable=False, coarse=coarse.data, origin=np.array([coarse.y0, coarse.x0]), noise=np.asarray(frame.noise)
+        )
+        self.manifest.record(
+            "reproject", self._frame_key(frame.index), self._reproject_signature(frame.index, frame.bbox), path,
+            sha256=digest, meta={"pieces": pieces},
+        )
+
+    def block_signature(self, box: BBox, members: Sequence[int], norm: Normalisation, weights: np.ndarray) -> str:
+        return self.manifest.signature("block", {
+            "canvas": self.canvas,
+            "box": list(box),
+            "channels": self.n_channels,
+            "frames": [self.token(index) for index in members],
+            "gains": norm.gains, "offsets": norm.offsets, "tilts": norm.tilts, "centres": norm.centres,
+            "bin_px": norm.bin_px,
+            "weights": np.asarray(weights, dtype=np.float32),
+        })
+
+    def _block_key(self, block: tuple[int, int]) -> str:
+        return f"{self.label}:{block[0]},{block[1]}"
+
+    def load_block(self, block: tuple[int, int], signature: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        if not self.active:
+            return None
+        record = self.manifest.lookup_record("block", self._block_key(block), signature)
+        if record is None:
+            return None
+        from .resume import load_unit_arrays
+
+        try:
+            arrays = load_unit_arrays(record.path)
+            return arrays["data"], arrays["weight"], arrays["count"]
+        except (OSError, KeyError, ValueError):
+            self.manifest.forget("block", self._block_key(block))
+            return None
+
+    def save_block(self, block: tuple[int, int], signature: str, data: np.ndarray, weight: np.ndarray, count: np.ndarray) -> None:
+        if not self.active:
+            return
+        from .resume import save_unit_arrays
+
+        path = self.folder / "blocks" / f"block_{block[0]:04d}_{block[1]:04d}.npz"
+        digest = save_unit_arrays(path, data=data, weight=weight, count=count)
+        self.manifest.record("block", self._block_key(block), signature, path, sha256=digest)
+        # Pieces of a finished block are dropped next: the record must be on disk first.
+        self.manifest.flush()
+
+
 def _split_into_blocks(
     frame: ReprojectedFrame, side: int, store: PieceStore, canvas_shape: tuple[int, int]
 ) -> None:
@@ -726,8 +876,16 @@ def mosaic_first(
         and policy.uses_gpu("stack")
         and piece_bytes <= int(policy.gpu_budget_bytes() * DEVICE_STORE_SHARE)
     )
-    spill = not on_device and piece_bytes > budget // 4
-    store = PieceStore(ctx.make_cache_dir(f"mosaic_first{label}") if spill else None, on_device=on_device)
+    from .distributed import executor_of, stack_blocks_remote
+
+    # On a scheduler the blocks are stacked by tasks that read their pieces from the cache.
+    spill = not on_device and (piece_bytes > budget // 4 or executor_of(ctx) is not None)
+    units = MosaicUnits(ctx, frames, canvas, label, n_channels)
+    spill_dir = None
+    if spill:
+        spill_dir = ctx.make_cache_dir(f"mosaic_first{label}")
+        ensure_free_space(spill_dir, piece_bytes)
+    store = PieceStore(spill_dir, on_device=on_device, names=units.names(sorted(bboxes)))
     ctx.reporter.info(
         "mf_info_plan",
         frames=len(frames),
@@ -738,28 +896,46 @@ def mosaic_first(
     )
     yield from ctx.drain()
 
-    # --- P3: reproject every frame once ---------------------------------------------------
+    # --- P3: reproject every frame once (frames finished by an interrupted run are reused) ----
     coarse: dict[int, CoarsePiece] = {}
     noises: dict[int, np.ndarray] = {}
     failed: list[tuple[int, str, str]] = []
-    todo = [i for i in range(len(frames)) if i in bboxes]
+    without_pixels: set[int] = set()  # reused frames whose pieces are not (all) in the store
+    todo = []
+    for index in sorted(bboxes):
+        finished = units.load_frame(index, bboxes[index])
+        if finished is None:
+            todo.append(index)
+            continue
+        coarse[index], noises[index], pieces = finished
+        adopted = pieces is not None and spill and all(
+            store.adopt((row, col), index, y0, x0, tuple(shape)) for row, col, y0, x0, *shape in pieces
+        )
+        if not adopted:
+            without_pixels.add(index)
 
     def accept(frame: ReprojectedFrame) -> None:
+        _split_into_blocks(frame, side, store, canvas.shape)
+        if frame.index in coarse:  # a second pass for blocks still to stack: photometry is known
+            return
         coarse[frame.index] = frame.coarse or coarse_piece(frame.data, frame.bbox, PHOTOMETRY_BIN_PX)
         noises[frame.index] = frame.noise
-        _split_into_blocks(frame, side, store, canvas.shape)
+        units.save_frame(frame, coarse[frame.index], store.frame_pieces(frame.index) if spill else None)
 
     def reject(index: int, exc: FrameError) -> None:
         failed.append((index, exc.reason_key, exc.detail))
         ctx.reporter.warning(exc.reason_key, path=str(frames[index].path), detail=exc.detail)
 
-    with ctx.timed("P3"):
+    def reproject(indices: list[int]) -> Generator[Event, None, None]:
         if gpu_reproject:
-            yield from _reproject_frames_gpu(frames, todo, bboxes, canvas, ctx, n_channels, on_device, accept, reject)
+            yield from _reproject_frames_gpu(frames, indices, bboxes, canvas, ctx, n_channels, on_device, accept, reject)
         else:
-            yield from _reproject_frames_cpu(frames, todo, canvas, ctx, n_channels, accept, reject)
-    if policy is not None:
-        policy.end_stage("reproject")
+            yield from _reproject_frames_cpu(frames, indices, canvas, ctx, n_channels, accept, reject)
+
+    with ctx.timed("P3"):
+        yield from reproject(todo)
+    if units.active and not label:  # nested calls (SDS batches, classic tiles): their workflow says it
+        units.manifest.log_summary("reproject", ctx.reporter)
 
     coarse_shape = (-(-canvas.shape[0] // PHOTOMETRY_BIN_PX), -(-canvas.shape[1] // PHOTOMETRY_BIN_PX))
     used = sorted(coarse)
@@ -797,14 +973,63 @@ def mosaic_first(
     out_count = np.zeros((height, width), dtype=np.float32)
     params = StackParams.from_config(config)
     blocks = sorted({block for i in used for block in _blocks_touched(bboxes[i], side)})
+
+    def box_of(block: tuple[int, int]) -> BBox:
+        by, bx = block
+        return (by * side, min((by + 1) * side, height), bx * side, min((bx + 1) * side, width))
+
+    def place(block: tuple[int, int], data: np.ndarray, weight: np.ndarray, count: np.ndarray) -> None:
+        box = box_of(block)
+        out_data[:, box[0] : box[1], box[2] : box[3]] = data
+        out_weight[box[0] : box[1], box[2] : box[3]] = weight
+        out_count[box[0] : box[1], box[2] : box[3]] = count
+
+    signatures: dict[tuple[int, int], str] = {}
+    if units.active:
+        touching: dict[tuple[int, int], list[int]] = {}
+        for index in used:
+            for block in _blocks_touched(bboxes[index], side):
+                touching.setdefault(block, []).append(index)
+        still_to_stack = []
+        for block in blocks:
+            members = touching[block]
+            signatures[block] = units.block_signature(box_of(block), members, normalisation.subset(members), weights[members])
+            finished_block = units.load_block(block, signatures[block])
+            if finished_block is None:
+                still_to_stack.append(block)
+                continue
+            place(block, *finished_block)
+            store.drop(block)
+        blocks = still_to_stack
+        # Frames whose pixels are gone are resampled again, for the blocks still to stack only.
+        remaining = set(blocks)
+        again = sorted(i for i in without_pixels if remaining.intersection(_blocks_touched(bboxes[i], side)))
+        if again:
+            store.only = set(blocks)
+            with ctx.timed("P3"):
+                yield from reproject(again)
+            store.only = None
+    if policy is not None:
+        policy.end_stage("reproject")
+
+    if executor_of(ctx) is not None and store.spilled and blocks:  # one task per block (engine/distributed.py)
+
+        def finish_block(block: tuple[int, int], data: np.ndarray, weight: np.ndarray, count: np.ndarray) -> None:
+            place(block, data, weight, count)
+            if block in signatures:
+                units.save_block(block, signatures[block], data, weight, count)
+
+        with ctx.timed("P5"):
+            yield from stack_blocks_remote(ctx, store, blocks, box_of, n_channels, normalisation, weights, params,
+                                           finish_block)  # fmt: skip
+        blocks = []  # nothing left for the loop below
     xp_stack = ctx.xp("stack")
     strip_stats: dict[str, int] = {}
     with ctx.timed("P5"):
         for number, (block, pieces) in enumerate(_block_pieces(store, blocks, policy), start=1):
             if pieces:
                 idx = np.array([p[0] for p in pieces])
-                by, bx = block
-                box = (by * side, min((by + 1) * side, height), bx * side, min((bx + 1) * side, width))
+                box = box_of(block)
                 block_norm, block_weights = normalisation.subset(idx), weights[idx]
                 if policy is None:
                     data, weight, count = stack_block(
@@ -814,13 +1039,15 @@ def mosaic_first(
                     data, weight, count = _stack_block_unit(
                         policy, pieces, box, n_channels, block_norm, block_weights, params, strip_stats
                     )
-                out_data[:, box[0] : box[1], box[2] : box[3]] = data
-                out_weight[box[0] : box[1], box[2] : box[3]] = weight
-                out_count[box[0] : box[1], box[2] : box[3]] = count
+                place(block, data, weight, count)
+                if block in signatures:
+                    units.save_block(block, signatures[block], data, weight, count)
             del pieces
             store.drop(block)
             ctx.reporter.progress("P5", number, len(blocks), "progress_blocks")
             yield from ctx.drain()
+    if units.active and not label:
+        units.manifest.log_summary("block", ctx.reporter)
     if policy is not None:
         policy.end_stage("stack")
         if strip_stats.get("gpu_blocks"):

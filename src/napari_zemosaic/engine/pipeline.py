@@ -9,14 +9,17 @@ report says ``cancelled`` and no final file is left half-written.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
+import errno
+import shutil
 import threading
 import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Generator, Iterable, Sequence
+from typing import Any, Callable, Generator, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -27,6 +30,7 @@ from .canvas import Canvas, autocrop_slices, build_canvas, crop_canvas
 from .context import RunCancelled, RunContext, UserError, peak_rss_mb
 from .frames import FrameError, FrameInfo, read_frame_info, scan_inputs
 from .mosaic_first import CanvasStack, mosaic_first
+from .resume import ensure_free_space
 from .outputs import (
     OutputError,
     alpha_from_coverage,
@@ -256,6 +260,14 @@ class _Run:
         self.report["status"] = status
         if error:
             self.report["error"] = error
+        manifest = self.ctx.manifest
+        if manifest is not None:
+            if status != "ok":
+                try:  # what finished stays recorded for the next run into this OUTPUT
+                    manifest.close(success=False)
+                except Exception:  # a full disk here must not hide the run's own error
+                    pass
+            self.report["resume"] = manifest.report()
         self.report["elapsed_s"] = round(time.time() - self.started, 3)
         self.report["peak_rss_mb"] = round(peak_rss_mb(), 1)
         if self.ctx.policy is not None:
@@ -313,9 +325,14 @@ def iter_run(
     run = _Run(input_dir, output_dir, config, ctx)
     try:
         reporter.info("run_info_start", version=__version__, input=str(input_dir), output=str(output_dir))
+        _open_manifest(run, lock)
         ctx.policy = _build_policy(config, reporter)
         if ctx.policy is not None:
             ctx.policy.summary_start()
+        from .distributed import open_scheduler, scheduler_report
+
+        ctx.executor = open_scheduler(config, reporter, ctx.cache_dir)  # None: every unit runs here
+        run.report["scheduler"] = scheduler_report(ctx.executor)
         yield from ctx.drain()
         result = yield from _run_body(run, include)
         return result
@@ -333,8 +350,38 @@ def iter_run(
         run.finish("failed", {"key": "run_error_internal", "detail": traceback.format_exc()})
         raise
     finally:
+        from .distributed import close_scheduler
+
+        close_scheduler(ctx)
         log_listener.close()
         lock.release()
+
+
+@contextlib.contextmanager
+def _disk_full_as_message(folder: Path, needed_bytes: int) -> Iterator[None]:
+    """A write that hits a full disk becomes ``disk_error_insufficient_space`` (the writers leave
+    no partial file under a final name), not an internal error."""
+    from .resume import InsufficientSpaceError
+
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
+            raise
+        raise InsufficientSpaceError(folder, needed_bytes, shutil.disk_usage(folder).free) from None
+
+
+def _open_manifest(run: _Run, lock: Any) -> None:
+    """Clear what a killed run was writing (the lock proves it is dead) and load its finished units."""
+    from .resume import UnitManifest, clean_interrupted_writes
+
+    ctx = run.ctx
+    removed = clean_interrupted_writes(run.output_dir, ctx.cache_dir)
+    if removed:
+        ctx.reporter.info("resume_info_partial_removed", count=len(removed))
+    ctx.manifest = UnitManifest.for_run(ctx, __version__)
+    ctx.manifest.emit_pending()
+    run.report["resume"] = ctx.manifest.report()
 
 
 def _run_body(run: _Run, include: Iterable[str | Path] | None) -> Generator[Event, None, MosaicResult]:
@@ -402,15 +449,20 @@ def _run_body(run: _Run, include: Iterable[str | Path] | None) -> Generator[Even
     with ctx.timed("P6"):
         science = run.output_dir / f"{run.base}_science.fits"
         preview = run.output_dir / f"{run.base}_preview.png"
-        write_science_fits(
-            science, data, alpha, weight, canvas.header(), _provenance(config, run.report["workflow_used"], len(used_frames))
-        )
-        percentiles = tuple(float(p) for p in config["preview_stretch_percentiles"][:2])
-        write_preview_png(preview, data, alpha, int(config["preview_max_side"]), percentiles)  # type: ignore[arg-type]
+        # Science FITS (data + alpha + coverage planes) and a preview: say so before writing any.
+        needed = data.nbytes + alpha.nbytes + weight.nbytes + 2**20
+        with _disk_full_as_message(run.output_dir, needed):
+            ensure_free_space(run.output_dir, needed)
+            write_science_fits(
+                science, data, alpha, weight, canvas.header(),
+                _provenance(config, run.report["workflow_used"], len(used_frames)),
+            )
+            percentiles = tuple(float(p) for p in config["preview_stretch_percentiles"][:2])
+            write_preview_png(preview, data, alpha, int(config["preview_max_side"]), percentiles)  # type: ignore[arg-type]
         run.report["outputs"].update({"science": str(science), "preview": str(preview)})
         reporter.info("run_info_outputs", science=str(science), preview=str(preview))
     reporter.info("run_info_done", frames=len(used_frames), seconds=round(time.time() - run.started, 1))
-    ctx.cleanup_cache()
+    ctx.manifest.close(success=True)
     run.finish("ok")
     yield from ctx.drain()
     return MosaicResult(

@@ -143,6 +143,8 @@ UNIT_CONFIG_KEYS: dict[str, tuple[str, ...]] = {
 RESUME_MODES = ("auto", "off", "force")
 
 MANIFEST_NAME = "manifest.json"
+#: Cache entries that outlive a successful run whatever ``cache_retention`` says (solved WCS).
+RETAINED_AFTER_RUN = ("wcs",)
 MANIFEST_FORMAT = "napari-zemosaic-resume"
 #: Default minimum time between two manifest writes while units are being recorded.
 FLUSH_INTERVAL_S = 2.0
@@ -206,6 +208,64 @@ def write_file_atomic(path: Path, payload: bytes, *, exclusive: bool = False) ->
             temp.unlink()
         except FileNotFoundError:
             pass
+
+
+def save_unit_arrays(path: Path, *, durable: bool = True, **arrays: Any) -> str:
+    """Write ``arrays`` as one ``.npz`` under ``path`` atomically; returns the SHA-256 of its bytes.
+
+    ``durable`` adds the fsyncs that make the file survive a power cut (a killed process never
+    leaves a partial file either way: it is renamed into place complete). A full disk raises
+    :class:`InsufficientSpaceError` and leaves nothing under ``path``.
+    """
+    import io
+
+    import numpy as np
+
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    payload = buffer.getvalue()
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if durable:
+            write_file_atomic(path, payload)
+        else:
+            temp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+            try:
+                temp.write_bytes(payload)
+                os.replace(temp, path)
+            finally:
+                temp.unlink(missing_ok=True)
+    except OSError as exc:
+        if _is_disk_full(exc):
+            raise InsufficientSpaceError(path.parent, len(payload), _free_bytes(path.parent)) from None
+        raise
+    return hashlib.sha256(payload).hexdigest()
+
+
+def load_unit_arrays(path: Path) -> dict[str, Any]:
+    """The arrays of a file written by :func:`save_unit_arrays`."""
+    import numpy as np
+
+    with np.load(Path(path), allow_pickle=False) as archive:
+        return {name: archive[name] for name in archive.files}
+
+
+def write_raw_atomic(path: Path, payload: Any) -> None:
+    """Write a buffer (bytes or a contiguous array) under ``path`` by temp + rename, no fsync:
+    for large, reproducible cache files (spilled pieces) whose loss only costs a recompute."""
+    path = Path(path)
+    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        with open(temp, "wb") as handle:
+            handle.write(memoryview(payload).cast("B"))
+        os.replace(temp, path)
+    except OSError as exc:
+        if _is_disk_full(exc):
+            raise InsufficientSpaceError(path.parent, memoryview(payload).nbytes, _free_bytes(path.parent)) from None
+        raise
+    finally:
+        temp.unlink(missing_ok=True)
 
 
 # ============================================================================ free space
@@ -988,7 +1048,18 @@ class UnitManifest:
             self._queue("info", "resume_info_cache_kept", path=str(self.cache_dir), size_mb=round(size / 2**20, 1))
             return False
         if self.cache_dir.exists():
-            shutil.rmtree(self.cache_dir, ignore_errors=True)
+            # Solved WCS belong to the input files, not to this run: they save the next run a solve.
+            for entry in self.cache_dir.iterdir():
+                if entry.name in RETAINED_AFTER_RUN:
+                    continue
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+            try:
+                self.cache_dir.rmdir()  # only when nothing was retained
+            except OSError:
+                pass
             self._queue("info", "resume_info_cache_removed", path=str(self.cache_dir))
         with self._lock:
             self._units = {}
