@@ -243,3 +243,52 @@ def test_a_full_disk_gives_the_message_and_no_half_written_file(small_tmpfs: Pat
 
     report = json.loads((output / "run_report.json").read_text())
     assert report["status"] == "failed" and report["error"]["key"] == "disk_error_insufficient_space"
+
+
+# ============================================================================ host out of memory
+
+RUN_UNDER_MEMORY_LIMIT = """
+import json, resource, sys
+import numpy as np
+from napari_zemosaic.engine.pipeline import run
+
+night, output, headroom_mb = sys.argv[1], sys.argv[2], int(sys.argv[3])
+limited = []
+warnings = []
+
+def on_event(event):
+    key = getattr(event, "key", None)
+    if key == "mf_warn_host_memory_split":
+        warnings.append(event.params)
+    if key == "mf_info_normalisation" and not limited:
+        # From here on (P5) the process may grow by ``headroom_mb`` only: the planned block does not fit.
+        with open("/proc/self/status") as status:
+            vm_kb = next(int(line.split()[1]) for line in status if line.startswith("VmSize:"))
+        limit = (vm_kb + headroom_mb * 1024) * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
+        limited.append(limit)
+
+result = run(night, output, {"language": "en", "max_memory_mb": 4000, "quality_rejection": False,
+                             "use_gpu_phase5": False, "stack_use_gpu": False}, on_event=on_event)
+resource.setrlimit(resource.RLIMIT_AS, (resource.getrlimit(resource.RLIMIT_AS)[1],) * 2)
+np.save(output + "/data.npy", result.data)
+print(json.dumps({"limited": bool(limited), "splits": warnings, "status": result.status}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS and /proc are Linux")
+def test_host_out_of_memory_stacks_in_strips_instead_of_crashing(tmp_path: Path, night: Path) -> None:
+    import json
+
+    output = tmp_path / "limited"
+    output.mkdir()
+    process = subprocess.run(
+        [sys.executable, "-c", RUN_UNDER_MEMORY_LIMIT, str(night), str(output), "40"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert process.returncode == 0, process.stderr[-3000:]
+    outcome = json.loads(process.stdout.strip().splitlines()[-1])
+    assert outcome["limited"] and outcome["status"] == "ok"
+    assert outcome["splits"], "the block should not have fitted in the memory left"
+    reference = run(night, tmp_path / "reference", {"language": "en", "max_memory_mb": 4000, "quality_rejection": False})
+    np.testing.assert_array_equal(np.load(output / "data.npy"), reference.data)

@@ -544,6 +544,36 @@ def stack_block_min_bytes(n_pieces: int, block_box: BBox, n_channels: int, param
     return rows * (x1 - x0) * per_pixel
 
 
+def stack_block_on_host(
+    pieces: Sequence[tuple[int, int, int, Any]],
+    block_box: BBox,
+    n_channels: int,
+    normalisation: Normalisation,
+    weights: np.ndarray,
+    params: StackParams,
+    on_split: Callable[[int], None] | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`stack_block` with NumPy; when the host runs out of memory (``MemoryError``), the
+    block is stacked again in strips, halving their budget until they fit. Stacking is per pixel,
+    so the values are those of the whole block. ``on_split(budget_bytes)`` hears each retry; the
+    error is raised again once a strip of :data:`MIN_STACK_ROWS` rows does not fit either."""
+    try:
+        return stack_block(pieces, block_box, n_channels, normalisation, weights, params, np)
+    except MemoryError:
+        pass
+    smallest = stack_block_min_bytes(len(pieces), block_box, n_channels, params)  # one strip of the fewest rows
+    budget = max(smallest, smallest * ((block_box[1] - block_box[0]) // MIN_STACK_ROWS) // 2)  # half the block
+    while True:
+        if on_split is not None:
+            on_split(budget)
+        try:
+            return stack_block_in_strips(pieces, block_box, n_channels, normalisation, weights, params, np, budget)
+        except MemoryError:
+            if budget <= smallest:
+                raise
+            budget = max(smallest, budget // 2)
+
+
 # ------------------------------------------------------------------------------- the stage
 
 
@@ -1023,8 +1053,14 @@ def mosaic_first(
             yield from stack_blocks_remote(ctx, store, blocks, box_of, n_channels, normalisation, weights, params,
                                            finish_block)  # fmt: skip
         blocks = []  # nothing left for the loop below
-    xp_stack = ctx.xp("stack")
     strip_stats: dict[str, int] = {}
+
+    def host_split(block: tuple[int, int]) -> Callable[[int], None]:
+        def said(budget_bytes: int) -> None:
+            ctx.reporter.warning("mf_warn_host_memory_split", block=f"{block[0]},{block[1]}",
+                                 budget_mb=round(budget_bytes / 2**20, 1))
+        return said
+
     with ctx.timed("P5"):
         for number, (block, pieces) in enumerate(_block_pieces(store, blocks, policy), start=1):
             if pieces:
@@ -1032,12 +1068,13 @@ def mosaic_first(
                 box = box_of(block)
                 block_norm, block_weights = normalisation.subset(idx), weights[idx]
                 if policy is None:
-                    data, weight, count = stack_block(
-                        pieces, box, n_channels, block_norm, block_weights, params, xp_stack
+                    data, weight, count = stack_block_on_host(
+                        pieces, box, n_channels, block_norm, block_weights, params, on_split=host_split(block)
                     )
                 else:
                     data, weight, count = _stack_block_unit(
-                        policy, pieces, box, n_channels, block_norm, block_weights, params, strip_stats
+                        policy, pieces, box, n_channels, block_norm, block_weights, params, strip_stats,
+                        on_split=host_split(block),
                     )
                 place(block, data, weight, count)
                 if block in signatures:
@@ -1273,8 +1310,10 @@ def _stack_block_unit(
     weights: np.ndarray,
     params: StackParams,
     stats: dict[str, int] | None = None,
+    on_split: Callable[[int], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One block stack through the policy: GPU strips sized from the budget, or the CPU."""
+    """One block stack through the policy: GPU strips sized from the budget, or the CPU
+    (:func:`stack_block_on_host`: strips too when the host runs out of memory)."""
 
     def on_gpu(xp: Any, chunk_scale: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         budget = policy.gpu_budget_bytes()
@@ -1288,7 +1327,7 @@ def _stack_block_unit(
         return result
 
     def on_cpu(xp: Any = np) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return stack_block(pieces, box, n_channels, normalisation, weights, params, np)
+        return stack_block_on_host(pieces, box, n_channels, normalisation, weights, params, on_split)
 
     estimate = stack_block_min_bytes(len(pieces), box, n_channels, params)
     return policy.run_stage("stack", on_gpu, on_cpu, estimate_bytes=estimate)
