@@ -10,8 +10,8 @@ Memory strategy (peak set by ``max_memory_mb`` and the canvas size, not by the f
 2. **Reprojection pass (P3), each frame read once.** A bounded pool of threads loads,
    hot-pixel-corrects, debayers and reprojects frames (only their bounding box). Each
    reprojected frame is cut along block edges and its pieces go to a :class:`PieceStore`:
-   kept in RAM when all pieces fit in a quarter of the budget, otherwise appended to one
-   spill file per block under ``OUTPUT/.zemosaic_cache/`` (plain ``write`` calls, not
+   kept in RAM when all pieces fit in a quarter of the budget, otherwise written to one
+   spill file per piece under ``OUTPUT/.zemosaic_cache/`` (plain ``write`` calls, not
    memory maps, so spilled pages never count against the resident set). A block-mean
    copy at coarse resolution is kept for photometry (a few kB per frame).
 3. **Photometric normalisation (P4.5).** Gains and offsets per frame and channel are
@@ -24,6 +24,17 @@ Memory strategy (peak set by ``max_memory_mb`` and the canvas size, not by the f
 
 Every frame reprojection and every block stack is a pure function of serialisable
 inputs (paths, WCS headers, config), so the same units can later run elsewhere.
+
+Resume
+------
+With the run's unit manifest (:class:`MosaicUnits`, :mod:`.resume`), each finished frame
+(its coarse cells, noise and the list of its spilled pieces) and each stacked block is
+recorded. A rerun into the same OUTPUT reuses the frames whose signature still matches
+(adopting their spilled pieces), solves the photometry again from the coarse cells (cheap
+and exact), reuses the blocks whose frames, normalisation, weights and stacking settings
+are unchanged, and resamples again only the frames that the remaining blocks still need.
+A block that cannot be stacked at once for lack of host memory is stacked in strips
+(:func:`stack_block_on_host`).
 
 On the GPU
 ----------
