@@ -305,6 +305,10 @@ def test_zemosaic_run_on_unsolved_frames_matches_the_truth(night, tmp_path) -> N
     result = run(truth.frames_dir, tmp_path / "out", config)
     _assert_mosaic_matches_truth(result, truth)
     assert _hashes(truth.frame_paths) == before
+    wcs_units = result.report["resume"]["units"]["wcs"]
+    assert wcs_units["computed"] == len(truth.frame_paths) and wcs_units["reused"] == 0
+    again = run(truth.frames_dir, tmp_path / "out", config)  # the solved WCS outlive the run's cache
+    assert again.report["resume"]["units"]["wcs"]["reused"] == len(truth.frame_paths)
 
 
 # ----------------------------------------------------------------------------- bad hints, bad frames

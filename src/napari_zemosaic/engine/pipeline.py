@@ -371,6 +371,19 @@ def _disk_full_as_message(folder: Path, needed_bytes: int) -> Iterator[None]:
         raise InsufficientSpaceError(folder, needed_bytes, shutil.disk_usage(folder).free) from None
 
 
+def _count_wcs_units(manifest: Any, astrometry: Sequence[dict[str, Any]]) -> None:
+    """Solved WCS live in the solver's own cache (``cache/wcs``); count them with the other units."""
+    if manifest is None:
+        return
+    for entry in astrometry:
+        method = entry.get("method")
+        if method == "cached":
+            manifest.note("wcs", entry["path"], "reused")
+        elif method in ("solved", "propagated"):
+            manifest.note("wcs", entry["path"], "computed")
+    manifest.log_summary("wcs")
+
+
 def _open_manifest(run: _Run, lock: Any) -> None:
     """Clear what a killed run was writing (the lock proves it is dead) and load its finished units."""
     from .resume import UnitManifest, clean_interrupted_writes
@@ -395,6 +408,7 @@ def _run_body(run: _Run, include: Iterable[str | Path] | None) -> Generator[Even
     frames_report["excluded"] = [e.to_dict() for e in ingested.excluded]
     frames_report["warnings"] = ingested.warnings
     frames_report["astrometry"] = ingested.astrometry
+    _count_wcs_units(ctx.manifest, ingested.astrometry)
     if not ingested.usable:
         raise UserError("run_error_no_usable_frames", found=len(ingested.found), excluded=len(ingested.excluded))
 
