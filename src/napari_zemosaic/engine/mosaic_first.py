@@ -28,8 +28,8 @@ inputs (paths, WCS headers, config), so the same units can later run elsewhere.
 Resume
 ------
 With the run's unit manifest (:class:`MosaicUnits`, :mod:`.resume`), each finished frame
-(its coarse cells, noise and the list of its spilled pieces) and each stacked block is
-recorded. A rerun into the same OUTPUT reuses the frames whose signature still matches
+of a spilling run (its coarse cells, noise and the list of its spilled pieces) and each
+stacked block is recorded (in-memory runs are small: they resume at the block level). A rerun into the same OUTPUT reuses the frames whose signature still matches
 (adopting their spilled pieces), solves the photometry again from the coarse cells (cheap
 and exact), reuses the blocks whose frames, normalisation, weights and stacking settings
 are unchanged, and resamples again only the frames that the remaining blocks still need.
@@ -944,12 +944,14 @@ def mosaic_first(
     without_pixels: set[int] = set()  # reused frames whose pieces are not (all) in the store
     todo = []
     for index in sorted(bboxes):
-        finished = units.load_frame(index, bboxes[index])
+        # Frame units only pay when their pixels were spilled (and can be adopted); in-memory
+        # runs are small and resume at the block level.
+        finished = units.load_frame(index, bboxes[index]) if spill else None
         if finished is None:
             todo.append(index)
             continue
         coarse[index], noises[index], pieces = finished
-        adopted = pieces is not None and spill and all(
+        adopted = pieces is not None and all(
             store.adopt((row, col), index, y0, x0, tuple(shape)) for row, col, y0, x0, *shape in pieces
         )
         if not adopted:
@@ -961,7 +963,8 @@ def mosaic_first(
             return
         coarse[frame.index] = frame.coarse or coarse_piece(frame.data, frame.bbox, PHOTOMETRY_BIN_PX)
         noises[frame.index] = frame.noise
-        units.save_frame(frame, coarse[frame.index], store.frame_pieces(frame.index) if spill else None)
+        if spill:
+            units.save_frame(frame, coarse[frame.index], store.frame_pieces(frame.index))
 
     def reject(index: int, exc: FrameError) -> None:
         failed.append((index, exc.reason_key, exc.detail))
