@@ -40,6 +40,11 @@ sys.path.insert(0, str(HERE))
 
 RESULTS: dict[str, Any] = {}
 STAGE_REJECTION = "none"  # rejection of the Mosaic-First stage runs (--stage-rejection)
+PIPELINE_ONLY = False  # --pipeline-only: e2e runs only the whole pipeline (--pipeline-repeats times)
+PIPELINE_REPEATS = 1
+KEEP_PAGE_CACHE = False  # --keep-page-cache: the stage runs start from a warm page cache
+PROFILE = False  # --profile: cProfile of the main thread during the last --pipeline-only run
+PIPELINE_SET: dict[str, Any] = {}  # --set KEY=VALUE: config of the --pipeline-only runs (JSON values)
 
 
 def log(message: str) -> None:
@@ -509,7 +514,28 @@ def bench_e2e(
 
     results: dict[str, Any] = {}
     RESULTS["e2e"] = results
-    cold = drop_page_cache()
+    if PIPELINE_ONLY:  # the whole pipeline alone, page cache warm (the frames were just written or read)
+        for repeat in range(PIPELINE_REPEATS):
+            if PROFILE and repeat == PIPELINE_REPEATS - 1:  # the main thread's Python profile of the last run
+                import cProfile
+                import pstats
+
+                profiler = cProfile.Profile()
+                full = profiler.runcall(
+                    e2e_run, frames_dir, work / f"full{repeat}", {"gpu_strict": True, **PIPELINE_SET}, limit_s=full_limit_s
+                )
+                profiler.dump_stats(str(out / "pipeline.prof"))
+                pstats.Stats(profiler).sort_stats("cumulative").print_stats(45)
+            else:
+                full = e2e_run(frames_dir, work / f"full{repeat}", {"gpu_strict": True, **PIPELINE_SET}, limit_s=full_limit_s)
+            results.setdefault("pipeline_runs", []).append(full)
+            log(f"whole pipeline, default config, run {repeat + 1}: {full.get('frames_per_s')} frames/s, "
+                f"timings {full.get('timings_s')}, {full.get('details', {}).get('mf_debug_gpu_p3')}")
+            save(out)
+        runs = results["pipeline_runs"]
+        results["pipeline_gpu_default_config"] = sorted(runs, key=lambda r: r.get("wall_s", 1e9))[len(runs) // 2]
+        return results
+    cold = False if KEEP_PAGE_CACHE else drop_page_cache()
     start = time.perf_counter()
     infos = [read_frame_info(path) for path in sorted(frames_dir.glob("*.fit"))[:n_frames]]
     results["header_pass_s"] = time.perf_counter() - start
@@ -562,10 +588,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, nargs="+", default=[2, 1, 3])
     parser.add_argument("--stage-rejection", default="none", help="rejection of the Mosaic-First stage runs")
     parser.add_argument("--full-limit-s", type=float, default=240.0, help="stop the whole-pipeline run after this")
+    parser.add_argument("--pipeline-only", action="store_true", help="e2e: only the whole pipeline, no stage runs")
+    parser.add_argument("--pipeline-repeats", type=int, default=1, help="e2e --pipeline-only: runs (median reported)")
+    parser.add_argument("--profile", action="store_true", help="e2e --pipeline-only: profile the last run")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="e2e --pipeline-only: config")
+    parser.add_argument("--keep-page-cache", action="store_true", help="e2e: do not drop the page cache first")
     parser.add_argument("--quick", action="store_true", help="small sizes, to check the script")
     args = parser.parse_args(argv)
-    global STAGE_REJECTION
+    global STAGE_REJECTION, PIPELINE_ONLY, PIPELINE_REPEATS, KEEP_PAGE_CACHE, PROFILE
+    KEEP_PAGE_CACHE, PROFILE = args.keep_page_cache, args.profile
+    for item in args.set:
+        key, _, value = item.partition("=")
+        try:
+            PIPELINE_SET[key] = json.loads(value)
+        except ValueError:
+            PIPELINE_SET[key] = value
     STAGE_REJECTION = args.stage_rejection
+    PIPELINE_ONLY, PIPELINE_REPEATS = args.pipeline_only, max(1, args.pipeline_repeats)
     args.out.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
     panels = tuple(int(v) for v in args.panels.split("x"))

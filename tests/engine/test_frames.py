@@ -549,3 +549,105 @@ def test_background_noise_ignores_stars_and_tracks_each_channel() -> None:
     estimate = estimate_background_noise(data.astype(np.float32), np)
     assert estimate.shape == (3,) and estimate.dtype == np.float32
     np.testing.assert_allclose(estimate, sigmas, rtol=0.05)
+
+
+# ----------------------------------------------------------------------------- raw pixels (reader processes)
+
+
+def _scaled(info):
+    from napari_zemosaic.engine.frames import _read_raw_image, _scaled_pixels
+
+    raw, header = _read_raw_image(info)
+    return _scaled_pixels(raw, header)
+
+
+@pytest.mark.parametrize(
+    "kind", ["uint16_bzero", "int16", "uint8", "extension", "rgb_cube"],
+)
+def test_raw_pixel_plan_loads_the_values_of_the_general_read(tmp_path: Path, kind: str) -> None:
+    """What a reader leaves in the file (RawPixels) decodes to exactly what _scaled_pixels gives."""
+    from napari_zemosaic.engine.frames import RawPixels, raw_pixel_plan
+
+    rng = np.random.default_rng(7)
+    path = tmp_path / f"{kind}.fit"
+    if kind == "uint16_bzero":
+        write_fits(path, rng.integers(0, 65536, (12, 15)).astype(np.uint16), seestar_header())
+    elif kind == "int16":
+        write_fits(path, rng.integers(-32768, 32768, (12, 15)).astype(np.int16))
+    elif kind == "uint8":
+        write_fits(path, rng.integers(0, 256, (12, 15)).astype(np.uint8))
+    elif kind == "extension":
+        extension = fits.ImageHDU(rng.integers(0, 65536, (6, 8)).astype(np.uint16), header=seestar_header())
+        fits.HDUList([fits.PrimaryHDU(), extension]).writeto(path)
+    else:
+        write_fits(path, rng.integers(0, 65536, (3, 6, 8)).astype(np.uint16))
+    info = read_frame_info(path)
+    plan = raw_pixel_plan(info)
+    assert isinstance(plan, RawPixels)
+    expected, may_hold_nan = _scaled(info)
+    loaded = plan.load(np)
+    assert not may_hold_nan and loaded.dtype == expected.dtype and loaded.shape == expected.shape
+    np.testing.assert_array_equal(loaded, expected)
+
+
+def test_raw_pixel_plan_declines_what_needs_the_general_read(tmp_path: Path) -> None:
+    from napari_zemosaic.engine.frames import FrameError, raw_pixel_plan
+
+    stored = np.arange(20, dtype=np.int16).reshape(4, 5)
+    blank = fits.PrimaryHDU(stored)
+    blank.header["BLANK"] = -32768
+    blank.writeto(tmp_path / "blank.fit")
+    scaled = fits.PrimaryHDU(stored)
+    scaled.header["BSCALE"] = 0.5
+    scaled.writeto(tmp_path / "scaled.fit")
+    write_fits(tmp_path / "float.fit", np.ones((4, 5), np.float32))
+    write_fits(tmp_path / "int32.fit", np.ones((4, 5), np.int32))
+    data = np.random.default_rng(5).integers(0, 65536, (40, 50)).astype(np.uint16)
+    fits.HDUList([fits.PrimaryHDU(), fits.CompImageHDU(data)]).writeto(tmp_path / "packed.fits.fz")
+    for name in ("blank.fit", "scaled.fit", "float.fit", "int32.fit", "packed.fits.fz"):
+        assert raw_pixel_plan(read_frame_info(tmp_path / name)) is None, name
+    # A file cut after the header pass: the plan or its read says "truncated", never wrong pixels.
+    path = write_fits(tmp_path / "cut.fit", np.ones((100, 100), np.uint16))
+    info = read_frame_info(path)
+    plan = raw_pixel_plan(info)
+    path.write_bytes(path.read_bytes()[: 2880 * 2])
+    with pytest.raises(FrameError) as caught:
+        plan.read()
+    assert caught.value.reason_key == "frame_excluded_truncated"
+    with pytest.raises(FrameError) as caught:
+        raw_pixel_plan(info)
+    assert caught.value.reason_key == "frame_excluded_truncated"
+
+
+def test_reader_process_frames_give_the_pixels_of_a_direct_read(tmp_path: Path) -> None:
+    """mosaic_first: a frame prepared with defer_pixels (as in reader processes) comes out of
+    frame_pixels identical to one read directly."""
+    from napari_zemosaic.config import default_config
+    from napari_zemosaic.engine import mosaic_first
+    from napari_zemosaic.engine.canvas import build_canvas
+    from napari_zemosaic.engine.demo import DemoSpec, generate_demo
+    from napari_zemosaic.engine.frames import RawPixels
+
+    truth = generate_demo(tmp_path / "night", DemoSpec(panels=(1, 1), frames_per_panel=2, scale=0.25, seed=3))
+    infos = [read_frame_info(path) for path in truth.frame_paths]
+    canvas = build_canvas([i.wcs for i in infos], [i.shape for i in infos])
+    config = default_config()
+    for index, info in enumerate(infos):
+        direct = mosaic_first.prepare_frame_on_host(info, index, canvas, 0.01)
+        deferred = mosaic_first.prepare_frame_on_host(info, index, canvas, 0.01, defer_pixels=True)
+        assert isinstance(deferred.pixels, RawPixels) and not isinstance(direct.pixels, RawPixels)
+        a = mosaic_first.frame_pixels(direct, info, config, 3, np)
+        b = mosaic_first.frame_pixels(deferred, info, config, 3, np)
+        np.testing.assert_array_equal(a, b)
+        # What a reader process gets: no WCS and no header; it reads the header from the file.
+        from dataclasses import replace
+
+        mosaic_first._init_reader_process(canvas)
+        light = replace(info, wcs=None, header=None)
+        fingerprint = mosaic_first._wcs_fingerprint(info.wcs)
+        in_reader = mosaic_first._prepare_in_reader_process(light, index, 0.01, None, fingerprint)
+        assert isinstance(in_reader.pixels, RawPixels)
+        np.testing.assert_array_equal(in_reader.grid.bbox, direct.grid.bbox)
+        np.testing.assert_array_equal(mosaic_first.frame_pixels(in_reader, info, config, 3, np), a)
+        wrong = (fingerprint[0], fingerprint[1], fingerprint[2], (b"x",) + fingerprint[3][1:])
+        assert mosaic_first._prepare_in_reader_process(light, index, 0.01, None, wrong) == mosaic_first.NEEDS_WCS

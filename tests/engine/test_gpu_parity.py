@@ -337,6 +337,228 @@ def check_stack_parity(xp_gpu: Any, rejection: str, combine: str) -> None:
         assert abs(bias) < 0.5, (rejection, bias)
 
 
+@pytest.mark.parametrize("case", ["seestar", "nan_patches", "adjacent_hot", "small_odd", "pattern_rggb"])
+def test_fused_hot_pixel_kernels_equal_the_numpy_path_to_the_bit(device: int, case: str) -> None:
+    """The GPU's fused hot-pixel kernels (gpu.fused_hot_pixel_residuals / fused_hot_pixel_fix)
+    correct exactly the pixels NumPy corrects, with the same values; so does CuPy's xp path."""
+    debayer = pytest.importorskip("napari_zemosaic.engine.debayer")
+    rng = np.random.default_rng(21)
+    pattern = "RGGB" if case == "pattern_rggb" else SEESTAR_PATTERN
+    if case == "small_odd":
+        cfa = (SKY + NOISE_SIGMA * rng.standard_normal((37, 53))).astype(np.float32)
+        cfa[5, 7] += 80 * NOISE_SIGMA
+        cfa[0, 0] += 80 * NOISE_SIGMA  # on the reflected edge
+        cfa[36, 52] += 80 * NOISE_SIGMA
+    else:
+        cfa, _ = seestar_cfa(rng)
+        if case == "nan_patches":
+            cfa[100:140, 300:420] = np.nan
+            cfa[rng.integers(0, SEESTAR_SHAPE[0], 200), rng.integers(0, SEESTAR_SHAPE[1], 200)] = np.nan
+        if case == "adjacent_hot":
+            for y, x in rng.integers(10, 1000, (40, 2)):
+                cfa[y, x] += 70 * NOISE_SIGMA
+                cfa[y, x + 1] += 70 * NOISE_SIGMA
+    cpu, n_cpu = debayer.correct_hot_pixels(cfa, pattern, 8.0, np)
+    fused, n_fused = debayer.correct_hot_pixels(cp.asarray(cfa), pattern, 8.0, cp)
+    generic, n_generic = debayer.correct_hot_pixels(cp.asarray(cfa), pattern, 8.0, cp, fused=False)
+    assert n_fused == n_cpu
+    np.testing.assert_array_equal(gpu.to_host(fused), cpu)
+    assert abs(n_generic - n_cpu) <= TOL["hot_pixels"]["mask_mismatch_fraction"] * cfa.size
+    if case != "nan_patches":
+        assert n_cpu > 0
+    # The residual sample of the noise estimate, element for element.
+    plane = cp.asarray(cfa)
+    step = debayer._noise_step(cfa.shape)
+    parts = gpu.fused_hot_pixel_residuals(plane, step, cp)
+    padded = np.pad(cfa, 2, mode="reflect")
+    for (dy, dx), part in zip(debayer._PHASES, parts):
+        def at(oy: int, ox: int, dy: int = dy, dx: int = dx) -> np.ndarray:
+            return debayer._phase_view(padded, 2, cfa.shape, dy, dx, oy, ox)[::step, ::step]
+
+        want = (at(0, 0) - debayer.median_of_8([at(oy, ox) for oy, ox in debayer._SAME_COLOUR_OFFSETS], np)).ravel()
+        np.testing.assert_array_equal(gpu.to_host(part), want)
+
+
+@pytest.mark.parametrize("case", ["stars", "nan_and_inf", "integers", "tiny"])
+def test_fused_background_noise_equals_the_numpy_path_to_the_bit(device: int, case: str) -> None:
+    """estimate_background_noise on CuPy (gpu.fused_clipped_mad_sigmas: one sort, one kernel)
+    returns NumPy's per-channel sigmas exactly."""
+    frames = pytest.importorskip("napari_zemosaic.engine.frames")
+    rng = np.random.default_rng(31)
+    shape = (5, 9) if case == "tiny" else (540, 960)
+    if case == "tiny":
+        data = (SKY + NOISE_SIGMA * rng.standard_normal((3, *shape))).astype(np.float32)
+    else:
+        data = np.stack([star_field(shape, 150, rng) * r for r in RESPONSE]).astype(np.float32)
+    if case == "nan_and_inf":
+        data[:, 40:90, 100:400] = np.nan
+        data[1, rng.integers(0, shape[0], 300), rng.integers(0, shape[1], 300)] = np.inf
+        data[2, rng.integers(0, shape[0], 300), rng.integers(0, shape[1], 300)] = -np.inf
+        data[0] = np.nan  # a channel without any finite value
+    if case == "integers":
+        data = np.round(data / 7.0).astype(np.float32)  # many exact ties in values and deviations
+    for max_samples in (100_000, 5_000):
+        cpu = frames.estimate_background_noise(data, np, max_samples)
+        fused = gpu.to_host(frames.estimate_background_noise(cp.asarray(data), cp, max_samples))
+        np.testing.assert_array_equal(fused, cpu)
+        rows = cp.asarray(data.reshape(3, -1))
+        sigmas = gpu.to_host(gpu.fused_clipped_mad_sigmas(rows, 3.0, 5, cp))
+        want = np.array([frames._clipped_mad_sigma(row, np) for row in data.reshape(3, -1)])
+        np.testing.assert_array_equal(sigmas, want)
+
+
+@pytest.mark.parametrize("dtype", ["uint16", "int16", "uint8"])
+def test_raw_pixels_decode_on_the_device_as_on_the_host(device: int, dtype: str, tmp_path: Any) -> None:
+    """A reader's RawPixels (big-endian bytes swapped on the GPU) give the host's decoded values."""
+    from astropy.io import fits
+
+    from napari_zemosaic.engine.frames import raw_pixel_plan, read_frame_info
+
+    rng = np.random.default_rng(41)
+    info_range = {"uint16": (0, 65536), "int16": (-32768, 32768), "uint8": (0, 256)}[dtype]
+    data = rng.integers(*info_range, (108, 192)).astype(dtype)
+    data.flat[:4] = [info_range[0], info_range[1] - 1, 0, 1]
+    path = tmp_path / "frame.fit"
+    fits.PrimaryHDU(data).writeto(path)
+    plan = raw_pixel_plan(read_frame_info(path))
+    assert plan is not None
+    host = plan.load(np)
+    device_values = plan.load(cp)
+    assert device_values.dtype == host.dtype
+    np.testing.assert_array_equal(gpu.to_host(device_values), host)
+    np.testing.assert_array_equal(host, data)
+
+
+def test_fused_piece_placement_equals_the_numpy_path_to_the_bit(device: int) -> None:
+    """mosaic_first.normalised_cube: the GPU's one-kernel-per-piece placement (gpu.fused_place_pieces)
+    writes NumPy's values (background plane in float64, float32 difference and gain) everywhere."""
+    from napari_zemosaic.engine.mosaic_first import normalised_cube
+    from napari_zemosaic.engine.photometry import Normalisation
+
+    rng = np.random.default_rng(51)
+    n, channels, box = 7, 3, (1000, 1300, 2000, 2250)
+    norm = Normalisation(
+        rng.uniform(0.7, 1.4, (n, channels)), rng.normal(0, 30, (n, channels)), rng.normal(0, 0.5, (n, channels, 2)),
+        rng.uniform(-50, 200, (n, 2)), 16,
+    )
+    pieces = []
+    for index in range(n):
+        height, width = int(rng.integers(20, 300)), int(rng.integers(20, 250))
+        top, left = int(rng.integers(box[0], box[1] - 20)), int(rng.integers(box[2], box[3] - 20))
+        height, width = min(height, box[1] - top), min(width, box[3] - left)
+        big = (SKY + NOISE_SIGMA * rng.standard_normal((channels, height + 9, width + 5))).astype(np.float32)
+        big[:, :3, :4] = np.nan
+        piece = big[:, 4 : 4 + height, 2 : 2 + width]  # a strided view, as strips crop pieces
+        pieces.append((index, top, left, cp.asarray(big)[:, 4 : 4 + height, 2 : 2 + width] if index % 2 else piece))
+    host_pieces = [(i, top, left, gpu.to_host(piece)) for i, top, left, piece in pieces]
+    cpu = normalised_cube(host_pieces, box, channels, norm, np)
+    fused = gpu.to_host(normalised_cube(pieces, box, channels, norm, cp))
+    generic = gpu.to_host(normalised_cube(pieces, box, channels, norm, cp, fused=False))
+    np.testing.assert_array_equal(fused, cpu)
+    finite = np.isfinite(cpu)
+    np.testing.assert_allclose(generic[finite], cpu[finite], rtol=1e-6, atol=1e-3)
+
+
+def test_fused_median_mad_equals_numpy_medians(device: int) -> None:
+    """gpu.fused_median_mad: numpy.median of the finite values and of their absolute deviations."""
+    rng = np.random.default_rng(61)
+    rows = [
+        rng.standard_normal(20_001).astype(np.float32),
+        np.round(rng.standard_normal(40_000) * 3).astype(np.float32),  # ties everywhere
+        np.array([5.0], np.float32),
+        np.array([np.nan, np.inf, -np.inf], np.float32),  # nothing finite
+        np.concatenate([rng.standard_normal(999), [np.nan, np.inf, -np.inf, -np.inf]]).astype(np.float32),
+        np.zeros(10, np.float32),  # MAD 0
+    ]
+    stats = gpu.fused_median_mad([cp.asarray(row) for row in rows], cp)
+    for row, (count, centre, mad) in zip(rows, stats):
+        finite = row[np.isfinite(row)]
+        assert count == finite.size
+        if finite.size == 0:
+            assert np.isnan(centre) and np.isnan(mad)
+            continue
+        want_centre = np.median(finite)
+        assert centre == float(want_centre)
+        assert mad == float(np.median(np.abs(finite - want_centre)))
+
+
+@pytest.mark.parametrize("with_nan", [False, True])
+def test_fused_bilinear_sampling_equals_the_numpy_path_to_the_bit(device: int, with_nan: bool) -> None:
+    """reproject.sample(bilinear) on CuPy (one kernel, gpu.fused_bilinear_into) gives NumPy's
+    values and footprint exactly, edges, NaN pixels and NaN coordinates included."""
+    reproject = pytest.importorskip("napari_zemosaic.engine.reproject")
+    rng = np.random.default_rng(71)
+    data = np.stack([star_field((300, 420), 60, rng) * r for r in RESPONSE]).astype(np.float32)
+    if with_nan:
+        data[:, 100:120, 200:260] = np.nan
+        data[1, 5, 7] = np.nan
+    map_x = rng.uniform(-3.0, 423.0, (257, 389)).astype(np.float32)
+    map_y = rng.uniform(-3.0, 303.0, (257, 389)).astype(np.float32)
+    map_x[0, :6] = [-0.5, 419.5, -0.50001, 419.50003, 0.0, 419.0]  # exactly on / just past the edges
+    map_y[1, :6] = [-0.5, 299.5, -0.50001, 299.50003, 0.0, 299.0]
+    map_x[2, :3] = np.nan
+    cpu_out, cpu_fp = reproject.sample(data, map_x, map_y, "bilinear", np)
+    gpu_out, gpu_fp = reproject.sample(cp.asarray(data), cp.asarray(map_x), cp.asarray(map_y), "bilinear", cp)
+    np.testing.assert_array_equal(gpu.to_host(gpu_out), cpu_out)
+    np.testing.assert_array_equal(gpu.to_host(gpu_fp), cpu_fp)
+    # The xp path on CuPy still runs (fused=False) and lands within the sampling tolerance.
+    source = reproject._prepare_source(cp.asarray(data), cp)
+    out = cp.empty((3, *map_x.shape), dtype=cp.float32)
+    footprint = cp.empty(map_x.shape, dtype=cp.float32)
+    reproject._bilinear_into(source, cp.asarray(map_x), cp.asarray(map_y), out, footprint, cp, fused=False)
+    np.testing.assert_array_equal(gpu.to_host(footprint), cpu_fp)
+    both = np.isfinite(cpu_out)
+    np.testing.assert_allclose(gpu.to_host(out)[both], cpu_out[both], rtol=1e-6, atol=1e-3)
+
+
+def fused_kappa_sigma_cube(rng: np.random.Generator, n_frames: int, columns: int) -> np.ndarray:
+    """(N, 1, 1, columns) samples made to stress kappa-sigma: outliers, NaN, ±inf, ties, constants."""
+    cube = (SKY + NOISE_SIGMA * rng.standard_normal((n_frames, columns))).astype(np.float32)
+    cube[rng.random(cube.shape) < 0.05] += np.float32(30 * NOISE_SIGMA)  # outliers
+    cube[rng.random(cube.shape) < 0.15] = np.nan  # partial coverage
+    cube[rng.random(cube.shape) < 0.01] = np.inf
+    cube[rng.random(cube.shape) < 0.01] = -np.inf
+    quarter = columns // 4
+    cube[:, :quarter] = np.round(cube[:, :quarter] / NOISE_SIGMA)  # small integers: many exact ties
+    cube[:, quarter : quarter + 8] = np.float32(SKY)  # constant samples (σ = 0)
+    cube[:, quarter + 8 : quarter + 16] = np.nan  # empty samples
+    if n_frames > 2:
+        cube[: n_frames // 2, quarter + 16 : quarter + 24] = np.nan  # half-empty samples
+    return cube.reshape(n_frames, 1, 1, columns)
+
+
+@pytest.mark.parametrize("n_frames", [1, 2, 3, 7, 24, 100, 513])
+@pytest.mark.parametrize("iterations", [None, 1, 3])
+def test_fused_kappa_sigma_kernel_equals_the_numpy_path_to_the_bit(device: int, n_frames: int, iterations: Any) -> None:
+    """The GPU's fused sort + iteration (gpu.fused_kappa_sigma_bounds) gives NumPy's mask exactly,
+    itself equal to astropy's sigma_clip (tests/engine/test_stack.py)."""
+    stack = pytest.importorskip("napari_zemosaic.engine.stack")
+    rng = np.random.default_rng(1000 + n_frames)
+    cube = fused_kappa_sigma_cube(rng, n_frames, 4096)
+    cpu = stack.kappa_sigma_mask(cube, 2.5, 3.0, iterations, np)
+    fused = gpu.to_host(stack.kappa_sigma_mask(cp.asarray(cube), 2.5, 3.0, iterations, cp))
+    generic = gpu.to_host(stack.kappa_sigma_mask(cp.asarray(cube), 2.5, 3.0, iterations, cp, fused=False))
+    np.testing.assert_array_equal(fused, cpu)
+    np.testing.assert_array_equal(generic, cpu)
+    # Bounds themselves, bit for bit, on a strided chunk view (as kappa_sigma_mask passes them).
+    columns = cp.asarray(cube.reshape(n_frames, -1))[:, 100:3000]
+    bounds = gpu.fused_kappa_sigma_bounds(columns, 2.5, 3.0, stack._iterations(iterations, n_frames), cp)
+    assert bounds is not None
+    expected = stack._kappa_sigma_bounds(
+        stack._sorted_samples(cube.reshape(n_frames, -1)[:, 100:3000], np), 2.5, 3.0,
+        stack._iterations(iterations, n_frames), np,
+    )
+    for got, want in zip(bounds, expected):
+        np.testing.assert_array_equal(gpu.to_host(got), want)
+
+
+def test_fused_kappa_sigma_kernel_declines_what_it_does_not_cover(device: int) -> None:
+    too_deep = cp.zeros((gpu.FUSED_SORT_MAX_ROWS + 1, 4), dtype=cp.float32)
+    assert gpu.fused_kappa_sigma_bounds(too_deep, 3.0, 3.0, 5, cp) is None
+    assert gpu.fused_kappa_sigma_bounds(cp.zeros((4, 4), dtype=cp.float64), 3.0, 3.0, 5, cp) is None
+    assert gpu.fused_kappa_sigma_bounds(np.zeros((4, 4), dtype=np.float32), 3.0, 3.0, 5, np) is None
+
+
 def test_debayer_parity(device: int) -> None:
     check_debayer_parity(cp)
 

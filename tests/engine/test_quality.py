@@ -511,3 +511,19 @@ def test_tile_gate_down_weights_a_patchy_dewy_tile_but_never_drops_it():
     good_weight = q.tile_weight(q.tile_quality_score(good, coverage))
     poor_weight = q.tile_weight(q.tile_quality_score(poor, patchy))
     assert poor_weight < good_weight and poor_weight >= 0.1
+
+
+def test_process_pool_measurement_equals_the_thread_pool(night, monkeypatch):
+    """Many frames are measured in worker processes (FrameInfo sent without WCS and header):
+    the metrics are those of the threads, to the bit."""
+    truth, infos, metrics, _ = night
+    monkeypatch.setattr(q, "PROCESS_MEASURE_MIN_FRAMES", 2)
+    monkeypatch.setattr(q.os, "cpu_count", lambda: 4)
+    pool, _submit = q._measure_executor(infos, {"num_workers": 2}, q.measure_one)
+    pool.shutdown()
+    assert type(pool).__name__ == "ProcessPoolExecutor"
+    in_processes, events = _drain(q.measure_frames(infos, {"num_workers": 2}, Reporter()))
+    assert [m.to_dict() for m in in_processes] == [m.to_dict() for m in metrics]
+    for ours, theirs in zip(in_processes, metrics):
+        np.testing.assert_array_equal(ours.stars.flux, theirs.stars.flux)
+    assert sum(isinstance(e, ProgressEvent) for e in events) >= len(infos)

@@ -184,13 +184,39 @@ def _robust_sigma(values: Any, xp: Any) -> float:
     return max(sigma, floor)
 
 
-def _residual_noise_by_colour(padded: Any, pad: int, shape: tuple[int, int], name: str, xp: Any) -> dict[str, float]:
-    """Robust spread of ``value - median8_same_colour`` for each colour, from a strided subsample."""
+def _noise_step(shape: tuple[int, int]) -> int:
+    """Stride of the noise subsample: at most :data:`_NOISE_SAMPLES_PER_PHASE` sites per phase."""
     height, width = shape
     quarter = max(1, (height // 2) * (width // 2))
     step = 1
     while quarter // (step * step) > _NOISE_SAMPLES_PER_PHASE:
         step += 1
+    return step
+
+
+def _robust_sigmas_on_gpu(by_colour: dict[str, list[Any]], xp: Any) -> dict[str, float]:
+    """:func:`_robust_sigma` of each colour's residuals, its two medians from one fused kernel
+    (:func:`.gpu.fused_median_mad`); a colour whose MAD is 0 takes the xp function itself."""
+    colours = list(by_colour)
+    joined = [xp.concatenate(by_colour[colour]) for colour in colours]
+    stats = _fused_gpu().fused_median_mad(joined, xp)
+    noise: dict[str, float] = {}
+    for colour, values, (count, centre, mad) in zip(colours, joined, stats):
+        if count == 0:
+            noise[colour] = float("nan")
+            continue
+        sigma = 1.4826 * mad
+        if not sigma > 0.0:  # a flat colour plane: the mean-deviation fallback, as _robust_sigma
+            noise[colour] = _robust_sigma(values, xp)
+            continue
+        floor = float(xp.finfo(xp.float32).eps) * max(1.0, abs(centre))
+        noise[colour] = max(sigma, floor)
+    return noise
+
+
+def _residual_noise_by_colour(padded: Any, pad: int, shape: tuple[int, int], name: str, xp: Any) -> dict[str, float]:
+    """Robust spread of ``value - median8_same_colour`` for each colour, from a strided subsample."""
+    step = _noise_step(shape)
     residuals: dict[str, list[Any]] = {"R": [], "G": [], "B": []}
     for dy, dx in _PHASES:
         def at(oy: int, ox: int, dy: int = dy, dx: int = dx) -> Any:
@@ -207,19 +233,36 @@ def _phase_table(noise: dict[str, float], name: str, xp: Any) -> Any:
     return xp.asarray([[noise[name[0]], noise[name[1]]], [noise[name[2]], noise[name[3]]]], dtype=xp.float32)
 
 
-def correct_hot_pixels(cfa: Any, pattern: str, sigma: float, xp: Any) -> tuple[Any, int]:
+def correct_hot_pixels(cfa: Any, pattern: str, sigma: float, xp: Any, *, fused: bool = True) -> tuple[Any, int]:
     """Replace isolated hot pixels of a (H, W) CFA plane by their same-colour neighbour median.
 
     Returns ``(corrected, n_fixed)``; ``corrected`` is a new float32 array (the input is
     not modified). See the module docstring for the detection rule.
+
+    On the GPU (``fused``, the default) the three stages are three CUDA kernels
+    (:func:`.gpu.fused_hot_pixel_residuals`, :func:`.gpu.fused_hot_pixel_fix`) that compute the
+    same function to the bit; the per-colour noise is the same :func:`_robust_sigma` call.
     """
     _require_cfa(cfa)
     name = normalize_pattern(pattern)
     plane = xp.asarray(cfa, dtype=xp.float32)
     height, width = shape = (int(plane.shape[0]), int(plane.shape[1]))
-    corrected = plane.copy()
     if height < 4 or width < 4:
-        return corrected, 0
+        return plane.copy(), 0
+    if fused and getattr(xp, "cuda", None) is not None:  # CuPy
+        plane = xp.ascontiguousarray(plane)
+        parts = _fused_gpu().fused_hot_pixel_residuals(plane, _noise_step(shape), xp)
+        if parts is not None:
+            by_colour: dict[str, list[Any]] = {"R": [], "G": [], "B": []}
+            for (dy, dx), part in zip(_PHASES, parts):
+                by_colour[name[2 * dy + dx]].append(part)
+            noise = _robust_sigmas_on_gpu(by_colour, xp)
+            if any(value != value for value in noise.values()):
+                return plane.copy(), 0
+            return _fused_gpu().fused_hot_pixel_fix(
+                plane, [noise[colour] for colour in name], float(sigma), ISOLATION_FRACTION, ISOLATION_FLOOR, xp
+            )
+    corrected = plane.copy()
     pad = 2
     padded = xp.pad(plane, pad, mode="reflect")
     noise = _residual_noise_by_colour(padded, pad, shape, name, xp)
@@ -273,6 +316,12 @@ def correct_hot_pixels(cfa: Any, pattern: str, sigma: float, xp: Any) -> tuple[A
     ys, xs = ys[isolated], xs[isolated]
     corrected[ys, xs] = local_median[isolated]
     return corrected, int(ys.size)
+
+
+def _fused_gpu() -> Any:
+    from . import gpu
+
+    return gpu
 
 
 def _reflect_index(index: Any, size: int, xp: Any) -> Any:

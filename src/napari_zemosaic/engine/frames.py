@@ -869,6 +869,92 @@ def _read_raw_image(info: FrameInfo) -> tuple[np.ndarray, fits.Header]:
     return raw, header
 
 
+@dataclass(frozen=True)
+class RawPixels:
+    """Where a frame's integer pixels lie in its file, for the integer formats that
+    :func:`_scaled_pixels` keeps exact (BITPIX 8, or 16 with BZERO 0 or 32768, BSCALE 1, no BLANK).
+
+    A reader process sends this (a few bytes) instead of the pixels (megabytes through a pipe,
+    unpickled by the receiving process); the receiver reads them itself (:meth:`load`, the read
+    releases the GIL) and decodes them on its array module with the values of :func:`_scaled_pixels`:
+    on CuPy the big-endian bytes travel to the device as they are and are swapped there.
+    """
+
+    path: str
+    offset: int  # byte offset of the data in the file
+    shape: tuple[int, ...]  # as astropy gives the data array (NAXISn reversed)
+    bitpix: int  # 8 or 16
+    flip_sign: bool  # BITPIX 16 with BZERO 32768: uint16 = the int16 bits with the top bit flipped
+
+    def read(self) -> np.ndarray:
+        """The raw big-endian values, shaped."""
+        dtype = np.dtype(">i2" if self.bitpix == 16 else "u1")
+        count = int(np.prod(self.shape, dtype=np.int64))
+        try:
+            with open(self.path, "rb") as handle:
+                handle.seek(self.offset)
+                raw = np.fromfile(handle, dtype=dtype, count=count)
+        except OSError as exc:
+            raise FrameError(REASON_UNREADABLE, f"{type(exc).__name__}: {exc}", path=self.path) from None
+        if raw.size != count:
+            raise FrameError(REASON_TRUNCATED, f"{raw.size} of {count} pixels in the file", path=self.path)
+        return raw.reshape(self.shape)
+
+    def load(self, xp: Any = np) -> Any:
+        """The decoded pixels on ``xp``: uint16 (BZERO 32768), int16 or uint8, as :func:`_scaled_pixels`."""
+        raw = self.read()
+        if self.bitpix == 8:
+            return xp.asarray(raw)
+        if getattr(xp, "cuda", None) is None:  # NumPy: exactly the fast paths of _scaled_pixels
+            if self.flip_sign:
+                return np.bitwise_xor(raw.view(">u2"), np.uint16(0x8000), dtype=np.uint16)
+            return raw.astype(raw.dtype.newbyteorder("="))
+        swapped = xp.asarray(raw.view(np.uint16))  # the file's bytes, read as native uint16
+        swapped = xp.bitwise_or(xp.right_shift(swapped, 8), xp.left_shift(swapped, 8))  # uint16: wraps
+        if self.flip_sign:
+            return xp.bitwise_xor(swapped, np.uint16(0x8000))
+        return swapped.view(xp.int16)
+
+
+def raw_pixel_plan(info: FrameInfo) -> RawPixels | None:
+    """A :class:`RawPixels` for the frame, from its header alone; ``None`` when its pixels need the
+    general decoding of :func:`_read_raw_image` + :func:`_scaled_pixels` (floats, other integer
+    scalings, a BLANK keyword, compressed data) or the file cannot be opened (that read then
+    gives the exact reason). Raises :class:`FrameError` for a file cut before its data ends."""
+    path = Path(info.path)
+    try:
+        file_size = _check_file_start(path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with _open_fits(path, memmap=True, do_not_scale_image_data=True) as hdul:
+                _check_data_present(hdul, info.hdu_index, path, file_size)
+                hdu = hdul[info.hdu_index]
+                if type(hdu) not in (fits.PrimaryHDU, fits.ImageHDU):
+                    return None
+                header = hdu.header
+                offset = int(hdu.fileinfo()["datLoc"])
+                bitpix = int(header["BITPIX"])
+                n_axes = int(header["NAXIS"])
+                shape = tuple(int(header[f"NAXIS{axis}"]) for axis in range(n_axes, 0, -1))
+                has_blank = "BLANK" in header
+                bscale = _header_float(header, "BSCALE")
+                bzero = _header_float(header, "BZERO")
+    except FrameError as exc:
+        if exc.reason_key == REASON_TRUNCATED:
+            raise
+        return None
+    except Exception:
+        return None
+    if has_blank or bscale not in (None, 1.0) or bitpix not in (8, 16) or not shape or min(shape) < 1:
+        return None
+    bzero = 0.0 if bzero is None else bzero
+    if bitpix == 16 and bzero == 32768.0:
+        return RawPixels(str(path), offset, shape, 16, True)
+    if bzero == 0.0:
+        return RawPixels(str(path), offset, shape, bitpix, False)
+    return None
+
+
 def _to_chw(data: Any, layout: str, shape: tuple[int, int], xp: Any) -> Any:
     """Pixels in (C, H, W) order (2-D planes get C = 1)."""
     if data.ndim == 3 and layout == "rgb_hwc":
@@ -915,23 +1001,36 @@ def load_frame(
     return data
 
 
-def estimate_background_noise(data: Any, xp: Any = np, max_samples: int = 100_000) -> Any:
+_NOISE_CLIP = 3.0  # sigma of the iterative clipping of the background noise estimate
+_NOISE_ITERATIONS = 5
+
+
+def estimate_background_noise(data: Any, xp: Any = np, max_samples: int = 100_000, *, fused: bool = True) -> Any:
     """Robust background sigma per channel of a (C, H, W) image, shape (C,) float32.
 
     1.4826 x MAD of a strided subsample, iteratively clipped at 3 sigma so that stars
     and other bright structure do not inflate it. The stride is odd so that every Bayer
     phase of a debayered image is sampled (interpolated sites are less noisy).
+
+    On the GPU (``fused``, the default) every channel's clipping loop runs in one CUDA kernel
+    over the sorted sample (:func:`.gpu.fused_clipped_mad_sigmas`), with the same result.
     """
     n_channels, height, width = (int(size) for size in data.shape)
     step = max(1, int(math.ceil(math.sqrt(height * width / max_samples))))
     if step % 2 == 0:
         step += 1
     sample = data[:, ::step, ::step].reshape(n_channels, -1)
+    if fused and getattr(xp, "cuda", None) is not None:  # CuPy
+        from .gpu import fused_clipped_mad_sigmas
+
+        sigmas_on_device = fused_clipped_mad_sigmas(sample, _NOISE_CLIP, _NOISE_ITERATIONS, xp)
+        if sigmas_on_device is not None:
+            return sigmas_on_device.astype(xp.float32)
     sigmas = [_clipped_mad_sigma(sample[channel], xp) for channel in range(n_channels)]
     return xp.asarray(sigmas, dtype=xp.float32)
 
 
-def _clipped_mad_sigma(values: Any, xp: Any, clip: float = 3.0, iterations: int = 5) -> float:
+def _clipped_mad_sigma(values: Any, xp: Any, clip: float = _NOISE_CLIP, iterations: int = _NOISE_ITERATIONS) -> float:
     values = values[xp.isfinite(values)]
     sigma = math.nan
     for _ in range(iterations):

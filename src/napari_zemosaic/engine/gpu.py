@@ -522,6 +522,598 @@ class WorkerStreams:
             self._streams.clear()
 
 
+# ----------------------------------------------------------------------------- fused CUDA kernels
+#
+# A few hot loops of the xp-generic kernels are one CUDA kernel on the GPU instead of hundreds
+# of small CuPy calls (each costs ~10-40 µs of host time, so a pass of many calls is bound by
+# the host, not the device). Each computes *the same function* as its xp-generic twin, to the
+# bit: the same float32/float64 operations in the same order, compiled without fused
+# multiply-adds (``--fmad=false``), and every one has a CPU parity test in
+# ``tests/engine/test_gpu_parity.py``. Callers use the fused kernel only through
+# :func:`fused_kernels` and keep the xp path for NumPy and for shapes a kernel does not cover.
+
+_FUSED_OPTIONS = ("--fmad=false",)
+
+_KAPPA_SIGMA_SOURCE = r"""
+#define ZM_INF __int_as_float(0x7f800000)
+#define ZM_NAN __longlong_as_double(0x7ff8000000000000ULL)
+
+// One block per column: gather the column's finite values into shared memory, bitonic-sort
+// them (padded with +inf to a power of two) and write them to sorted_out (n_rows, n_cols)
+// row-major, with their count. Same order as NumPy's sort of the finite values (NaN last).
+extern "C" __global__ void zemosaic_sort_finite_columns(
+    const float* __restrict__ values, const long long row_stride, const long long col_stride,
+    const int n_rows, const long long n_cols, float* __restrict__ sorted_out, int* __restrict__ counts)
+{
+    extern __shared__ float s[];
+    __shared__ int count;
+    for (long long col = blockIdx.x; col < n_cols; col += gridDim.x) {
+        if (threadIdx.x == 0) count = 0;
+        __syncthreads();
+        for (int i = threadIdx.x; i < n_rows; i += blockDim.x) {
+            const float v = values[(long long)i * row_stride + col * col_stride];
+            if (isfinite(v)) { s[atomicAdd(&count, 1)] = v; }
+        }
+        __syncthreads();
+        const int n = count;
+        int size = 1;
+        while (size < n) size <<= 1;
+        for (int i = n + threadIdx.x; i < size; i += blockDim.x) s[i] = ZM_INF;
+        __syncthreads();
+        for (int k = 2; k <= size; k <<= 1) {
+            for (int j = k >> 1; j > 0; j >>= 1) {
+                for (int p = threadIdx.x; p < (size >> 1); p += blockDim.x) {
+                    const int i = ((p & ~(j - 1)) << 1) | (p & (j - 1));
+                    const int partner = i + j;
+                    const float a = s[i], b = s[partner];
+                    if ((a > b) == ((i & k) == 0)) { s[i] = b; s[partner] = a; }
+                }
+                __syncthreads();
+            }
+        }
+        for (int i = threadIdx.x; i < n; i += blockDim.x) sorted_out[(long long)i * n_cols + col] = s[i];
+        if (threadIdx.x == 0) counts[col] = n;
+        __syncthreads();
+    }
+}
+
+// One thread per column of sorted finite values: the prefix sums and the kappa-sigma iteration
+// of stack._sorted_samples / stack._kappa_sigma_bounds, operation for operation.
+extern "C" __global__ void zemosaic_kappa_sigma_sorted(
+    const float* __restrict__ sorted_values, const int* __restrict__ counts, const long long n_cols,
+    double* __restrict__ prefix, double* __restrict__ prefix_sq,
+    const double kappa_low, const double kappa_high, const int iterations,
+    double* __restrict__ lower_out, double* __restrict__ upper_out)
+{
+    const long long col = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (col >= n_cols) return;
+#define S(i) sorted_values[(long long)(i) * n_cols + col]
+#define P(i) prefix[(long long)(i) * n_cols + col]
+#define Q(i) prefix_sq[(long long)(i) * n_cols + col]
+    const int n = counts[col];
+    double lower = ZM_NAN, upper = ZM_NAN;
+    if (n > 0) {
+        const float reference = S((n - 1) / 2);
+        double sum = 0.0, sum_sq = 0.0;
+        P(0) = 0.0;
+        Q(0) = 0.0;
+        for (int i = 0; i < n; ++i) {
+            const float d = __fsub_rn(S(i), reference);
+            sum = __dadd_rn(sum, (double)d);
+            sum_sq = __dadd_rn(sum_sq, (double)__fmul_rn(d, d));
+            P(i + 1) = sum;
+            Q(i + 1) = sum_sq;
+        }
+        int start = 0, stop = n;
+        for (int it = 0; it < iterations; ++it) {
+            const int m = stop - start;
+            const double below = (double)S(start + (m - 1) / 2);
+            const double above = (double)S(start + m / 2);
+            const double centre = __dmul_rn(0.5, __dadd_rn(below, above));
+            const double total = __dsub_rn(P(stop), P(start));
+            const double total_sq = __dsub_rn(Q(stop), Q(start));
+            const double dm = (double)m;
+            double squares = __dsub_rn(total_sq, __ddiv_rn(__dmul_rn(total, total), fmax(dm, 1.0)));
+            if (squares < 0.0) squares = 0.0;
+            const double sigma = __dsqrt_rn(__ddiv_rn(squares, fmax(dm, 1.0)));
+            lower = __dsub_rn(centre, __dmul_rn(kappa_low, sigma));
+            upper = __dadd_rn(centre, __dmul_rn(kappa_high, sigma));
+            int new_start = start;
+            while (new_start < stop && (double)S(new_start) < lower) ++new_start;
+            int new_stop = stop;
+            while (new_stop > new_start && !((double)S(new_stop - 1) <= upper)) --new_stop;
+            if (!((new_start != start || new_stop != stop) && new_stop > new_start)) break;
+            start = new_start;
+            stop = new_stop;
+        }
+    }
+    lower_out[col] = lower;
+    upper_out[col] = upper;
+#undef S
+#undef P
+#undef Q
+}
+"""
+
+_HOT_PIXEL_SOURCE = r"""
+#define ZM_INFINITY __int_as_float(0x7f800000)
+// NaN-propagating min/max, as numpy.minimum / numpy.maximum.
+__device__ __forceinline__ float zm_min(float a, float b) { return isnan(a) ? a : (isnan(b) ? b : fminf(a, b)); }
+__device__ __forceinline__ float zm_max(float a, float b) { return isnan(a) ? a : (isnan(b) ? b : fmaxf(a, b)); }
+__device__ __forceinline__ int zm_reflect(int i, int n) { i = i < 0 ? -i : i; return i > n - 1 ? 2 * (n - 1) - i : i; }
+
+// debayer.median_of_8: the same comparator network, the same float32 rounding.
+__device__ __forceinline__ float zm_median8(float v0, float v1, float v2, float v3, float v4, float v5, float v6, float v7)
+{
+    float a0, a1, a2, a3, b0, b1, b2, b3, t;
+    a0 = zm_min(v0, v1); a1 = zm_max(v0, v1); a2 = zm_min(v2, v3); a3 = zm_max(v2, v3);
+    t = zm_min(a0, a2); a2 = zm_max(a0, a2); a0 = t;
+    t = zm_min(a1, a3); a3 = zm_max(a1, a3); a1 = t;
+    t = zm_min(a1, a2); a2 = zm_max(a1, a2); a1 = t;
+    b0 = zm_min(v4, v5); b1 = zm_max(v4, v5); b2 = zm_min(v6, v7); b3 = zm_max(v6, v7);
+    t = zm_min(b0, b2); b2 = zm_max(b0, b2); b0 = t;
+    t = zm_min(b1, b3); b3 = zm_max(b1, b3); b1 = t;
+    t = zm_min(b1, b2); b2 = zm_max(b1, b2); b1 = t;
+    const float fourth = zm_min(zm_min(zm_min(a3, b3), zm_max(a0, b2)), zm_min(zm_max(a1, b1), zm_max(a2, b0)));
+    const float fifth = zm_min(zm_min(zm_max(a0, b3), zm_max(a1, b2)), zm_min(zm_max(a2, b1), zm_max(a3, b0)));
+    return __fmul_rn(__fadd_rn(fourth, fifth), 0.5f);
+}
+
+// Median of the 8 same-colour neighbours of (y, x), reflect-padded like numpy.pad(mode="reflect").
+__device__ __forceinline__ float zm_same_colour_median(const float* p, int y, int x, int h, int w)
+{
+    const int ym = zm_reflect(y - 2, h), yp = zm_reflect(y + 2, h), xm = zm_reflect(x - 2, w), xp = zm_reflect(x + 2, w);
+    const long long rm = (long long)ym * w, r0 = (long long)y * w, rp = (long long)yp * w;
+    return zm_median8(p[rm + xm], p[rm + x], p[rm + xp], p[r0 + xm], p[r0 + xp], p[rp + xm], p[rp + x], p[rp + xp]);
+}
+
+// debayer._residual_noise_by_colour: value - median8 on the strided subsample of each phase.
+extern "C" __global__ void zemosaic_hot_residuals(
+    const float* __restrict__ plane, const int h, const int w, const int step,
+    const int rows0, const int cols0, const int rows1, const int cols1,
+    const long long n0, const long long n1, const long long n2, const long long n3, float* __restrict__ out)
+{
+    const long long total = n0 + n1 + n2 + n3;
+    for (long long k = (long long)blockIdx.x * blockDim.x + threadIdx.x; k < total; k += (long long)gridDim.x * blockDim.x) {
+        long long local = k;
+        int phase = 0;
+        if (local >= n0) { local -= n0; phase = 1; if (local >= n1) { local -= n1; phase = 2; if (local >= n2) { local -= n2; phase = 3; } } }
+        const int dy = phase >> 1, dx = phase & 1;
+        const int cols = dx ? cols1 : cols0;
+        const int a = (int)(local / cols), b = (int)(local % cols);
+        const int y = dy + 2 * step * a, x = dx + 2 * step * b;
+        out[k] = __fsub_rn(plane[(long long)y * w + x], zm_same_colour_median(plane, y, x, h, w));
+    }
+}
+
+// debayer.correct_hot_pixels stage 1: (value - min8) x (1 / noise of the colour), float32.
+extern "C" __global__ void zemosaic_hot_excess(
+    const float* __restrict__ plane, const int h, const int w, const float* __restrict__ inverse_noise,
+    float* __restrict__ excess)
+{
+    const long long total = (long long)h * w;
+    for (long long k = (long long)blockIdx.x * blockDim.x + threadIdx.x; k < total; k += (long long)gridDim.x * blockDim.x) {
+        const int y = (int)(k / w), x = (int)(k % w);
+        const int ym = zm_reflect(y - 2, h), yp = zm_reflect(y + 2, h), xm = zm_reflect(x - 2, w), xp = zm_reflect(x + 2, w);
+        const long long rm = (long long)ym * w, r0 = (long long)y * w, rp = (long long)yp * w;
+        const float above = zm_min(zm_min(plane[rm + xm], plane[rm + x]), plane[rm + xp]);
+        const float below = zm_min(zm_min(plane[rp + xm], plane[rp + x]), plane[rp + xp]);
+        float m = zm_min(above, below);
+        m = zm_min(m, plane[r0 + xm]);
+        m = zm_min(m, plane[r0 + xp]);
+        excess[k] = __fmul_rn(__fsub_rn(plane[k], m), inverse_noise[((y & 1) << 1) | (x & 1)]);
+    }
+}
+
+// debayer.correct_hot_pixels stages 2 and 3 on the candidates: exact median, z, isolation;
+// a hot pixel gets its median in `corrected` and is counted.
+extern "C" __global__ void zemosaic_hot_fix(
+    const float* __restrict__ plane, const float* __restrict__ excess, const int h, const int w,
+    const long long* __restrict__ candidates, const long long n_candidates, const float* __restrict__ noise,
+    const float sigma, const float isolation_fraction, const float isolation_floor,
+    float* __restrict__ corrected, unsigned long long* __restrict__ n_fixed)
+{
+    const long long c = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= n_candidates) return;
+    const long long k = candidates[c];
+    const int y = (int)(k / w), x = (int)(k % w);
+    const float median = zm_same_colour_median(plane, y, x, h, w);
+    const float z = __fdiv_rn(__fsub_rn(plane[k], median), noise[((y & 1) << 1) | (x & 1)]);
+    if (!(z > sigma)) return;
+    // Second largest excess of the 8 immediate neighbours, NaN sorting last (as numpy.sort).
+    float first = -ZM_INFINITY, second = -ZM_INFINITY;
+    int nans = 0;
+    for (int oy = -1; oy <= 1; ++oy) {
+        for (int ox = -1; ox <= 1; ++ox) {
+            if (oy == 0 && ox == 0) continue;
+            const float e = excess[(long long)zm_reflect(y + oy, h) * w + zm_reflect(x + ox, w)];
+            if (isnan(e)) { ++nans; continue; }
+            if (e > first) { second = first; first = e; } else if (e > second) { second = e; }
+        }
+    }
+    const float support = nans >= 2 ? __int_as_float(0x7fc00000) : (nans == 1 ? first : second);
+    const float limit = zm_max(__fmul_rn(isolation_fraction, z), isolation_floor);
+    if (support < limit) {
+        corrected[k] = median;
+        atomicAdd(n_fixed, 1ULL);
+    }
+}
+"""
+
+
+def _launch_1d(function: Any, n_items: int, args: tuple[Any, ...], block: int = 256) -> None:
+    grid = max(1, min(-(-int(n_items) // block), 1 << 20))
+    function((grid,), (block,), args)
+
+
+def fused_hot_pixel_residuals(plane: Any, step: int, xp: Any) -> list[Any] | None:
+    """``value - median8`` of each phase's strided subsample (``debayer._residual_noise_by_colour``),
+    as four float32 arrays in phase order, from one kernel; ``None`` when not on CuPy."""
+    if not is_device_module(xp) or plane.ndim != 2 or plane.dtype != xp.float32 or not plane.flags.c_contiguous:
+        return None
+    height, width = (int(v) for v in plane.shape)
+    shapes = []
+    for dy, dx in ((0, 0), (0, 1), (1, 0), (1, 1)):
+        shapes.append((-(-(-(-(height - dy) // 2)) // step), -(-(-(-(width - dx) // 2)) // step)))
+    sizes = [rows * cols for rows, cols in shapes]
+    out = xp.empty(sum(sizes), dtype=xp.float32)
+    function = _fused_function(xp, _HOT_PIXEL_SOURCE, "zemosaic_hot_residuals")
+    _launch_1d(function, sum(sizes), (
+        plane, np.int32(height), np.int32(width), np.int32(step), np.int32(shapes[0][0]), np.int32(shapes[0][1]),
+        np.int32(shapes[1][0]), np.int32(shapes[1][1]), *(np.int64(size) for size in sizes), out,
+    ))
+    bounds = np.cumsum([0, *sizes])
+    return [out[int(bounds[i]) : int(bounds[i + 1])] for i in range(4)]
+
+
+def fused_hot_pixel_fix(
+    plane: Any, noise_by_phase: Sequence[float], sigma: float, isolation_fraction: float, isolation_floor: float, xp: Any
+) -> tuple[Any, int]:
+    """Stages 1–3 of ``debayer.correct_hot_pixels`` in three kernels: ``(corrected, n_fixed)``.
+
+    ``noise_by_phase``: the four phases' noise (row-major over the Bayer cell), Python floats.
+    """
+    height, width = (int(v) for v in plane.shape)
+    # As NumPy computes ``excess *= 1.0 / noise`` and ``z / noise_table``: float32 operands.
+    inverse = xp.asarray(np.array([1.0 / value for value in noise_by_phase], dtype=np.float32))
+    noise = xp.asarray(np.array(list(noise_by_phase), dtype=np.float32))
+    excess = xp.empty_like(plane)
+    _launch_1d(_fused_function(xp, _HOT_PIXEL_SOURCE, "zemosaic_hot_excess"), height * width,
+               (plane, np.int32(height), np.int32(width), inverse, excess))
+    corrected = plane.copy()
+    candidates = xp.flatnonzero(excess > np.float32(sigma))
+    if int(candidates.size) == 0:
+        return corrected, 0
+    fixed = xp.zeros(1, dtype=xp.uint64)
+    _launch_1d(_fused_function(xp, _HOT_PIXEL_SOURCE, "zemosaic_hot_fix"), int(candidates.size), (
+        plane, excess, np.int32(height), np.int32(width), candidates.astype(xp.int64, copy=False),
+        np.int64(candidates.size), noise, np.float32(sigma), np.float32(isolation_fraction),
+        np.float32(isolation_floor), corrected, fixed,
+    ), block=128)
+    return corrected, int(fixed.get()[0])
+
+
+_CLIPPED_MAD_SOURCE = r"""
+#define ZM_INFINITY __int_as_float(0x7f800000)
+// frames._clipped_mad_sigma on each sorted row (NaN last) of `sorted_rows` (one thread per row):
+// the finite values, median, 1.4826 x MAD, keep |v - median| <= clip x sigma, repeat. On sorted
+// values the kept set is an index range and each median is read (or selected from the two
+// monotone halves of the deviations) in O(log n), with NumPy's float32 rounding.
+__device__ __forceinline__ float zm_dev(float v, float m) { return fabsf(__fsub_rn(v, m)); }
+
+// Median of a float32 multiset as numpy.median: the middle value, or fl32(fl32(a + b) / 2).
+__device__ __forceinline__ float zm_mid(float a, float b, bool even) { return even ? __fdiv_rn(__fadd_rn(a, b), 2.0f) : a; }
+
+// k-th smallest (0-based) deviation of v[lo..hi) from m, with p = first index with v >= m:
+// left deviations dev(v[p-1-j]) and right ones dev(v[p+i]) are both non-decreasing.
+__device__ float zm_kth_deviation(const float* v, long long lo, long long hi, long long p, float m, long long k)
+{
+    const long long na = hi - p, nb = p - lo;  // A: right side, B: left side
+    long long a = k + 1 - nb > 0 ? k + 1 - nb : 0;
+    long long b = k + 1 < na ? k + 1 : na;
+    while (a < b) {
+        const long long i = (a + b) >> 1, j = k + 1 - i;
+        if (j > 0 && i < na && zm_dev(v[p - j], m) > zm_dev(v[p + i], m)) a = i + 1; else b = i;
+    }
+    const long long i = a, j = k + 1 - a;
+    const float from_a = i > 0 ? zm_dev(v[p + i - 1], m) : -ZM_INFINITY;
+    const float from_b = j > 0 ? zm_dev(v[p - j], m) : -ZM_INFINITY;
+    return fmaxf(from_a, from_b);
+}
+
+extern "C" __global__ void zemosaic_clipped_mad_sigma(
+    const float* __restrict__ sorted_rows, const int n_rows, const long long n, const double clip,
+    const int iterations, double* __restrict__ sigma_out)
+{
+    const int row = blockIdx.x * blockDim.x + threadIdx.x;
+    if (row >= n_rows) return;
+    const float* v = sorted_rows + (long long)row * n;
+    // Finite range: -inf sorts first, then the finite values, +inf, NaN.
+    long long a = 0, b = n;
+    while (a < b) { const long long c = (a + b) >> 1; if (v[c] == -ZM_INFINITY) a = c + 1; else b = c; }
+    long long lo = a;
+    a = lo; b = n;
+    while (a < b) { const long long c = (a + b) >> 1; if (v[c] < ZM_INFINITY) a = c + 1; else b = c; }
+    long long hi = a;
+    double sigma = __longlong_as_double(0x7ff8000000000000ULL);
+    for (int it = 0; it < iterations; ++it) {
+        const long long size = hi - lo;
+        if (size < 8) break;
+        const bool even = (size & 1) == 0;
+        const float median = zm_mid(v[lo + (size - 1) / 2], v[lo + size / 2], even);
+        a = lo; b = hi;  // p: first index with v >= median
+        while (a < b) { const long long c = (a + b) >> 1; if (v[c] < median) a = c + 1; else b = c; }
+        const long long p = a;
+        const float mad = zm_mid(zm_kth_deviation(v, lo, hi, p, median, (size - 1) / 2),
+                                 zm_kth_deviation(v, lo, hi, p, median, size / 2), even);
+        sigma = __dmul_rn(1.4826, (double)mad);
+        if (!(sigma > 0.0)) break;
+        const float limit = __double2float_rn(__dmul_rn(clip, sigma));
+        // New range: drop the left values with v < median and dev > limit, and the right ones with v > median and dev > limit.
+        a = lo; b = p;
+        while (a < b) { const long long c = (a + b) >> 1; if (zm_dev(v[c], median) > limit) a = c + 1; else b = c; }
+        const long long new_lo = a;
+        a = p; b = hi;
+        while (a < b) { const long long c = (a + b) >> 1; if (!(zm_dev(v[c], median) > limit)) a = c + 1; else b = c; }
+        const long long new_hi = a;
+        if (new_lo == lo && new_hi == hi) break;
+        lo = new_lo;
+        hi = new_hi;
+    }
+    sigma_out[row] = sigma;
+}
+
+// debayer._robust_sigma's two medians on each sorted row: out[row] = (finite count, median,
+// median absolute deviation), the medians as numpy.median computes them in float32.
+extern "C" __global__ void zemosaic_median_mad_rows(
+    const float* __restrict__ sorted_rows, const int n_rows, const long long n, double* __restrict__ out)
+{
+    const int row = blockIdx.x * blockDim.x + threadIdx.x;
+    if (row >= n_rows) return;
+    const float* v = sorted_rows + (long long)row * n;
+    long long a = 0, b = n;
+    while (a < b) { const long long c = (a + b) >> 1; if (v[c] == -ZM_INFINITY) a = c + 1; else b = c; }
+    const long long lo = a;
+    a = lo; b = n;
+    while (a < b) { const long long c = (a + b) >> 1; if (v[c] < ZM_INFINITY) a = c + 1; else b = c; }
+    const long long hi = a;
+    const long long size = hi - lo;
+    double centre = __longlong_as_double(0x7ff8000000000000ULL), mad = centre;
+    if (size > 0) {
+        const bool even = (size & 1) == 0;
+        const float median = zm_mid(v[lo + (size - 1) / 2], v[lo + size / 2], even);
+        a = lo; b = hi;
+        while (a < b) { const long long c = (a + b) >> 1; if (v[c] < median) a = c + 1; else b = c; }
+        const long long p = a;
+        centre = (double)median;
+        mad = (double)zm_mid(zm_kth_deviation(v, lo, hi, p, median, (size - 1) / 2),
+                             zm_kth_deviation(v, lo, hi, p, median, size / 2), even);
+    }
+    out[3 * row] = (double)size;
+    out[3 * row + 1] = centre;
+    out[3 * row + 2] = mad;
+}
+"""
+
+
+def fused_median_mad(rows: Sequence[Any], xp: Any) -> list[tuple[int, float, float]] | None:
+    """``(finite count, median, MAD)`` of each 1-D float32 device array, as ``numpy.median`` gives
+    them (float32 values as Python floats): one padded sort, one kernel, one copy to the host.
+    ``None`` when not on CuPy."""
+    if not is_device_module(xp) or not rows:
+        return None
+    length = max(1, max(int(row.size) for row in rows))
+    table = xp.full((len(rows), length), xp.nan, dtype=xp.float32)  # NaN sorts last: not counted
+    for index, row in enumerate(rows):
+        table[index, : int(row.size)] = row
+    table.sort(axis=-1)
+    out = xp.empty((len(rows), 3), dtype=xp.float64)
+    function = _fused_function(xp, _CLIPPED_MAD_SOURCE, "zemosaic_median_mad_rows")
+    function((max(1, -(-len(rows) // 32)),), (32,), (table, np.int32(len(rows)), np.int64(length), out))
+    return [(int(count), float(centre), float(mad)) for count, centre, mad in out.get()]
+
+
+def fused_clipped_mad_sigmas(rows: Any, clip: float, iterations: int, xp: Any) -> Any | None:
+    """``frames._clipped_mad_sigma`` of each row of ``rows`` (R, n) float32 on the GPU: one sort
+    and one kernel for all rows; float64 (R,) on the device. ``None`` when not on CuPy."""
+    if not is_device_module(xp) or rows.ndim != 2 or rows.dtype != xp.float32:
+        return None
+    ordered = xp.sort(xp.ascontiguousarray(rows), axis=-1)
+    n_rows, n = (int(v) for v in ordered.shape)
+    sigmas = xp.empty(n_rows, dtype=xp.float64)
+    function = _fused_function(xp, _CLIPPED_MAD_SOURCE, "zemosaic_clipped_mad_sigma")
+    function((max(1, -(-n_rows // 32)),), (32,),
+             (ordered, np.int32(n_rows), np.int64(n), np.float64(clip), np.int32(iterations), sigmas))
+    return sigmas
+
+
+_PLACE_PIECE_SOURCE = r"""
+// mosaic_first.stack_block's placement of one piece: cube[slot, c, oy + y, ox + x] =
+// (piece[c, y, x] - float32(photometry.Normalisation.background_plane)) / float32(gain), the
+// plane in float64 as NumPy computes it: (offset + t0 * col) + t1 * row.
+extern "C" __global__ void zemosaic_place_piece(
+    const float* __restrict__ piece, const long long sc, const long long sy, const long long sx,
+    const int channels, const int ph, const int pw,
+    float* __restrict__ cube_slot, const int block_h, const int block_w, const int oy, const int ox,
+    const int canvas_y0, const int canvas_x0, const double bin_px, const double centre_x, const double centre_y,
+    const double* __restrict__ offsets, const double* __restrict__ tilts, const float* __restrict__ gains)
+{
+    const long long total = (long long)channels * ph * pw;
+    for (long long k = (long long)blockIdx.x * blockDim.x + threadIdx.x; k < total; k += (long long)gridDim.x * blockDim.x) {
+        const int x = (int)(k % pw);
+        const int y = (int)((k / pw) % ph);
+        const int c = (int)(k / ((long long)pw * ph));
+        const double col = __dsub_rn(__dsub_rn(__ddiv_rn(__dadd_rn((double)(canvas_x0 + x), 0.5), bin_px), 0.5), centre_x);
+        const double row = __dsub_rn(__dsub_rn(__ddiv_rn(__dadd_rn((double)(canvas_y0 + y), 0.5), bin_px), 0.5), centre_y);
+        const double plane = __dadd_rn(__dadd_rn(offsets[c], __dmul_rn(tilts[2 * c], col)), __dmul_rn(tilts[2 * c + 1], row));
+        const float value = piece[c * sc + y * sy + x * sx];
+        cube_slot[((long long)c * block_h + oy + y) * block_w + ox + x] =
+            __fdiv_rn(__fsub_rn(value, __double2float_rn(plane)), gains[c]);
+    }
+}
+"""
+
+
+def fused_place_pieces(
+    cube: Any, pieces: Sequence[tuple[int, int, int, Any]], y0: int, x0: int, normalisation: Any, xp: Any
+) -> bool:
+    """Write every normalised piece into ``cube`` (N, C, h, w) on the GPU, one kernel per piece
+    (``stack_block``'s loop without its ~18 small calls and 3 host→device copies per piece).
+    False (nothing written) when not on CuPy."""
+    if not is_device_module(xp) or cube.dtype != xp.float32 or not cube.flags.c_contiguous:
+        return False
+    n_slots, channels, block_h, block_w = (int(v) for v in cube.shape)
+    offsets = xp.asarray(np.ascontiguousarray(normalisation.offsets[:n_slots, :channels], dtype=np.float64))
+    tilts = xp.asarray(np.ascontiguousarray(normalisation.tilts[:n_slots, :channels], dtype=np.float64))
+    gains = xp.asarray(np.ascontiguousarray(normalisation.gains[:n_slots, :channels]).astype(np.float32))
+    centres = np.asarray(normalisation.centres, dtype=np.float64)
+    function = _fused_function(xp, _PLACE_PIECE_SOURCE, "zemosaic_place_piece")
+    for slot, (_, py0, px0, piece) in enumerate(pieces):
+        piece = to_device(piece, xp)
+        if piece.dtype != xp.float32:
+            piece = piece.astype(xp.float32)
+        _, ph, pw = (int(v) for v in piece.shape)
+        strides = [int(v) // piece.itemsize for v in piece.strides]
+        _launch_1d(function, channels * ph * pw, (
+            piece, np.int64(strides[0]), np.int64(strides[1]), np.int64(strides[2]),
+            np.int32(channels), np.int32(ph), np.int32(pw),
+            cube[slot], np.int32(block_h), np.int32(block_w), np.int32(py0 - y0), np.int32(px0 - x0),
+            np.int32(py0), np.int32(px0), np.float64(normalisation.bin_px),
+            np.float64(centres[slot, 0]), np.float64(centres[slot, 1]),
+            offsets[slot], tilts[slot], gains[slot],
+        ))
+    return True
+
+
+_BILINEAR_SOURCE = r"""
+// reproject._bilinear_into for every pixel of a row chunk: the inside test, the clamped cell,
+// the four float32 weights and the gathers summed in NumPy's order, the NaN-mask rule.
+__device__ __forceinline__ float zm_gather(const float* p, long long tl, long long tr, long long bl, long long br,
+                                           float w00, float w01, float w10, float w11)
+{
+    return __fadd_rn(__fadd_rn(__fadd_rn(__fmul_rn(w00, p[tl]), __fmul_rn(w01, p[tr])), __fmul_rn(w10, p[bl])),
+                     __fmul_rn(w11, p[br]));
+}
+
+extern "C" __global__ void zemosaic_bilinear(
+    const float* __restrict__ flat, const long long plane, const int channels, const float* __restrict__ bad,
+    const int has_bad, const int height, const int width, const float* __restrict__ map_x,
+    const float* __restrict__ map_y, const long long n, float* __restrict__ out, const long long out_stride,
+    float* __restrict__ footprint)
+{
+    const float nan = __int_as_float(0x7fc00000);
+    for (long long k = (long long)blockIdx.x * blockDim.x + threadIdx.x; k < n; k += (long long)gridDim.x * blockDim.x) {
+        const float x = map_x[k], y = map_y[k];
+        const bool inside = (x >= -0.5f) && (x <= (float)width - 0.5f) && (y >= -0.5f) && (y <= (float)height - 0.5f);
+        const float xc = fminf(fmaxf(inside ? x : 0.0f, 0.0f), (float)(width - 1));
+        const float yc = fminf(fmaxf(inside ? y : 0.0f, 0.0f), (float)(height - 1));
+        const float cx = fminf(floorf(xc), (float)(width - 2 > 0 ? width - 2 : 0));
+        const float cy = fminf(floorf(yc), (float)(height - 2 > 0 ? height - 2 : 0));
+        const float fx = __fsub_rn(xc, cx), fy = __fsub_rn(yc, cy);
+        const float gx = __fsub_rn(1.0f, fx), gy = __fsub_rn(1.0f, fy);
+        const float w00 = __fmul_rn(gx, gy), w01 = __fmul_rn(fx, gy), w10 = __fmul_rn(gx, fy), w11 = __fmul_rn(fx, fy);
+        const long long tl = (long long)cy * width + (long long)cx;
+        const long long tr = tl + (width > 1 ? 1 : 0);
+        const long long bl = tl + (height > 1 ? width : 0);
+        const long long br = bl + (width > 1 ? 1 : 0);
+        bool valid = inside;
+        if (has_bad) valid = valid && (zm_gather(bad, tl, tr, bl, br, w00, w01, w10, w11) <= 0.0f);
+        for (int c = 0; c < channels; ++c) {
+            out[c * out_stride + k] = valid ? zm_gather(flat + c * plane, tl, tr, bl, br, w00, w01, w10, w11) : nan;
+        }
+        footprint[k] = valid ? 1.0f : 0.0f;
+    }
+}
+"""
+
+
+def fused_bilinear_into(flat: Any, bad: Any | None, height: int, width: int, x: Any, y: Any, out: Any,
+                        footprint: Any, xp: Any) -> bool:
+    """``reproject._bilinear_into`` in one kernel: False (nothing written) when not on CuPy or the
+    arrays are not laid out as the kernel reads them (the caller then runs the xp path)."""
+    if not is_device_module(xp):
+        return False
+    arrays = [flat, x, y, footprint] + ([] if bad is None else [bad])
+    if any(a.dtype != xp.float32 or not a.flags.c_contiguous for a in arrays) or out.dtype != xp.float32:
+        return False
+    channels = int(flat.shape[0])
+    rows, cols = (int(v) for v in x.shape)
+    if out.ndim != 3 or tuple(out.shape[1:]) != (rows, cols) or int(out.shape[0]) != channels:
+        return False
+    item = out.itemsize
+    if out.strides[2] != item or out.strides[1] != cols * item or tuple(footprint.shape) != (rows, cols):
+        return False
+    n = rows * cols
+    _launch_1d(_fused_function(xp, _BILINEAR_SOURCE, "zemosaic_bilinear"), n, (
+        flat, np.int64(flat.shape[1]), np.int32(channels), flat if bad is None else bad, np.int32(bad is not None),
+        np.int32(height), np.int32(width), x, y, np.int64(n), out, np.int64(out.strides[0] // item), footprint,
+    ))
+    return True
+
+
+#: Largest sample depth (frames per pixel) the fused sort keeps in 48 KB of shared memory.
+FUSED_SORT_MAX_ROWS = 12 * 1024
+
+_fused_lock = threading.Lock()
+_fused_modules: dict[tuple[int, str], Any] = {}
+
+
+def _fused_function(cupy: Any, source: str, name: str) -> Any:
+    """A compiled function of a fused kernel source, cached per device (compiled once)."""
+    device = int(cupy.cuda.runtime.getDevice())
+    key = (device, source[:64] + str(len(source)))
+    with _fused_lock:
+        module = _fused_modules.get(key)
+        if module is None:
+            module = cupy.RawModule(code=source, options=_FUSED_OPTIONS)
+            _fused_modules[key] = module
+    return module.get_function(name)
+
+
+def fused_kappa_sigma_bounds(
+    values: Any, kappa_low: float, kappa_high: float, iterations: int, xp: Any
+) -> tuple[Any, Any] | None:
+    """Final (lower, upper) float64 bounds of every column of ``values`` (N, P) float32 on the GPU.
+
+    The same numbers as ``stack._kappa_sigma_bounds(stack._sorted_samples(values))`` (NaN
+    bounds for columns without a finite value), from two kernel launches instead of a sort and
+    O(N) small calls. ``None`` when ``xp`` is not CuPy or the columns are too deep for the
+    shared-memory sort (:data:`FUSED_SORT_MAX_ROWS`): the caller then runs the xp path.
+    """
+    if not is_device_module(xp) or values.ndim != 2 or values.dtype != xp.float32:
+        return None
+    n_rows, n_cols = (int(v) for v in values.shape)
+    if n_rows < 1 or n_rows > FUSED_SORT_MAX_ROWS or n_cols == 0:
+        return None
+    size = 1
+    while size < n_rows:
+        size <<= 1
+    sort = _fused_function(xp, _KAPPA_SIGMA_SOURCE, "zemosaic_sort_finite_columns")
+    iterate = _fused_function(xp, _KAPPA_SIGMA_SOURCE, "zemosaic_kappa_sigma_sorted")
+    itemsize = values.itemsize
+    sorted_values = xp.empty((n_rows, n_cols), dtype=xp.float32)
+    counts = xp.empty(n_cols, dtype=xp.int32)
+    threads = max(32, min(512, size // 2))
+    grid = min(n_cols, 1 << 22)
+    sort(
+        (grid,), (threads,),
+        (values, np.int64(values.strides[0] // itemsize), np.int64(values.strides[1] // itemsize),
+         np.int32(n_rows), np.int64(n_cols), sorted_values, counts),
+        shared_mem=4 * size,
+    )
+    prefix = xp.empty((n_rows + 1, n_cols), dtype=xp.float64)
+    prefix_sq = xp.empty((n_rows + 1, n_cols), dtype=xp.float64)
+    lower = xp.empty(n_cols, dtype=xp.float64)
+    upper = xp.empty(n_cols, dtype=xp.float64)
+    block = 128
+    iterate(
+        (-(-n_cols // block),), (block,),
+        (sorted_values, counts, np.int64(n_cols), prefix, prefix_sq, np.float64(kappa_low), np.float64(kappa_high),
+         np.int32(min(int(iterations), 2**31 - 1)), lower, upper),
+    )
+    return lower, upper
+
+
 # ----------------------------------------------------------------------------- chunk planning
 
 
@@ -1104,6 +1696,14 @@ __all__ = [
     "device_scope",
     "ensure_cupy_pool_initialized",
     "free_cupy_memory_pools",
+    "FUSED_SORT_MAX_ROWS",
+    "fused_bilinear_into",
+    "fused_clipped_mad_sigmas",
+    "fused_hot_pixel_fix",
+    "fused_hot_pixel_residuals",
+    "fused_kappa_sigma_bounds",
+    "fused_median_mad",
+    "fused_place_pieces",
     "gpu_free_memory",
     "gpu_is_available",
     "gpu_memory_info",

@@ -329,17 +329,28 @@ def reproject_unit(
 
 
 def prepare_frame_on_host(
-    info: FrameInfo, index: int, canvas: Canvas, tol_px: float, bbox: BBox | None = None
+    info: FrameInfo, index: int, canvas: Canvas, tol_px: float, bbox: BBox | None = None, defer_pixels: bool = False
 ) -> HostFrame | None:
     """Read and decode one frame and compute its canvas control grid (reader unit, CPU only).
 
     Pure and picklable (it runs in reader processes). ``None`` when the frame misses the
     canvas. Raises :class:`FrameError` for unreadable files, as :func:`load_frame` does.
+    With ``defer_pixels`` (reader processes) the integer formats that need no general scaling
+    come as a :class:`~.frames.RawPixels` (where they lie in the file) instead of the pixels:
+    :func:`frame_pixels` reads them in the receiving process, so megabytes do not go through
+    the pipe and the receiver's unpickling.
     """
+    from .frames import raw_pixel_plan
+
     started = time.perf_counter()
-    raw, header = _read_raw_image(info)
-    pixels, may_hold_nan = _scaled_pixels(raw, header)
-    pixels = np.ascontiguousarray(pixels)
+    plan = raw_pixel_plan(info) if defer_pixels else None
+    if plan is not None:
+        pixels: Any = plan
+        may_hold_nan = False
+    else:
+        raw, header = _read_raw_image(info)
+        pixels, may_hold_nan = _scaled_pixels(raw, header)
+        pixels = np.ascontiguousarray(pixels)
     read_done = time.perf_counter()
     if bbox is None:
         bbox = frame_bbox_on_canvas(info.wcs, info.shape, canvas, margin=2)
@@ -353,10 +364,16 @@ def frame_pixels(host: HostFrame, info: FrameInfo, config: dict[str, Any], n_cha
     """The frame as float32 ``(C, H, W)`` on ``xp``: hot pixels, debayer, mono → colour.
 
     The same steps as :func:`.frames.load_frame` after its read, applied to the host
-    pixels of a reader: the compact array is what travels to the device.
+    pixels of a reader: the compact array is what travels to the device (pixels a reader
+    left in the file, a :class:`~.frames.RawPixels`, are read here and decoded on ``xp``).
     """
+    from .frames import RawPixels
+
+    pixels = host.pixels
+    if isinstance(pixels, RawPixels):
+        pixels = pixels.load(xp)
     try:
-        data = _to_chw(xp.asarray(host.pixels), info.layout, info.shape, xp)
+        data = _to_chw(xp.asarray(pixels), info.layout, info.shape, xp)
     except ValueError as exc:
         raise FrameError(REASON_UNREADABLE, str(exc), path=str(info.path)) from None
     data = data.astype(xp.float32, copy=False)
@@ -473,15 +490,35 @@ def stack_block(
     ``normalisation`` and ``weights`` are aligned with ``pieces`` (slot i ↔ piece i).
     Pieces may live on the host or the device; the results are host arrays.
     """
+    cube = normalised_cube(pieces, block_box, n_channels, normalisation, xp)
+    result = stack_cube(cube, params, weights=xp.asarray(weights), xp=xp)
+    return to_host(result.data), to_host(result.weight), to_host(result.count)
+
+
+def normalised_cube(
+    pieces: Sequence[tuple[int, int, int, Any]],
+    block_box: BBox,
+    n_channels: int,
+    normalisation: Normalisation,
+    xp: Any = np,
+    fused: bool = True,
+) -> Any:
+    """The (N, C, h, w) float32 cube of a block: each piece minus its background plane, over its
+    gain, NaN where a frame does not cover. On the GPU (``fused``) one kernel per piece
+    (:func:`.gpu.fused_place_pieces`) writes the same values as the xp loop below."""
     y0, y1, x0, x1 = block_box
     cube = xp.full((len(pieces), n_channels, y1 - y0, x1 - x0), xp.nan, dtype=xp.float32)
+    if fused and xp is not np:
+        from .gpu import fused_place_pieces
+
+        if fused_place_pieces(cube, pieces, y0, x0, normalisation, xp):
+            return cube
     for slot, (_, py0, px0, piece) in enumerate(pieces):
         _, ph, pw = piece.shape
         plane = normalisation.background_plane(slot, py0, px0, ph, pw, xp)
         gain = xp.asarray(normalisation.gains[slot], dtype=xp.float32)[:, None, None]
         cube[slot, :, py0 - y0 : py0 - y0 + ph, px0 - x0 : px0 - x0 + pw] = (to_device(piece, xp) - plane) / gain
-    result = stack_cube(cube, params, weights=xp.asarray(weights), xp=xp)
-    return to_host(result.data), to_host(result.weight), to_host(result.count)
+    return cube
 
 
 def _crop_pieces(
@@ -611,8 +648,9 @@ def _process_context() -> Any:
     """forkserver where it exists (no fork of a process holding a CUDA context and threads)."""
     if "forkserver" in multiprocessing.get_all_start_methods():
         context = multiprocessing.get_context("forkserver")
-        # Forked readers start with the engine imported; no effect once the server runs.
-        context.set_forkserver_preload([__name__])
+        # Forked readers (and quality workers) start with the engine imported; no effect once
+        # the server runs.
+        context.set_forkserver_preload([__name__, "napari_zemosaic.engine.quality"])
         return context
     return multiprocessing.get_context("spawn")
 
@@ -655,6 +693,23 @@ def _wcs_fingerprint(wcs: Any) -> tuple[Any, ...] | None:
     )
 
 
+def _header_from_file(info: FrameInfo) -> Any:
+    """The header of the frame's image HDU, read again from its file (None if that fails): what
+    a reader rebuilds the WCS from when the frame came without header (pickling a header costs
+    the sending process a millisecond or two per frame)."""
+    import warnings
+
+    from astropy.io import fits
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with fits.open(info.path, memmap=True, lazy_load_hdus=True) as hdul:
+                return fits.Header(hdul[info.hdu_index].header, copy=True)
+    except Exception:  # the fingerprint check then asks for the whole frame
+        return None
+
+
 def _prepare_in_reader_process(
     info: FrameInfo, index: int, tol_px: float, bbox: BBox | None, fingerprint: tuple[Any, ...] | None = None
 ) -> HostFrame | str | None:
@@ -667,11 +722,12 @@ def _prepare_in_reader_process(
     """
     assert _READER_CANVAS is not None, "reader process started without its canvas"
     if info.wcs is None:
-        wcs = validate_wcs(info.header, info.shape)[0] if info.header is not None else None
+        header = info.header if info.header is not None else _header_from_file(info)
+        wcs = validate_wcs(header, info.shape)[0] if header is not None else None
         if wcs is None or _wcs_fingerprint(wcs) != fingerprint:
             return NEEDS_WCS
         info = replace(info, wcs=wcs)
-    return prepare_frame_on_host(info, index, _READER_CANVAS, tol_px, bbox)
+    return prepare_frame_on_host(info, index, _READER_CANVAS, tol_px, bbox, defer_pixels=True)
 
 
 def _reader_executor(
@@ -692,7 +748,7 @@ def _reader_executor(
         ) -> Future:
             fingerprint = None if whole or info.header is None else _wcs_fingerprint(info.wcs)
             if fingerprint is not None:
-                light = replace(info, wcs=None)  # the header travels; the reader rebuilds the WCS
+                light = replace(info, wcs=None, header=None)  # the reader rebuilds both from the file
                 return pool.submit(_prepare_in_reader_process, light, index, tol_px, bbox, fingerprint)
             return pool.submit(_prepare_in_reader_process, info, index, tol_px, bbox)
 

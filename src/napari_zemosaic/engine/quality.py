@@ -70,7 +70,7 @@ from __future__ import annotations
 
 import math
 import os
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Generator, Iterable, Sequence
@@ -771,6 +771,52 @@ def measure_one(info: Any) -> FrameMetrics:
     return measure_frame(data, info)
 
 
+#: From this many frames the default measurement runs in a pool of processes: the metrics are
+#: mostly Python-level NumPy calls that hold the GIL, so threads of one process do not scale.
+PROCESS_MEASURE_MIN_FRAMES = 48
+
+
+def _measure_light(info: Any, pixel_scale: float | None) -> FrameMetrics:
+    """:func:`measure_one` in a worker process, for a FrameInfo sent without its WCS and header
+    (pickling those costs the main process milliseconds per frame; the pixel scale, the only
+    thing the metrics take from the WCS, comes computed)."""
+    from .frames import FrameError
+
+    try:
+        data = load_measurement_data(info)
+    except FrameError as exc:
+        return FrameMetrics(path=str(info.path), reason=REASON_UNREADABLE, detail=f"{exc.reason_key}: {exc.detail}")
+    except (OSError, ValueError) as exc:
+        return FrameMetrics(path=str(info.path), reason=REASON_UNREADABLE, detail=f"{type(exc).__name__}: {exc}")
+    return measure_frame(data, info, pixel_scale_arcsec=pixel_scale)
+
+
+def _measure_executor(
+    frames: Sequence[Any], config: dict[str, Any], measure: Callable[[Any], FrameMetrics]
+) -> tuple[Any, Callable[[int], Any]]:
+    """A process pool for the default measurement of many frames, else a thread pool."""
+    total = len(frames)
+    if measure is measure_one and total >= PROCESS_MEASURE_MIN_FRAMES and (os.cpu_count() or 1) >= 4:
+        from dataclasses import replace
+
+        from .mosaic_first import _main_module_is_importable, _process_context
+
+        if _main_module_is_importable():
+            requested = int(config.get("num_workers", 0) or 0)
+            workers = max(1, min(requested if requested > 0 else (os.cpu_count() or 1), total))
+            pool = ProcessPoolExecutor(max_workers=workers, mp_context=_process_context())
+
+            def submit_to_process(index: int) -> Any:
+                info = frames[index]
+                scale = _pixel_scale(info)
+                light = replace(info, wcs=None, header=None) if hasattr(info, "__dataclass_fields__") else info
+                return pool.submit(_measure_light, light, scale)
+
+            return pool, submit_to_process
+    threads = ThreadPoolExecutor(max_workers=_worker_count(config, total), thread_name_prefix="zemosaic-quality")
+    return threads, lambda index: threads.submit(measure, frames[index])
+
+
 def measure_frames(
     frames: Sequence[Any],
     config: dict[str, Any],
@@ -778,22 +824,27 @@ def measure_frames(
     *,
     measure: Callable[[Any], FrameMetrics] = measure_one,
 ) -> Generator[Any, None, list[FrameMetrics]]:
-    """Measure every frame on a thread pool, then the transparency of each pointing group.
+    """Measure every frame on a pool (processes for many frames, else threads), then the
+    transparency of each pointing group.
 
     Yields the reporter's events (progress ``P1`` / ``progress_quality`` after each frame);
     returns the metrics in the order of ``frames``.
     """
     total = len(frames)
     results: list[FrameMetrics | None] = [None] * total
-    workers = _worker_count(config, total)
     if total:
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="zemosaic-quality") as pool:
-            futures = {pool.submit(measure, info): index for index, info in enumerate(frames)}
+        pool, submit = _measure_executor(frames, config, measure)
+        try:
+            futures = {submit(index): index for index in range(total)}
             for done, future in enumerate(as_completed(futures), start=1):
                 index = futures[future]
                 results[index] = future.result()
                 reporter.progress("P1", done, total, PROGRESS_KEY, name=Path(str(frames[index].path)).name)
                 yield from reporter.pop_pending()
+        finally:
+            # Worker processes wind down in the background (joining them costs the run seconds);
+            # threads are joined, as before.
+            pool.shutdown(wait=not isinstance(pool, ProcessPoolExecutor), cancel_futures=True)
     metrics = [m if m is not None else FrameMetrics() for m in results]
     assign_transparency(metrics, frames)
     for item in metrics:

@@ -270,7 +270,7 @@ def _iterations(max_iterations: int | None, n_rows: int) -> int:
 
 
 def kappa_sigma_mask(
-    cube: Array, kappa_low: float, kappa_high: float, max_iterations: int | None, xp: Any = np
+    cube: Array, kappa_low: float, kappa_high: float, max_iterations: int | None, xp: Any = np, *, fused: bool = True
 ) -> Array:
     """Kappa-sigma rejection along axis 0; True = rejected (non-finite values are always True).
 
@@ -283,6 +283,10 @@ def kappa_sigma_mask(
     Peak temporaries per chunk of S ≤ 2²⁰ values (2²⁴ on the GPU): two float32 sorted copies
     (during the sort) and two float64 prefix-sum tables, ≈ 6·S float32-equivalents (~25 MB on
     the CPU), plus the bool mask of the whole cube (1 byte per value).
+
+    On the GPU (``fused``, the default) the sort, the prefix sums and the iteration of each chunk
+    are two CUDA kernels (:func:`.gpu.fused_kappa_sigma_bounds`) that compute the same bounds
+    to the bit; ``fused=False`` forces the xp path (the parity tests compare both).
     """
     n_rows = cube.shape[0]
     iterations = _iterations(max_iterations, n_rows)
@@ -292,10 +296,24 @@ def kappa_sigma_mask(
     mask = xp.empty(columns.shape, dtype=bool)
     for chunk in _column_chunks(n_rows, columns.shape[1], xp):
         values = columns[:, chunk]
-        lower, upper = _kappa_sigma_bounds(_sorted_samples(values, xp), kappa_low, kappa_high, iterations, xp)
+        bounds = _fused_kappa_sigma(values, kappa_low, kappa_high, iterations, xp) if fused else None
+        if bounds is None:
+            bounds = _kappa_sigma_bounds(_sorted_samples(values, xp), kappa_low, kappa_high, iterations, xp)
+        lower, upper = bounds
         # float32 values against float64 bounds compare in float64, as astropy does.
         mask[:, chunk] = ~((values >= lower) & (values <= upper))
     return mask.reshape(cube.shape)
+
+
+def _fused_kappa_sigma(
+    values: Array, kappa_low: float, kappa_high: float, iterations: int, xp: Any
+) -> tuple[Array, Array] | None:
+    """The GPU's fused bounds of one chunk, or None (NumPy, or a shape the kernel does not cover)."""
+    if xp is np:
+        return None
+    from .gpu import fused_kappa_sigma_bounds
+
+    return fused_kappa_sigma_bounds(values, kappa_low, kappa_high, iterations, xp)
 
 
 def _kappa_sigma_bounds(
