@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_options(run)
     run.add_argument("--workflow", choices=("auto", "classic", "mosaic-first", "sds"), help=tr("cli_help_workflow"))
     run.add_argument("--gpu", choices=("auto", "on", "off"), default=None, help=tr("cli_help_gpu"))
+    run.add_argument("--scheduler", metavar="local|ADDRESS", default=None, help=tr("cli_help_scheduler"))
 
     demo = commands.add_parser("demo", help=tr("cli_help_demo"))
     demo.add_argument("output", help=tr("cli_help_demo_output"))
@@ -54,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-run", action="store_true", help=tr("cli_help_no_run"))
     _add_config_options(demo)
     demo.add_argument("--gpu", choices=("auto", "on", "off"), default=None, help=tr("cli_help_gpu"))
+    demo.add_argument("--scheduler", metavar="local|ADDRESS", default=None, help=tr("cli_help_scheduler"))
 
     plan = commands.add_parser("plan", help=tr("cli_help_plan"))
     plan.add_argument("input", help=tr("cli_help_input"))
@@ -71,13 +73,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
-    """Config file (or the user's), then ``--set``, ``--workflow``, ``--gpu``, ``--lang``."""
+    """Config file (or the user's), then ``--set``, ``--workflow``, ``--gpu``, ``--scheduler``, ``--lang``."""
     config = load_config(getattr(args, "config", None))
     overrides: dict[str, Any] = dict(parse_set_option(text) for text in getattr(args, "set", []) or [])
     if getattr(args, "workflow", None):
         overrides["workflow"] = args.workflow.replace("-", "_")
     if getattr(args, "gpu", None):
         overrides.update(gpu_mode_overrides(args.gpu))
+    if getattr(args, "scheduler", None):
+        overrides["scheduler"] = args.scheduler
     if getattr(args, "lang", None):
         overrides["language"] = args.lang
     return apply_overrides(config, overrides)

@@ -154,6 +154,12 @@ OPTIONS: dict[str, Option] = {
     # --- resume -----------------------------------------------------------------------------------------
     "resume": _choice("auto", "Reuse finished work units from OUTPUT/.zemosaic_cache.", "auto", "off", "force"),
     "cache_retention": _choice("run_end", "Remove the cache after a successful run, or keep it.", "run_end", "keep"),
+    # --- scale-out on Dask (optional 'distributed' extra; engine/distributed.py) ------------------------
+    "scheduler": Option("none", "Where work units run: none (this process), local (a local Dask cluster of worker processes), tcp://HOST:PORT (an existing Dask scheduler whose workers share the cache folder), or inline (the cluster code path in this process).", "str"),
+    "scheduler_workers": Option(0, "Worker processes of a local cluster; 0 = one per GPU when the run uses the GPU, else one per CPU core.", "int", minimum=0, maximum=1024),
+    "scheduler_threads_per_worker": Option(1, "Threads of each local-cluster worker.", "int", minimum=1, maximum=256),
+    "scheduler_memory_limit_mb": Option(0, "Memory limit of each local-cluster worker, MB; 0 = the machine's memory shared between the workers.", "int", minimum=0),
+    "scheduler_retries": Option(2, "Times a failed work unit is retried before the run records it as failed.", "int", minimum=0, maximum=20),
 }
 
 def _file_name(value: str) -> str:
@@ -161,6 +167,21 @@ def _file_name(value: str) -> str:
     if not value.strip() or value in (".", "..") or any(char in value for char in "/\\\0"):
         raise ValueError(value)
     return value
+
+
+SCHEDULER_ADDRESS_PREFIXES = ("tcp://", "tls://", "ucx://", "inproc://", "ws://", "wss://")
+
+
+def scheduler_choice(value: Any) -> str:
+    """``scheduler``: ``none``, ``local``, ``inline`` or a Dask scheduler address (``HOST:PORT`` means tcp)."""
+    text = str(value).strip()
+    if text.lower() in ("none", "local", "inline", ""):
+        return text.lower() or "none"
+    if text.lower().startswith(SCHEDULER_ADDRESS_PREFIXES) and text.split("://", 1)[1].strip():
+        return text
+    if ":" in text and " " not in text and "/" not in text:  # HOST:PORT, as `dask scheduler` prints it
+        return "tcp://" + text
+    raise ValueError(value)
 
 
 def _percentile_pair(value: list[Any]) -> list[float]:
@@ -177,6 +198,7 @@ def _percentile_pair(value: list[Any]) -> list[float]:
 _STRUCTURE_CHECKS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "output_basename": (_file_name, "a file name without folder separators"),
     "preview_stretch_percentiles": (_percentile_pair, "[low, high] with 0 <= low < high <= 100"),
+    "scheduler": (lambda value: scheduler_choice(value), "none, local, inline or a scheduler address such as tcp://HOST:PORT"),
 }
 DEFAULT_CONFIG: dict[str, Any] = {key: option.default for key, option in OPTIONS.items()}
 

@@ -166,7 +166,7 @@ def kill_when(process: subprocess.Popen, cache: Path, counter: Callable[[Path], 
 KILL_POINTS = {
     # workflow: [(what to wait for, how many)]
     "mosaic-first": [("units/*/frames/*.npz", 3), ("units/*/blocks/*.npz", 2)],
-    "sds": [("units/mosaic_first_sds_0001/frames/*.npz", 1), ("sds/megatile_*.f32", 1)],
+    "sds": [("units/mosaic_first_sds_0000/blocks/*.npz", 1), ("sds/megatile_*.f32", 1)],
     "classic": [("units/mosaic_first_classic_0000/blocks/*.npz", 1), ("classic/*.fits", 1)],
 }
 
@@ -292,3 +292,18 @@ def test_host_out_of_memory_stacks_in_strips_instead_of_crashing(tmp_path: Path,
     assert outcome["splits"], "the block should not have fitted in the memory left"
     reference = run(night, tmp_path / "reference", {"language": "en", "max_memory_mb": 4000, "quality_rejection": False})
     np.testing.assert_array_equal(np.load(output / "data.npy"), reference.data)
+
+
+@pytest.mark.parametrize(("workflow", "kind"), [("sds", "megatile"), ("classic", "master_tile")])
+def test_rerun_reuses_the_workflow_tiles(tmp_path: Path, night: Path, workflow: str, kind: str) -> None:
+    config = {**BASE, "workflow": workflow}
+    first = run(night, tmp_path / "out", config)
+    assert first.report["workflow_used"] == workflow
+    tiles = units_of(first)[kind]["computed"]
+    assert tiles >= 2
+    second = run(night, tmp_path / "out", config)
+    units = units_of(second)
+    assert units[kind]["reused"] == tiles and units[kind]["computed"] == 0
+    # Nothing inside the tiles was touched again.
+    assert units.get("reproject", {}).get("computed", 0) == 0 and units.get("block", {}).get("computed", 0) == 0
+    np.testing.assert_array_equal(second.data, first.data)

@@ -372,13 +372,9 @@ def test_composed_frame_normalisation_predicts_raw_frames_through_their_tile() -
     assert np.allclose(composed.gains[0], 1)  # frames outside every tile stay identity
 
 
-def test_megatile_terms_from_frames_recover_the_tile_gains() -> None:
-    """Two batches of four frames over a synthetic sky with known tile and frame terms.
-
-    Each batch's own (internal) normalisation is known; the frames' global terms are their
-    composition with the tile terms. The real frame-level solve must give back the tiles'
-    relative gain and make the two corrected tiles agree on their overlap.
-    """
+def _two_batch_tiles() -> tuple[list[MegaTile], SimpleNamespace]:
+    """Two batches of four frames over a synthetic sky with known tile and frame terms: the
+    mega-tiles (frame pieces in memory) and the truth."""
     from napari_zemosaic.engine.photometry import CoarsePiece, Normalisation
 
     rng = np.random.default_rng(7)
@@ -407,6 +403,19 @@ def test_megatile_terms_from_frames_recover_the_tile_gains() -> None:
         tile_piece = CoarsePiece(0, c0, np.zeros((3, grid_h, c1 - c0), np.float32))
         tiles.append(MegaTile(b, (0, grid_h * 16, c0 * 16, c1 * 16), None, 3, tile_piece, 1.0, 1.0,
                               sorted(pieces), [], frame_norm=inner, frame_coarse=pieces))
+    truth = SimpleNamespace(grid_h=grid_h, grid_w=grid_w, rows=rows, cols=cols, sky=sky, tile_gain=tile_gain,
+                            tile_offset=tile_offset, tile_tilt=tile_tilt, extents=extents)
+    return tiles, truth
+
+
+def test_megatile_terms_from_frames_recover_the_tile_gains() -> None:
+    """Each batch's own (internal) normalisation is known; the frames' global terms are their
+    composition with the tile terms. The real frame-level solve must give back the tiles'
+    relative gain and make the two corrected tiles agree on their overlap.
+    """
+    tiles, truth = _two_batch_tiles()
+    grid_h, grid_w, rows, cols, sky = truth.grid_h, truth.grid_w, truth.rows, truth.cols, truth.sky
+    tile_gain, tile_offset, tile_tilt, extents = truth.tile_gain, truth.tile_offset, truth.tile_tilt, truth.extents
     terms = sds.megatile_terms_from_frames(tiles, (grid_h * 16, grid_w * 16), "linear_fit")
     assert terms is not None
     assert terms.gains[1] / terms.gains[0] == pytest.approx(np.full(3, 1.08), rel=0.005)
@@ -418,6 +427,27 @@ def test_megatile_terms_from_frames_recover_the_tile_gains() -> None:
         plane = terms.background_plane(b, 0, 0, grid_h * 16, grid_w * 16)[:, 8::16, 8::16]  # cell centres
         corrected.append((truth_tile[None] - plane) / terms.gains[b][:, None, None])
     assert np.abs(corrected[0][(slice(None), *overlap)] - corrected[1][(slice(None), *overlap)]).max() < 1.0
+
+
+def test_spilled_frame_pieces_give_the_same_megatile_terms(tmp_path) -> None:
+    """A finished batch keeps no per-frame arrays: its frames' coarse pieces go to one file in
+    the cache and are read back for the frame-level solve, with the same result to the bit."""
+    tiles, truth = _two_batch_tiles()
+    shape = (truth.grid_h * 16, truth.grid_w * 16)
+    in_memory = sds.megatile_terms_from_frames(tiles, shape, "linear_fit")
+    originals = [dict(tile.frame_coarse) for tile in tiles]
+    for tile in tiles:
+        tile.spill_frame_coarse(tmp_path / f"megatile_{tile.batch:04d}_frames.npz")
+        assert tile.frame_coarse is None and tile.frame_coarse_path.is_file()
+    for tile, original in zip(tiles, originals):
+        pieces = tile.frame_coarse_pieces()
+        assert sorted(pieces) == sorted(original)
+        for index, piece in original.items():
+            assert (pieces[index].y0, pieces[index].x0) == (piece.y0, piece.x0)
+            np.testing.assert_array_equal(pieces[index].data, piece.data)
+    spilled = sds.megatile_terms_from_frames(tiles, shape, "linear_fit")
+    for name in ("gains", "offsets", "tilts", "centres"):
+        np.testing.assert_array_equal(getattr(spilled, name), getattr(in_memory, name))
 
 
 def test_low_coverage_mask_trims_ragged_borders_but_never_punches_holes() -> None:

@@ -15,6 +15,10 @@ at the latest the worker closes the engine generator after the next event. Eithe
 the run report says ``cancelled`` and no final science file is written (outputs are
 renamed into place only when complete). Controls are disabled while a run is going.
 Errors arrive as napari notifications with the localised message.
+
+*Scheduler* is the CLI's ``--scheduler``: this process, a local Dask cluster of worker
+processes, or the address of a running cluster (engine/distributed.py). Without the
+``distributed`` extra its tooltip, and the log when it is chosen, say how to install it.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any, Generator
 
-from magicgui.widgets import ComboBox, Container, FileEdit, FloatSpinBox, Label, ProgressBar, PushButton
+from magicgui.widgets import ComboBox, Container, FileEdit, FloatSpinBox, Label, LineEdit, ProgressBar, PushButton
 
 from ..config import OPTIONS
 from ..events import LogEvent, ProgressEvent
@@ -35,6 +39,8 @@ from .layers import max_texture_size, prepare_mosaic_display, show_mosaic_steps,
 PROGRESS_STEPS = 1000
 WORKFLOWS = ("auto", "classic", "mosaic_first", "sds")
 GPU_MODES = ("auto", "on", "off")
+#: Where the work units run (config ``scheduler``): this process, a local Dask cluster, a cluster's address.
+SCHEDULERS = ("none", "local", "address")
 #: Stacking options offered in the widget (the rest stays in the config file).
 STACKING_CHOICES = (
     "stacking_normalize_method", "stacking_weighting_method", "stacking_rejection_algorithm", "stacking_final_combine",
@@ -73,6 +79,7 @@ class RunMosaicWidget(EngineWidget):
             choices=[(t(f"run_gpu_{name}"), name) for name in GPU_MODES], value="auto", label=t("run_gpu"),
             tooltip=t("run_gpu_tip"),
         )  # fmt: skip
+        self.scheduler, self.scheduler_address = self._scheduler_widgets()
         self.stacking: dict[str, Any] = {}
         for key in STACKING_CHOICES:
             self.stacking[key] = ComboBox(
@@ -101,6 +108,8 @@ class RunMosaicWidget(EngineWidget):
                 self.output_dir,
                 self.workflow,
                 self.gpu,
+                self.scheduler,
+                self.scheduler_address,
                 *self.stacking.values(),
                 self.selection,
                 Container(widgets=[self.start_button, self.cancel_button], layout="horizontal", labels=False),
@@ -110,7 +119,10 @@ class RunMosaicWidget(EngineWidget):
                 self.log,
             ]
         )
-        self._controls = [self.input_dir, self.output_dir, self.workflow, self.gpu, *self.stacking.values(), self.start_button]
+        self._controls = [
+            self.input_dir, self.output_dir, self.workflow, self.gpu, self.scheduler, self.scheduler_address,
+            *self.stacking.values(), self.start_button,
+        ]  # fmt: skip
         self.start_button.changed.connect(self.start)
         self.cancel_button.changed.connect(self.cancel)
         self.input_dir.changed.connect(self._update_selection_label)
@@ -125,6 +137,41 @@ class RunMosaicWidget(EngineWidget):
         from qtpy.QtCore import QTimer
 
         QTimer.singleShot(0, warm_up)  # once the dock is shown, not during a run
+
+    def _scheduler_widgets(self) -> tuple[ComboBox, LineEdit]:
+        """The scheduler choice (same values as ``--scheduler``) and the address of an existing cluster."""
+        from ..engine.distributed import INSTALL_HINT, distributed_available
+
+        t = self._t
+        current = str(self.config.get("scheduler", "none"))
+        choice = current if current in ("none", "local") else "none" if current == "inline" else "address"
+        tooltip = t("run_scheduler_tip")
+        if not distributed_available():
+            tooltip += "\n" + t("run_scheduler_not_installed", hint=INSTALL_HINT)
+        scheduler = ComboBox(
+            choices=[(t(f"run_scheduler_{name}"), name) for name in SCHEDULERS], value=choice, label=t("run_scheduler"),
+            tooltip=tooltip,
+        )  # fmt: skip
+        address = LineEdit(
+            value=current if choice == "address" else "", label=t("run_scheduler_address_label"),
+            tooltip=t("run_scheduler_address_tip"), enabled=choice == "address",
+        )  # fmt: skip
+        scheduler.changed.connect(self._on_scheduler_changed)
+        return scheduler, address
+
+    def _on_scheduler_changed(self, value: str) -> None:
+        from ..engine.distributed import INSTALL_HINT, distributed_available
+
+        self.scheduler_address.enabled = value == "address" and not self.running
+        if value != "none" and not distributed_available():
+            self.log.append(self._t("run_scheduler_not_installed", hint=INSTALL_HINT))
+
+    def scheduler_value(self) -> str:
+        """The config value of ``scheduler`` chosen in the widget."""
+        choice = str(self.scheduler.value)
+        if choice == "address":
+            return str(self.scheduler_address.value or "").strip() or "none"
+        return choice
 
     def _choice_label(self, key: str, choice: str) -> str:
         label_key = f"run_choice_{choice}"
@@ -162,8 +209,8 @@ class RunMosaicWidget(EngineWidget):
     # ------------------------------------------------------------------------------- run
 
     def overrides(self) -> dict[str, Any]:
-        """The stacking options chosen in the widget, as config overrides."""
-        return {key: widget.value for key, widget in self.stacking.items()}
+        """The stacking options and the scheduler chosen in the widget, as config overrides."""
+        return {**{key: widget.value for key, widget in self.stacking.items()}, "scheduler": self.scheduler_value()}
 
     def start(self) -> Any:
         """Start a run in a thread worker; returns the worker (``None`` when the inputs are wrong)."""
@@ -204,6 +251,8 @@ class RunMosaicWidget(EngineWidget):
     def _set_running(self, running: bool) -> None:
         for widget in self._controls:
             widget.enabled = not running
+        if not running:
+            self.scheduler_address.enabled = self.scheduler.value == "address"
         self.cancel_button.enabled = running
         if running:
             self.progress.value = 0

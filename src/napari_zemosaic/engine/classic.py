@@ -547,20 +547,15 @@ def run_classic(
     out_dir = ctx.make_cache_dir("classic")
     tiles: list[MasterTile] = []
     failed: list[tuple[int, str, str]] = []
-    from .distributed import master_tile_result, master_tile_task, submit_units
+    from .distributed import master_tile_result, submit_master_tiles
 
-    remote = submit_units(ctx, "master_tile", master_tile_task, [  # None without a scheduler
-        (f"master_tile-{number:04d}", ([frames[i] for i in group.members], list(group.members), number - 1,
-                                       tile_canvas([frames[i] for i in group.members]), ctx.config,
-                                       str(ctx.cache_dir), n_channels))
-        for number, group in enumerate(plan.groups, start=1)
-    ], cancel_on_error=False)
+    remote = submit_master_tiles(ctx, [g.members for g in plan.groups], frames, n_channels)  # None: no scheduler
     with ctx.timed("P3"):
         for number, group in enumerate(plan.groups, start=1):
             members = [frames[i] for i in group.members]
             if remote is not None:  # a task on the run's scheduler (engine/distributed.py), taken in order
-                tile = yield from master_tile_result(remote, number - 1, group.members, tile_canvas(members), ctx,
-                                                     n_channels)
+                tile = yield from master_tile_result(remote, number - 1, members, group.members, tile_canvas(members),
+                                                     ctx, n_channels, out_dir)
             else:
                 tile = yield from build_master_tile(members, group.members, number - 1, tile_canvas(members), ctx,
                                                     n_channels, out_dir)

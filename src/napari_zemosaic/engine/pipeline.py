@@ -497,12 +497,17 @@ def _run_body(run: _Run, include: Iterable[str | Path] | None) -> Generator[Even
 
 
 def judge_frames(
-    frames: list[FrameInfo], config: dict[str, Any], reporter: Reporter
+    frames: list[FrameInfo], config: dict[str, Any], reporter: Reporter, executor: Any = None
 ) -> Generator[Event, None, tuple[list[Any], list[Any]]]:
-    """Quality metrics of every frame (stored on ``FrameInfo.metrics``) and the rules' decisions."""
+    """Quality metrics of every frame (stored on ``FrameInfo.metrics``) and the rules' decisions.
+
+    With the run's ``executor`` (engine/distributed.py) each frame is measured by a task.
+    """
+    from .distributed import measure_options
     from .quality import REASON_NO_VALID_PIXELS, REASON_UNREADABLE, apply_quality_rules, measure_frames
 
-    metrics = yield from measure_frames(frames, config, reporter)
+    measure_config, options = measure_options(executor, config)
+    metrics = yield from measure_frames(frames, measure_config, reporter, **options)
     for info, metric in zip(frames, metrics):
         info.metrics = metric.filter_values()
     decisions = apply_quality_rules(metrics, config)
@@ -521,7 +526,7 @@ def _quality_filter(run: _Run, frames: list[FrameInfo]) -> Generator[Event, None
     from .quality import excluded_entries
 
     ctx, config, reporter = run.ctx, run.config, run.ctx.reporter
-    metrics, decisions = yield from judge_frames(frames, config, reporter)
+    metrics, decisions = yield from judge_frames(frames, config, reporter, ctx.executor)
     run.report["frames"]["metrics"] = [
         {**metric.to_dict(), "decision": decision.to_dict()} for metric, decision in zip(metrics, decisions)
     ]

@@ -36,9 +36,12 @@ Run (:func:`run_sds`)
 * **Mega-tiles (P3).** For each batch, Mosaic-First stacks the batch's frames onto the
   batch's bounding box of the canvas (a crop, never a full canvas per batch). The result
   (data, coverage weight, frame count and a blending feather) is written to one raw float32
-  file in the cache and dropped from memory; only a coarse block-mean copy stays for
-  photometry. :func:`build_megatile` is a function of the batch's frames, the canvas crop and
-  the config only, so it can run elsewhere (:func:`megatile_unit`).
+  file in the cache and dropped from memory; only the tile's coarse block-mean copy stays for
+  photometry, and the batch frames' coarse pieces (for the frame-level solve of P4.5) go to one
+  ``.npz`` beside it, read back in P4.5 only, so what a finished batch keeps in memory does not
+  grow with its frames (measured in ``benchmarks/RESULTS.md``). :func:`build_megatile` is a
+  function of the batch's frames, the canvas crop and the config only, so it can run elsewhere
+  (:func:`megatile_unit`).
 * **Mega-tile photometry (P4.5).** Gain, offset (and plane tilt, the photometry model's third
   term) of each mega-tile, per channel, are solved jointly over the overlap graph by
   :func:`.photometry.solve_normalisation`, each mega-tile being one piece and only cells that
@@ -608,6 +611,48 @@ class MegaTile:
     frame_norm: "Normalisation | None" = None  # the used frames' correction inside the batch (crop coordinates)
     frame_coarse: "dict[int, CoarsePiece] | None" = None  # per used frame (global index), on the canvas' coarse grid
     quality: "dict[str, float] | None" = None  # tile quality gate (engine/quality.py): score and its terms
+    #: ``frame_coarse`` spilled to disk (:meth:`spill_frame_coarse`); read back by :meth:`frame_coarse_pieces`.
+    frame_coarse_path: Path | None = None
+
+    def spill_frame_coarse(self, path: Path) -> None:
+        """Write ``frame_coarse`` to ``path`` (one ``.npz``) and drop it from memory.
+
+        A finished batch then keeps no per-frame arrays: the pieces are read back only by the
+        mega-tile photometry (P4.5), so the memory held between batches does not grow with the
+        number of frames already stacked.
+        """
+        if not self.frame_coarse:
+            return
+        indices = sorted(self.frame_coarse)
+        pieces = [self.frame_coarse[i] for i in indices]
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as handle:
+            np.savez(
+                handle,
+                indices=np.array(indices, dtype=np.int64),
+                origins=np.array([(p.y0, p.x0) for p in pieces], dtype=np.int64).reshape(-1, 2),
+                shapes=np.array([p.data.shape for p in pieces], dtype=np.int64).reshape(-1, 3),
+                cells=np.concatenate([np.asarray(p.data, dtype=np.float32).ravel() for p in pieces]),
+            )
+        tmp.replace(path)
+        self.frame_coarse_path = path
+        self.frame_coarse = None
+
+    def frame_coarse_pieces(self) -> "dict[int, CoarsePiece] | None":
+        """The per-frame coarse pieces, from memory or read back from the spill file (``None``: none)."""
+        from .photometry import CoarsePiece
+
+        if self.frame_coarse is not None or self.frame_coarse_path is None:
+            return self.frame_coarse
+        with np.load(self.frame_coarse_path) as stored:
+            indices, origins, shapes, cells = stored["indices"], stored["origins"], stored["shapes"], stored["cells"]
+        pieces: dict[int, CoarsePiece] = {}
+        start = 0
+        for index, (y0, x0), shape in zip(indices, origins, shapes):
+            size = int(np.prod(shape))
+            pieces[int(index)] = CoarsePiece(int(y0), int(x0), cells[start : start + size].reshape(tuple(shape)))
+            start += size
+        return pieces
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -728,7 +773,7 @@ def build_megatile(
         feather_map(weight > 0, feather_px).tofile(handle)
     tmp.replace(path)
     used = list(stack.frames_used)
-    return MegaTile(
+    tile = MegaTile(
         batch=batch,
         bbox=bbox,
         path=path,
@@ -742,6 +787,101 @@ def build_megatile(
         frame_coarse=_frames_coarse_on_canvas(stack, frame_indices, bbox),
         quality=tile_quality(data, weight).to_dict(),
     )
+    # Per-frame photometry pieces wait on disk until P4.5 (a finished batch keeps no per-frame arrays).
+    tile.spill_frame_coarse(out_dir / f"megatile_{batch:04d}_frames.npz")
+    return tile
+
+
+class MegatileUnits:
+    """Resume bookkeeping of the SDS mega-tiles (``ctx.manifest``; inert without one).
+
+    A mega-tile unit is the tile file, its frames' coarse pieces and a small ``.npz`` of what
+    the later phases need (the tile's coarse cells and its frames' normalisation inside the
+    batch). Its signature holds the member frames (so a policy change that moves frames
+    between batches invalidates exactly the batches whose membership changed), their global
+    indices and quality metrics, the canvas, the feather width and the stacking settings.
+    """
+
+    def __init__(self, ctx: "RunContext", canvas: Canvas, n_channels: int, feather_px: float) -> None:
+        self.manifest = getattr(ctx, "manifest", None)
+        self.canvas = canvas
+        self.n_channels = n_channels
+        self.feather_px = float(feather_px)
+
+    @property
+    def active(self) -> bool:
+        return self.manifest is not None
+
+    def _signature(self, frames: Sequence["FrameInfo"], indices: Sequence[int], batch: int) -> str:
+        return self.manifest.signature("megatile", {
+            "frames": list(frames),
+            "indices": [int(i) for i in indices],
+            "fwhm": [info.metrics.get("fwhm_px") for info in frames],
+            "batch": int(batch),
+            "canvas": self.canvas,
+            "channels": self.n_channels,
+            "feather_px": self.feather_px,
+        })
+
+    def load(self, frames: Sequence["FrameInfo"], indices: Sequence[int], batch: int) -> MegaTile | None:
+        if not self.active:
+            return None
+        record = self.manifest.lookup_record("megatile", batch, self._signature(frames, indices, batch))
+        if record is None:
+            return None
+        from .photometry import CoarsePiece, Normalisation
+
+        meta = record.meta
+        try:
+            with np.load(record.paths[1], allow_pickle=False) as stored:
+                arrays = {name: stored[name] for name in stored.files}
+            norm = Normalisation(
+                arrays["gains"], arrays["offsets"], arrays["tilts"], arrays["centres"], int(meta["bin_px"]),
+                int(meta["iterations"]), bool(meta["converged"]), arrays["constrained"], str(meta["mode"]), [],
+                arrays["clipped"],
+            )
+            return MegaTile(
+                batch=batch,
+                bbox=tuple(int(v) for v in meta["bbox"]),  # type: ignore[arg-type]
+                path=record.paths[0],
+                n_channels=self.n_channels,
+                coarse=CoarsePiece(int(arrays["coarse_origin"][0]), int(arrays["coarse_origin"][1]), arrays["coarse"]),
+                noise_per_unit_weight=float("nan") if meta["noise"] is None else float(meta["noise"]),
+                median_weight=float(meta["median_weight"]),
+                frames_used=[int(i) for i in meta["frames_used"]],
+                frames_failed=[(int(i), str(key), str(detail)) for i, key, detail in meta["frames_failed"]],
+                frame_norm=norm,
+                quality=meta.get("quality"),
+                frame_coarse_path=record.paths[2] if len(record.paths) > 2 else None,
+            )
+        except (OSError, KeyError, ValueError, TypeError, IndexError):
+            self.manifest.forget("megatile", batch)
+            return None
+
+    def record(self, frames: Sequence["FrameInfo"], indices: Sequence[int], tile: MegaTile, out_dir: Path) -> None:
+        """Record a finished mega-tile (an empty batch, with no file, is not a unit)."""
+        if not self.active or tile.path is None or tile.coarse is None or tile.frame_norm is None:
+            return
+        from .resume import save_unit_arrays
+
+        norm = tile.frame_norm
+        sidecar = out_dir / f"megatile_{tile.batch:04d}_unit.npz"
+        digest = save_unit_arrays(
+            sidecar, coarse=tile.coarse.data, coarse_origin=np.array([tile.coarse.y0, tile.coarse.x0]),
+            gains=norm.gains, offsets=norm.offsets, tilts=norm.tilts, centres=norm.centres,
+            constrained=norm.constrained, clipped=norm.clipped,
+        )
+        paths = [tile.path, sidecar] + ([tile.frame_coarse_path] if tile.frame_coarse_path is not None else [])
+        self.manifest.record(
+            "megatile", tile.batch, self._signature(frames, indices, tile.batch), paths,
+            sha256=[None, digest, None] if len(paths) == 3 else [None, digest],  # type: ignore[list-item]
+            meta={
+                "bbox": list(tile.bbox), "noise": tile.noise_per_unit_weight, "median_weight": tile.median_weight,
+                "frames_used": tile.frames_used, "frames_failed": [list(item) for item in tile.frames_failed],
+                "quality": tile.quality, "bin_px": norm.bin_px, "iterations": norm.iterations,
+                "converged": norm.converged, "mode": norm.mode,
+            },
+        )
 
 
 def _frames_coarse_on_canvas(stack: Any, frame_indices: Sequence[int], bbox: BBox) -> "dict[int, CoarsePiece] | None":
@@ -805,14 +945,21 @@ def megatile_terms_from_frames(
     """
     from .photometry import Normalisation, solve_normalisation
 
-    if not tiles or any(t.frame_coarse is None or t.frame_norm is None or t.coarse is None for t in tiles):
+    if not tiles or any(t.frame_norm is None or t.coarse is None for t in tiles):
         return None
-    owners = [(slot, index) for slot, tile in enumerate(tiles) for index in tile.frames_used if index in tile.frame_coarse]
+    frame_coarse = [t.frame_coarse_pieces() for t in tiles]  # read back from the cache when spilled
+    if any(pieces is None for pieces in frame_coarse):
+        return None
+    owners = [
+        (slot, index) for slot, tile in enumerate(tiles) for index in tile.frames_used if index in frame_coarse[slot]
+    ]
     if len(owners) < 2:
         return None
     coarse_shape = (-(-canvas_shape[0] // PHOTOMETRY_BIN_PX), -(-canvas_shape[1] // PHOTOMETRY_BIN_PX))
-    pieces = [tiles[slot].frame_coarse[index] for slot, index in owners]
+    pieces = [frame_coarse[slot][index] for slot, index in owners]
+    del frame_coarse
     frames = solve_normalisation(pieces, coarse_shape, method, bin_px=PHOTOMETRY_BIN_PX)
+    del pieces
     n_channels = tiles[0].n_channels
     result = Normalisation.identity(len(tiles), n_channels, PHOTOMETRY_BIN_PX)
     for slot, tile in enumerate(tiles):
@@ -1171,12 +1318,30 @@ def run_sds(
     feather_px = feather_width_px(frames, canvas)
     tiles: list[MegaTile] = []
     failed: list[tuple[int, str, str]] = []
+    from .distributed import LOCAL, megatile_task, submit_units
+
+    units = MegatileUnits(ctx, canvas, n_channels, feather_px)
+    reused = {number: tile for number, batch in enumerate(plan.batches, start=1)
+              if (tile := units.load([frames[i] for i in batch], batch, number - 1)) is not None}
+    remote = submit_units(ctx, "megatile", megatile_task, [  # None without a scheduler
+        (f"megatile-{number:04d}", None if number in reused else (
+            [frames[i] for i in batch], list(batch), number - 1, canvas, ctx.config, str(ctx.cache_dir), n_channels,
+            feather_px))
+        for number, batch in enumerate(plan.batches, start=1)
+    ], phase="P3")
     for number, batch in enumerate(plan.batches, start=1):
         batch_frames = [frames[i] for i in batch]
         try:
-            tile = yield from build_megatile(
-                batch_frames, batch, number - 1, canvas, ctx, n_channels, out_dir, feather_px
-            )
+            tile = reused.get(number)
+            if remote is not None:  # a task on the run's scheduler (engine/distributed.py), taken in order
+                result = yield from remote.result(number - 1)
+                tile = tile if result == LOCAL else result
+            elif tile is None:
+                tile = yield from build_megatile(
+                    batch_frames, batch, number - 1, canvas, ctx, n_channels, out_dir, feather_px
+                )
+            if number not in reused:
+                units.record(batch_frames, batch, tile, out_dir)
         except Exception as exc:
             from .context import RunCancelled
 
@@ -1194,6 +1359,9 @@ def run_sds(
                           width=width, height=height)
         reporter.progress("P3", number, len(plan.batches), "progress_batches")
         yield from ctx.drain()
+    if units.active:
+        for kind in ("megatile", "reproject", "block"):
+            units.manifest.log_summary(kind, reporter)
     if not tiles:
         error = SdsError("sds_error_no_valid_batches", reason=REASON_EMPTY_MEGATILES, detail=f"{len(plan.batches)}")
         reporter.error(error.key, **error.params)
@@ -1272,10 +1440,14 @@ def run_sds(
         reporter.info("sds_info_low_coverage_masked", pixels=masked, keep=policy.min_coverage_keep)
     yield from ctx.drain()
 
-    if config.get("cache_retention", "run_end") != "keep":
+    # With the run's unit manifest the tiles stay until the run ends (a run killed in P6 reuses
+    # them); its ``cache_retention`` removes them then.
+    if config.get("cache_retention", "run_end") != "keep" and not units.active:
         for tile in tiles:
             if tile.path is not None:
                 tile.path.unlink(missing_ok=True)
+            if tile.frame_coarse_path is not None:
+                tile.frame_coarse_path.unlink(missing_ok=True)
 
     used = sorted(i for t in tiles for i in t.frames_used)
     normalisation = compose_frame_normalisation(len(frames), n_channels, tiles, tile_norm)
