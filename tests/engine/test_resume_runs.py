@@ -84,6 +84,9 @@ def test_rerun_reuses_every_unit_and_gives_the_same_mosaic(tmp_path: Path, night
     assert units["block"] == {**units["block"], "reused": n_blocks, "computed": 0}
     keys = [event.key for event in log_messages(events)]
     assert "resume_info_found" in keys and "resume_info_reused" in keys
+    assert units["metrics"]["reused"] == 16 and units["metrics"]["computed"] == 0
+    # The quality verdicts come out the same from the recorded metrics (transparency included).
+    assert second.report["frames"]["metrics"] == first.report["frames"]["metrics"]
     np.testing.assert_array_equal(second.data, first.data)
     np.testing.assert_array_equal(second.coverage, first.coverage)
 

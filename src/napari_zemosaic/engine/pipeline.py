@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import datetime as _dt
 import errno
+import hashlib
 import shutil
 import threading
 import time
@@ -497,7 +498,7 @@ def _run_body(run: _Run, include: Iterable[str | Path] | None) -> Generator[Even
 
 
 def judge_frames(
-    frames: list[FrameInfo], config: dict[str, Any], reporter: Reporter, executor: Any = None
+    frames: list[FrameInfo], config: dict[str, Any], reporter: Reporter, executor: Any = None, manifest: Any = None
 ) -> Generator[Event, None, tuple[list[Any], list[Any]]]:
     """Quality metrics of every frame (stored on ``FrameInfo.metrics``) and the rules' decisions.
 
@@ -507,7 +508,9 @@ def judge_frames(
     from .quality import REASON_NO_VALID_PIXELS, REASON_UNREADABLE, apply_quality_rules, measure_frames
 
     measure_config, options = measure_options(executor, config)
-    metrics = yield from measure_frames(frames, measure_config, reporter, **options)
+    known = _load_metrics_units(manifest, frames)
+    metrics = yield from measure_frames(frames, measure_config, reporter, known=known, **options)
+    _record_metrics_units(manifest, frames, metrics, known)
     for info, metric in zip(frames, metrics):
         info.metrics = metric.filter_values()
     decisions = apply_quality_rules(metrics, config)
@@ -518,6 +521,51 @@ def judge_frames(
     return metrics, decisions
 
 
+def _metrics_signature(manifest: Any, info: FrameInfo) -> str:
+    return manifest.signature("metrics", {"frame": info})
+
+
+def _load_metrics_units(manifest: Any, frames: Sequence[FrameInfo]) -> dict[int, Any]:
+    """Frame metrics measured by an earlier run into this OUTPUT and still valid, by frame index."""
+    if manifest is None:
+        return {}
+    from .quality import FrameMetrics, StarList
+    from .resume import load_unit_arrays
+
+    scalar_fields = {f.name for f in dataclasses.fields(FrameMetrics)} - {"stars"}
+    known: dict[int, Any] = {}
+    for index, info in enumerate(frames):
+        record = manifest.lookup_record("metrics", str(info.path), _metrics_signature(manifest, info))
+        if record is None:
+            continue
+        try:
+            stars = load_unit_arrays(record.path)
+            values = {key: (float("nan") if value is None and key not in ("reason",) else value)
+                      for key, value in record.meta.items() if key in scalar_fields}
+            known[index] = FrameMetrics(**values, stars=StarList(stars["x"], stars["y"], stars["flux"]))
+        except (OSError, KeyError, ValueError, TypeError):
+            manifest.forget("metrics", str(info.path))
+    return known
+
+
+def _record_metrics_units(manifest: Any, frames: Sequence[FrameInfo], metrics: Sequence[Any], known: dict[int, Any]) -> None:
+    if manifest is None:
+        return
+    from .quality import REASON_NO_VALID_PIXELS, REASON_UNREADABLE
+    from .resume import save_unit_arrays
+
+    folder = manifest.cache_dir / "units" / "metrics"
+    for index, (info, metric) in enumerate(zip(frames, metrics)):
+        if index in known or metric.reason in (REASON_NO_VALID_PIXELS, REASON_UNREADABLE):
+            continue  # an unreadable frame is not a finished unit: the loader says why, every run
+        values = {f.name: getattr(metric, f.name) for f in dataclasses.fields(metric) if f.name != "stars"}
+        name = hashlib.sha256(str(info.path).encode("utf-8")).hexdigest()[:24]
+        path = folder / f"{name}.npz"
+        digest = save_unit_arrays(path, durable=False, x=metric.stars.x, y=metric.stars.y, flux=metric.stars.flux)
+        manifest.record("metrics", str(info.path), _metrics_signature(manifest, info), path, sha256=digest, meta=values)
+    manifest.log_summary("metrics")
+
+
 def _quality_filter(run: _Run, frames: list[FrameInfo]) -> Generator[Event, None, list[FrameInfo]]:
     """Measure every frame (stars, FWHM, elongation, background, transparency) and apply the rules.
 
@@ -526,7 +574,7 @@ def _quality_filter(run: _Run, frames: list[FrameInfo]) -> Generator[Event, None
     from .quality import excluded_entries
 
     ctx, config, reporter = run.ctx, run.config, run.ctx.reporter
-    metrics, decisions = yield from judge_frames(frames, config, reporter, ctx.executor)
+    metrics, decisions = yield from judge_frames(frames, config, reporter, ctx.executor, ctx.manifest)
     run.report["frames"]["metrics"] = [
         {**metric.to_dict(), "decision": decision.to_dict()} for metric, decision in zip(metrics, decisions)
     ]

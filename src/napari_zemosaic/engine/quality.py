@@ -73,7 +73,7 @@ import os
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Generator, Iterable, Sequence
+from typing import Any, Callable, Generator, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -823,20 +823,26 @@ def measure_frames(
     reporter: Any,
     *,
     measure: Callable[[Any], FrameMetrics] = measure_one,
+    known: Mapping[int, FrameMetrics] | None = None,
 ) -> Generator[Any, None, list[FrameMetrics]]:
     """Measure every frame on a pool (processes for many frames, else threads), then the
     transparency of each pointing group.
 
+    ``known`` holds metrics measured earlier (a resumed run), by frame index: those frames are
+    not measured again, but still take part in their group's transparency.
     Yields the reporter's events (progress ``P1`` / ``progress_quality`` after each frame);
     returns the metrics in the order of ``frames``.
     """
     total = len(frames)
     results: list[FrameMetrics | None] = [None] * total
-    if total:
+    for index, metric in (known or {}).items():
+        results[index] = metric
+    todo = [index for index in range(total) if results[index] is None]
+    if todo:
         pool, submit = _measure_executor(frames, config, measure)
         try:
-            futures = {submit(index): index for index in range(total)}
-            for done, future in enumerate(as_completed(futures), start=1):
+            futures = {submit(index): index for index in todo}
+            for done, future in enumerate(as_completed(futures), start=total - len(todo) + 1):
                 index = futures[future]
                 results[index] = future.result()
                 reporter.progress("P1", done, total, PROGRESS_KEY, name=Path(str(frames[index].path)).name)
