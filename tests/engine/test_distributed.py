@@ -131,7 +131,8 @@ def test_inline_executor_runs_the_cluster_code_path_with_the_same_result(night, 
     _same_mosaic(result, single["mosaic_first"])
     section = result.report["scheduler"]
     assert section["kind"] == "inline" and _units(result.report, "block")
-    assert {t["kind"] for t in section["tasks"]} == {"block", "metrics"}
+    assert {t["kind"] for t in section["tasks"]} == {"reproject", "block", "metrics"}
+    assert len(_units(result.report, "reproject")) == result.report["frames"]["used"]  # every stacked frame: a task
     assert all(t["status"] == "ok" for t in section["tasks"])
     assert len(_units(result.report, "metrics")) == 2 * NIGHT["frames_per_panel"]  # every frame measured by a task
     assert single["mosaic_first"].report["scheduler"] == {"kind": "none", "address": None, "workers": 0, "tasks": []}
@@ -184,7 +185,9 @@ def test_two_workers_give_the_single_process_mosaic(workflow, cluster, night, si
     _same_mosaic(result, single[workflow])
     section = result.report["scheduler"]
     assert section["address"] == address and section["workers"] == 2 and section["kind"] == "external"
-    assert {t["kind"] for t in section["tasks"]} == {UNIT_KIND[workflow], "metrics"}
+    # Mosaic-First resamples each frame in a task too; SDS and classic do it inside their tiles.
+    extra = {"reproject"} if workflow == "mosaic_first" else set()
+    assert {t["kind"] for t in section["tasks"]} == {UNIT_KIND[workflow], "metrics"} | extra
     assert len(_units(result.report, "metrics")) == 2 * NIGHT["frames_per_panel"]
     assert result.report["frames"]["metrics"] == single[workflow].report["frames"]["metrics"]
     tasks = _units(result.report, UNIT_KIND[workflow])

@@ -884,6 +884,65 @@ def stack_block_task(
     return str(path), job.box
 
 
+def reproject_frame_task(
+    reporter: Reporter,
+    info: Any,
+    index: int,
+    canvas: Any,
+    config: dict[str, Any],
+    n_channels: int,
+    side: int,
+    spill_dir: str,
+    name: str | None,
+) -> tuple[str, Any, Any, Any]:
+    """Mosaic-First P3 for one frame (:func:`.mosaic_first.reproject_unit`): its pieces are written
+    to the shared spill folder under the run's names; returns ``("ok", coarse, noise, pieces)``
+    (pieces as ``[row, col, y0, x0, *shape]``), or ``("error", reason_key, detail, None)`` for a
+    frame that cannot be used (not retried: the frame is the problem, not the worker)."""
+    from .frames import FrameError
+    from .mosaic_first import PieceStore, _split_into_blocks, coarse_piece, reproject_unit
+    from .photometry import PHOTOMETRY_BIN_PX
+
+    try:
+        frame = reproject_unit(info, index, canvas, config, np, n_channels)
+    except FrameError as exc:
+        return "error", exc.reason_key, exc.detail, None
+    store = PieceStore(Path(spill_dir), names={index: name} if name else None)
+    _split_into_blocks(frame, side, store, canvas.shape)
+    coarse = frame.coarse or coarse_piece(frame.data, frame.bbox, PHOTOMETRY_BIN_PX)
+    return "ok", coarse, np.asarray(frame.noise), store.frame_pieces(index)
+
+
+def reproject_frames_remote(
+    ctx: Any,
+    frames: Sequence[Any],
+    indices: Sequence[int],
+    canvas: Any,
+    n_channels: int,
+    side: int,
+    store: Any,
+    accept: Callable[[int, Any, np.ndarray, list[list[int]]], None],
+    reject: Callable[[int, str, str], None],
+) -> Generator[Event, None, None]:
+    """Mosaic-First P3 on the executor: one task per frame, results taken in submission order (so
+    the mosaic does not depend on which worker finished first); ``accept(index, coarse, noise,
+    pieces)`` adopts the pieces the task wrote, ``reject(index, reason_key, detail)`` an unusable frame."""
+    assert store.spilled, "pieces travel from the workers as spill files"
+    calls = [(f"reproject-{index:05d}", (frames[index], index, canvas, ctx.config, n_channels, side,
+                                         str(store.spill_dir), store.names.get(index)))
+             for index in indices]  # fmt: skip
+    remote = submit_units(ctx, "reproject", reproject_frame_task, calls, phase=None)
+    assert remote is not None
+    for number, index in enumerate(indices, start=1):
+        status, first, second, pieces = yield from remote.result(number - 1)
+        if status == "ok":
+            accept(index, first, second, pieces)
+        else:
+            reject(index, first, second)
+        ctx.reporter.progress("P3", number, len(indices), "progress_frames", name=Path(str(frames[index].path)).name)
+        yield from ctx.drain()
+
+
 def stack_blocks_remote(
     ctx: Any,
     store: Any,

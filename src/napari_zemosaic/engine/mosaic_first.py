@@ -973,7 +973,7 @@ def mosaic_first(
         and policy.uses_gpu("stack")
         and piece_bytes <= int(policy.gpu_budget_bytes() * DEVICE_STORE_SHARE)
     )
-    from .distributed import executor_of, stack_blocks_remote
+    from .distributed import executor_of, reproject_frames_remote, stack_blocks_remote
 
     # On a scheduler the blocks are stacked by tasks that read their pieces from the cache.
     spill = not on_device and (piece_bytes > budget // 4 or executor_of(ctx) is not None)
@@ -1026,8 +1026,22 @@ def mosaic_first(
         failed.append((index, exc.reason_key, exc.detail))
         ctx.reporter.warning(exc.reason_key, path=str(frames[index].path), detail=exc.detail)
 
+    def accept_remote(index: int, frame_coarse: CoarsePiece, noise: np.ndarray, pieces: list[list[int]]) -> None:
+        for row, col, y0, x0, *shape in pieces:  # written by the task under this run's names
+            if store.only is None or (row, col) in store.only:
+                store.adopt((row, col), index, y0, x0, tuple(shape))
+        if index in coarse:
+            return
+        coarse[index], noises[index] = frame_coarse, noise
+        units.save_frame(ReprojectedFrame(index, bboxes[index], None, noise), frame_coarse, store.frame_pieces(index))
+
     def reproject(indices: list[int]) -> Generator[Event, None, None]:
-        if gpu_reproject:
+        if executor_of(ctx) is not None and spill:  # one task per frame (engine/distributed.py)
+            yield from reproject_frames_remote(
+                ctx, frames, indices, canvas, n_channels, side, store, accept_remote,
+                lambda index, key, detail: reject(index, FrameError(key, detail)),
+            )
+        elif gpu_reproject:
             yield from _reproject_frames_gpu(frames, indices, bboxes, canvas, ctx, n_channels, on_device, accept, reject)
         else:
             yield from _reproject_frames_cpu(frames, indices, canvas, ctx, n_channels, accept, reject)
