@@ -218,6 +218,9 @@ class PieceStore:
         self.on_device = bool(on_device) and spill_dir is None
         self.names = names or {}
         self.only: set[tuple[int, int]] | None = None
+        #: Keep spilled files when a block is dropped (a kept cache: a rerun with other stacking
+        #: settings then stacks again without resampling).
+        self.keep_files = False
         # block -> frame index -> (y0, x0, piece) in RAM, or (y0, x0, shape, path) when spilled
         self._entries: dict[tuple[int, int], dict[int, tuple[Any, ...]]] = {}
 
@@ -282,7 +285,7 @@ class PieceStore:
 
     def drop(self, block: tuple[int, int]) -> None:
         self._entries.pop(block, None)
-        if self.spill_dir is not None:
+        if self.spill_dir is not None and not self.keep_files:
             shutil.rmtree(self.spill_dir / f"b{block[0]:04d}_{block[1]:04d}", ignore_errors=True)
 
 
@@ -983,6 +986,7 @@ def mosaic_first(
         spill_dir = ctx.make_cache_dir(f"mosaic_first{label}")
         ensure_free_space(spill_dir, piece_bytes)
     store = PieceStore(spill_dir, on_device=on_device, names=units.names(sorted(bboxes)))
+    store.keep_files = spill and units.active and config.get("cache_retention") == "keep"
     ctx.reporter.info(
         "mf_info_plan",
         frames=len(frames),
@@ -997,7 +1001,7 @@ def mosaic_first(
     coarse: dict[int, CoarsePiece] = {}
     noises: dict[int, np.ndarray] = {}
     failed: list[tuple[int, str, str]] = []
-    without_pixels: set[int] = set()  # reused frames whose pieces are not (all) in the store
+    missing_pieces: dict[int, set[tuple[int, int]]] = {}  # reused frame -> blocks whose piece is gone
     todo = []
     for index in sorted(bboxes):
         # Frame units only pay when their pixels were spilled (and can be adopted); in-memory
@@ -1007,11 +1011,14 @@ def mosaic_first(
             todo.append(index)
             continue
         coarse[index], noises[index], pieces = finished
-        adopted = pieces is not None and all(
-            store.adopt((row, col), index, y0, x0, tuple(shape)) for row, col, y0, x0, *shape in pieces
-        )
-        if not adopted:
-            without_pixels.add(index)
+        if pieces is None:
+            missing_pieces[index] = set(_blocks_touched(bboxes[index], side))
+            continue
+        # Pieces of blocks stacked before the interruption were dropped: only the others matter.
+        gone = {(row, col) for row, col, y0, x0, *shape in pieces
+                if not store.adopt((row, col), index, y0, x0, tuple(shape))}
+        if gone:
+            missing_pieces[index] = gone
 
     def accept(frame: ReprojectedFrame) -> None:
         _split_into_blocks(frame, side, store, canvas.shape)
@@ -1117,7 +1124,7 @@ def mosaic_first(
         blocks = still_to_stack
         # Frames whose pixels are gone are resampled again, for the blocks still to stack only.
         remaining = set(blocks)
-        again = sorted(i for i in without_pixels if remaining.intersection(_blocks_touched(bboxes[i], side)))
+        again = sorted(i for i, gone in missing_pieces.items() if remaining & gone)
         if again:
             store.only = set(blocks)
             with ctx.timed("P3"):
