@@ -311,6 +311,24 @@ def test_zemosaic_run_on_unsolved_frames_matches_the_truth(night, tmp_path) -> N
     assert again.report["resume"]["units"]["wcs"]["reused"] == len(truth.frame_paths)
 
 
+@needs_astrometry_net
+@pytest.mark.skipif(not _ingest_solves(), reason="pipeline ingest does not call solve_missing yet")
+def test_plate_solves_run_as_tasks_on_a_local_dask_cluster(night, tmp_path) -> None:
+    pytest.importorskip("distributed")
+    from napari_zemosaic.engine.pipeline import run
+
+    _, truth, index_dir = night
+    config = {"max_memory_mb": 512, "language": "en", "astrometry_index_dir": str(index_dir),
+              "quality_rejection": False, "scheduler": "local", "scheduler_workers": 2,
+              "scheduler_threads_per_worker": 1}
+    result = run(truth.frames_dir, tmp_path / "out", config)
+    _assert_mosaic_matches_truth(result, truth)
+    solves = [task for task in result.report["scheduler"]["tasks"] if task["kind"] == "solve"]
+    methods = [entry["method"] for entry in result.report["frames"]["astrometry"]]
+    assert len(solves) == methods.count("solved") > 0  # one task per direct solve; propagation stays here
+    assert all(task["status"] == "ok" and task["worker"] != "inline" for task in solves)
+
+
 # ----------------------------------------------------------------------------- bad hints, bad frames
 
 

@@ -193,3 +193,60 @@ def test_coarse_medians_drop_the_stars_of_a_cell() -> None:
     assert np.isnan(coarse_piece(data, (0, 32, 0, 32), 16, "median").data[0, 1, 1])
     with pytest.raises(ValueError):
         coarse_piece(data, (0, 32, 0, 32), 16, "mode")
+
+
+def test_masked_median_equals_numpy_median_per_row() -> None:
+    from napari_zemosaic.engine.photometry import _masked_median
+
+    rng = np.random.default_rng(3)
+    values = rng.normal(size=(40, 57)).round(1)  # rounded: ties
+    mask = rng.random(values.shape) < rng.random((40, 1))
+    mask[:, 0] = True
+    mask[0] = False
+    mask[1] = True
+    mask[2, :] = False
+    mask[2, 5] = True
+    got = _masked_median(values, mask)
+    assert np.isnan(got[0])
+    for row in range(1, 40):
+        assert got[row] == np.median(values[row][mask[row]])
+
+
+def test_batched_pair_fits_equal_the_per_edge_fits() -> None:
+    """Batched and per-edge pair fits give the same solve (floating-point noise), with a satellite
+    trail in one piece and a one-column overlap (an ill-conditioned plane: refitted per edge)."""
+    sky = _sky(5)
+    layout = [(0, 0, 30, 40), (3, 20, 30, 40), (20, 5, 30, 40), (22, 30, 30, 40), (8, 39, 30, 40), (10, 10, 25, 30)]
+    pieces = [
+        _piece(sky, y0, x0, h, w, gain=1.0 - 0.03 * k, offset=10.0 * k, tilt=(0.05 * k, -0.02 * k), seed=k + 1)
+        for k, (y0, x0, h, w) in enumerate(layout)
+    ]
+    pieces[2].data[:, 10, :] += 400.0  # a trail across one piece
+    pieces.append(_piece(sky, 0, 78, 30, 1, gain=0.97, offset=3.0, seed=9))  # one column: x is constant
+    for shared in (True, False):
+        batched = solve_normalisation(pieces, None, "linear_fit", min_cells=12, shared_gain=shared)
+        reference = solve_normalisation(pieces, None, "linear_fit", min_cells=12, shared_gain=shared, pair_fits="reference")
+        np.testing.assert_allclose(batched.gains, reference.gains, rtol=1e-9)
+        np.testing.assert_allclose(batched.offsets, reference.offsets, rtol=1e-7, atol=1e-7)
+        np.testing.assert_allclose(batched.tilts, reference.tilts, rtol=1e-7, atol=1e-9)
+        assert np.array_equal(batched.constrained, reference.constrained)
+    with pytest.raises(ValueError):
+        solve_normalisation(pieces, None, "linear_fit", pair_fits="parallel")
+
+
+def test_batched_pair_fits_on_threads_in_small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Many chunks on several threads (bounded in flight) give the same solve as one edge at a time."""
+    from napari_zemosaic.engine import photometry
+
+    monkeypatch.setattr(photometry, "PAIR_CHUNK", 2)
+    monkeypatch.setattr(photometry, "MIN_CORES_FOR_THREADS", 1)
+    monkeypatch.setattr(photometry, "MAX_PAIR_THREADS", 3)
+    sky = _sky(7)
+    pieces = [
+        _piece(sky, 3 * (k % 4), 4 * k, 30, 40, gain=1.0 + 0.02 * (k % 3), offset=5.0 * k, seed=k + 20) for k in range(10)
+    ]
+    batched = solve_normalisation(pieces, None, "linear_fit", shared_gain=True)
+    reference = solve_normalisation(pieces, None, "linear_fit", shared_gain=True, pair_fits="reference")
+    np.testing.assert_allclose(batched.gains, reference.gains, rtol=1e-9)
+    np.testing.assert_allclose(batched.offsets, reference.offsets, rtol=1e-7, atol=1e-7)
+    np.testing.assert_allclose(batched.tilts, reference.tilts, rtol=1e-7, atol=1e-9)

@@ -1377,11 +1377,18 @@ class _SolveRun:
     """State of one :func:`solve_missing` call (nothing outlives it)."""
 
     def __init__(
-        self, frames: Sequence[FrameInfo], config: dict[str, Any], cache_dir: Path, reporter: Reporter
+        self, frames: Sequence[FrameInfo], config: dict[str, Any], cache_dir: Path, reporter: Reporter,
+        executor: Any = None,
     ) -> None:
+        from .distributed import solve_options
+
         self.frames = list(frames)
         self.config = config
         self.settings = _Settings.from_config(config)
+        # On a scheduler each direct solve is a task (engine/distributed.py); else solver processes here.
+        remote_solve, remote_slots = solve_options(executor, config)
+        self.solve_direct = remote_solve or _solve_direct
+        self.solve_slots = remote_slots or self.settings.processes
         self.cache_dir = Path(cache_dir)
         self.reporter = reporter
         self.outcomes: dict[int, SolveOutcome] = {}
@@ -1551,7 +1558,7 @@ class _SolveRun:
         self.reporter.info("solve_info_plan", frames=len(todo), clusters=len(clusters), anchors=direct)
         yield from self.reporter.pop_pending()
 
-        pool = futures.ThreadPoolExecutor(max_workers=settings.processes)
+        pool = futures.ThreadPoolExecutor(max_workers=self.solve_slots)
         running: dict[futures.Future, tuple[int, _Cluster | None]] = {}
 
         def submit(index: int, cluster: _Cluster | None) -> None:
@@ -1560,7 +1567,7 @@ class _SolveRun:
                 job.set_result(_DirectResult(reason_key=REASON_NO_SOLVER, detail=self.no_solver_detail))
             else:
                 work_dir = Path(tempfile.mkdtemp(prefix=f"f{index}_", dir=work_root))
-                job = pool.submit(_solve_direct, self.solver, self.frames[index], self.stars[index], settings,
+                job = pool.submit(self.solve_direct, self.solver, self.frames[index], self.stars[index], settings,
                                   work_dir, self.cancel)
             running[job] = (index, cluster)
 
@@ -1725,7 +1732,8 @@ def _failure_detail(outcome: SolveOutcome) -> str:
 
 
 def solve_missing(
-    frames: Sequence[FrameInfo], config: dict[str, Any], cache_dir: str | os.PathLike[str], reporter: Reporter
+    frames: Sequence[FrameInfo], config: dict[str, Any], cache_dir: str | os.PathLike[str], reporter: Reporter,
+    executor: Any = None,
 ) -> Generator[Event, None, list[SolveOutcome]]:
     """Give every frame without a valid WCS one; yields events, returns one outcome per frame.
 
@@ -1734,9 +1742,10 @@ def solve_missing(
     Outcomes are in the order of ``frames``: "header" (it had one), "cached", "solved",
     "propagated" or "failed" (``reason_key``/``detail``/``solver_stderr`` say why). Progress:
     ``reporter.progress("P1", done, total, "progress_solve")`` per frame. Input files are only
-    read (unless the opt-in ``write_wcs_to_inputs`` is set).
+    read (unless the opt-in ``write_wcs_to_inputs`` is set). With a run's ``executor``
+    (engine/distributed.py) the direct solves are tasks on its scheduler.
     """
-    run = _SolveRun(frames, config, Path(cache_dir), reporter)
+    run = _SolveRun(frames, config, Path(cache_dir), reporter, executor)
     outcomes = yield from run.run()
     yield from reporter.pop_pending()
     return outcomes

@@ -23,10 +23,14 @@ What runs where
 ---------------
 A *unit* is a top-level function ``fn(reporter, *args)`` of picklable arguments (frame
 descriptions with their WCS, canvas grids, the config dict, cache paths) that writes its large
-output into the run's cache folder and returns small metadata. Four kinds are submitted:
+output into the run's cache folder and returns small metadata. These kinds are submitted:
 
+* ``solve`` — one direct plate solve of a frame without WCS (:func:`solve_frame_task`; the
+  solver's clustering, star detection and WCS propagation stay in the run's process);
 * ``metrics`` — one frame's quality metrics (:func:`measure_frame_task`, the per-frame work of the
   quality filter; :func:`.quality.measure_frames` keeps the order, progress and transparency);
+* ``reproject`` — one Mosaic-First frame (:func:`reproject_frame_task`): its pieces are written
+  to the shared spill folder and adopted by the run;
 * ``megatile`` — one SDS batch (:func:`megatile_task`, around :func:`.sds.build_megatile`);
 * ``master_tile`` — one classic pointing group (:func:`master_tile_task`, around
   :func:`.classic.build_master_tile`; a finished tile in the cache is reused as without Dask);
@@ -36,9 +40,9 @@ output into the run's cache folder and returns small metadata. Four kinds are su
 
 Reductions stay in the run's process and stay streaming: the photometric solves work on the
 coarse block means the units return, the final stacks read the unit files window by window.
-Still in the run's process: the header pass and plate solving (P1, which has its own solver
-processes), the Mosaic-First reprojection of frames (P3), the mega-tile/tile photometry and the
-final SDS/classic assembly.
+Still in the run's process: the header pass (P1: its FrameInfo, WCS included, would cost as
+much to send back as to build), star detection for the solver, the mega-tile/tile photometry
+and the final SDS/classic assembly.
 
 Events, failures, determinism
 -----------------------------
@@ -731,26 +735,29 @@ def measure_frame_task(reporter: Reporter, info: Any) -> Any:
     return measure_one(info)
 
 
-class _RemoteMeasure:
-    """``measure`` for :func:`.quality.measure_frames`: each call is a ``metrics`` task, awaited in the
-    calling pool thread (``measure_frames`` keeps the order, the progress and the transparency)."""
+class RemoteCall:
+    """A plain function that runs ``task(reporter, *args)`` as a ``kind`` task on the executor and
+    waits for it in the calling thread: callers that already run their units on a thread pool
+    (the quality pass, the plate solver) keep their order, progress and cancellation."""
 
-    def __init__(self, executor: UnitExecutor, config: dict[str, Any]) -> None:
+    def __init__(self, executor: UnitExecutor, config: dict[str, Any], task: Callable[..., Any], kind: str) -> None:
         self.executor = executor
         self.config = config
+        self.task = task
+        self.kind = kind
         self._numbers: dict[str, int] = {}
         self._lock = threading.Lock()
 
-    def _key(self, info: Any) -> str:
-        path = str(getattr(info, "path", ""))
+    def _key(self, name: str) -> str:
         with self._lock:
-            number = self._numbers.setdefault(path, len(self._numbers) + 1)
-        return f"metrics-{number:05d}"
+            number = self._numbers.setdefault(name, len(self._numbers) + 1)
+        return f"{self.kind}-{number:05d}"
 
-    def __call__(self, info: Any) -> Any:
-        key = self._key(info)
-        handle = self.executor.submit(measure_frame_task, info, key=key, kind="metrics", config=self.config)
-        record = TaskRecord(key, "metrics")
+    def call(self, name: str, *args: Any) -> Any:
+        """The task's value; ``name`` (a frame path) numbers the task key stably within the run."""
+        key = self._key(name)
+        handle = self.executor.submit(self.task, *args, key=key, kind=self.kind, config=self.config)
+        record = TaskRecord(key, self.kind)
         try:
             unit = self.executor.outcome(handle)
         except BaseException as exc:
@@ -765,6 +772,38 @@ class _RemoteMeasure:
         record.status = "ok"
         self.executor.record(record)
         return unit.value
+
+
+class _RemoteMeasure(RemoteCall):
+    """``measure`` for :func:`.quality.measure_frames`: each frame is a ``metrics`` task."""
+
+    def __init__(self, executor: UnitExecutor, config: dict[str, Any]) -> None:
+        super().__init__(executor, config, measure_frame_task, "metrics")
+
+    def __call__(self, info: Any) -> Any:
+        return self.call(str(getattr(info, "path", "")), info)
+
+
+def solve_frame_task(reporter: Reporter, solver: Any, info: Any, stars: Any, settings: Any, work_dir: str) -> Any:
+    """P1 per-frame work: one plate solve (:func:`.astrometry._solve_direct`) in a scratch folder
+    of the shared cache. A cancelled run stops waiting for it; the solver's own timeout bounds it."""
+    from .astrometry import _solve_direct
+
+    return _solve_direct(solver, info, stars, settings, Path(work_dir), threading.Event())
+
+
+def solve_options(executor: UnitExecutor | None, config: dict[str, Any]) -> tuple[Callable[..., Any] | None, int]:
+    """``(solve function, concurrent solves)`` for the plate solver: ``(None, 0)`` without a
+    scheduler (it runs its own solver processes); with one, every direct solve is a ``solve`` task."""
+    if executor is None:
+        return None, 0
+    threads = int(executor.report.get("workers") or 1) * int(executor.report.get("threads_per_worker") or 1)
+    remote = RemoteCall(executor, config, solve_frame_task, "solve")
+
+    def solve(solver: Any, info: Any, stars: Any, settings: Any, work_dir: Path, cancel: threading.Event) -> Any:
+        return remote.call(str(info.path), solver, info, stars, settings, str(work_dir))
+
+    return solve, 1 if isinstance(executor, InlineExecutor) else max(2, 2 * threads)
 
 
 def measure_options(executor: UnitExecutor | None, config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

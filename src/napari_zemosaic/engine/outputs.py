@@ -122,6 +122,10 @@ def stretch_for_display(
     return out
 
 
+#: zlib level of the preview PNG (0–9): the preview is a display copy, so speed beats size.
+PREVIEW_PNG_COMPRESS_LEVEL = 1
+
+
 def write_preview_png(
     path: Path, data: np.ndarray, alpha: np.ndarray, max_side: int = 4096, percentiles: tuple[float, float] = (0.5, 99.8)
 ) -> Path:
@@ -142,7 +146,8 @@ def write_preview_png(
         factor = max_side / long_side
         image = image.resize((max(1, round(image.width * factor)), max(1, round(image.height * factor))), Image.LANCZOS)
     with atomic_path(path) as temp:
-        image.save(temp, format="PNG")
+        # A display copy: zlib level 1 (the default, 6, took ~4x longer for files only ~12 % smaller).
+        image.save(temp, format="PNG", compress_level=PREVIEW_PNG_COMPRESS_LEVEL)
     return path
 
 

@@ -100,6 +100,7 @@ def ingest(
     reporter: Reporter,
     include: Iterable[str | Path] | None = None,
     solve_cache_dir: Path | None = None,
+    executor: Any = None,
 ) -> Generator[Event, None, IngestResult]:
     """Scan INPUT, read headers only, validate WCS; unusable files are excluded with a reason.
 
@@ -131,7 +132,9 @@ def ingest(
         yield from reporter.pop_pending()
     astrometry: list[dict[str, Any]] = []
     if solve_cache_dir is not None and config["solve_missing_wcs"] and any(info.wcs is None for info in readable):
-        readable, solve_failures, astrometry = yield from _solve_missing(readable, config, solve_cache_dir, reporter)
+        readable, solve_failures, astrometry = yield from _solve_missing(
+            readable, config, solve_cache_dir, reporter, executor
+        )
         excluded.extend(solve_failures)
     usable: list[FrameInfo] = []
     for info in readable:
@@ -154,12 +157,12 @@ def ingest(
 
 
 def _solve_missing(
-    frames: list[FrameInfo], config: dict[str, Any], cache_dir: Path, reporter: Reporter
+    frames: list[FrameInfo], config: dict[str, Any], cache_dir: Path, reporter: Reporter, executor: Any = None
 ) -> Generator[Event, None, tuple[list[FrameInfo], list[ExcludedFrame], list[dict[str, Any]]]]:
     """Plate-solve or propagate a WCS to every frame that lacks one; failures are excluded with the reason."""
     from .astrometry import frame_with_wcs, solve_missing
 
-    outcomes = yield from solve_missing(frames, config, cache_dir, reporter)
+    outcomes = yield from solve_missing(frames, config, cache_dir, reporter, executor)
     solved: list[FrameInfo] = []
     failures: list[ExcludedFrame] = []
     methods: list[dict[str, Any]] = []
@@ -403,7 +406,8 @@ def _run_body(run: _Run, include: Iterable[str | Path] | None) -> Generator[Even
 
     # P1 ------------------------------------------------------------------------------
     with ctx.timed("P1"):
-        ingested = yield from ingest(run.input_dir, run.output_dir, config, reporter, include, ctx.cache_dir)
+        ingested = yield from ingest(run.input_dir, run.output_dir, config, reporter, include, ctx.cache_dir,
+                                     ctx.executor)
     frames_report = run.report["frames"]
     frames_report["found"] = len(ingested.found)
     frames_report["excluded"] = [e.to_dict() for e in ingested.excluded]
