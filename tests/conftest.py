@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import subprocess
+import sys
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -32,3 +37,19 @@ def demo_mosaic(demo_night, tmp_path_factory: pytest.TempPathFactory):
 
 def frames_dir(root: Path) -> Path:
     return root / "frames"
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(mount_point: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` (e.g. ``"1m"``) at ``mount_point`` for a full-disk test; the test is
+    skipped where it cannot be mounted (not root, not Linux, no mount permission)."""
+    mount_point.mkdir(parents=True, exist_ok=True)
+    if not (sys.platform.startswith("linux") and os.geteuid() == 0):
+        pytest.skip("mounting a tmpfs needs root on Linux")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount_point)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode(errors='replace').strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=False)

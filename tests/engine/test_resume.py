@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+
+from conftest import mounted_tmpfs
 from astropy.io import fits
 
 from napari_zemosaic.config import validate_config
@@ -515,17 +517,8 @@ def test_free_space_guard_reports_needed_and_free(tmp_path: Path) -> None:
 @pytest.fixture()
 def tiny_tmpfs(tmp_path: Path):
     """A 1 MiB tmpfs (root on Linux only; skipped elsewhere)."""
-    mount_point = tmp_path / "tiny"
-    mount_point.mkdir()
-    if not (sys.platform.startswith("linux") and os.geteuid() == 0):
-        pytest.skip("mounting a tmpfs needs root on Linux")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode(errors='replace').strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "tiny", "1m") as mount_point:
         yield mount_point
-    finally:
-        subprocess.run(["umount", str(mount_point)], check=False)
 
 
 def test_really_full_disk(tiny_tmpfs: Path) -> None:

@@ -16,6 +16,8 @@ from typing import Any, Callable
 
 import numpy as np
 import pytest
+
+from conftest import mounted_tmpfs
 from astropy.io import fits
 
 from napari_zemosaic.engine.pipeline import log_messages, run
@@ -228,17 +230,8 @@ def test_sigkill_at_several_points_then_rerun_gives_the_same_mosaic(
 @pytest.fixture()
 def small_tmpfs(tmp_path: Path):
     """A 4 MiB tmpfs (root on Linux only; skipped elsewhere)."""
-    mount_point = tmp_path / "small"
-    mount_point.mkdir()
-    if not (sys.platform.startswith("linux") and os.geteuid() == 0):
-        pytest.skip("mounting a tmpfs needs root on Linux")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount_point)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode(errors='replace').strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "small", "4m") as mount_point:
         yield mount_point
-    finally:
-        subprocess.run(["umount", str(mount_point)], check=False)
 
 
 def test_a_full_disk_gives_the_message_and_no_half_written_file(small_tmpfs: Path, night: Path, tmp_path: Path) -> None:

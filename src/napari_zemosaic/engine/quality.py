@@ -758,8 +758,10 @@ def load_measurement_data(info: Any) -> np.ndarray:
     return _to_chw(pixels, info.layout, info.shape, np)
 
 
-def measure_one(info: Any) -> FrameMetrics:
-    """Read one frame's raw pixels and measure them; an unreadable file gives a reason, not an error."""
+def measure_one(info: Any, pixel_scale: float | None = None) -> FrameMetrics:
+    """Read one frame's raw pixels and measure them; an unreadable file gives a reason, not an error.
+
+    ``pixel_scale`` (arcsec per pixel) overrides the one of ``info``'s WCS."""
     from .frames import FrameError
 
     try:
@@ -768,7 +770,7 @@ def measure_one(info: Any) -> FrameMetrics:
         return FrameMetrics(path=str(info.path), reason=REASON_UNREADABLE, detail=f"{exc.reason_key}: {exc.detail}")
     except (OSError, ValueError) as exc:
         return FrameMetrics(path=str(info.path), reason=REASON_UNREADABLE, detail=f"{type(exc).__name__}: {exc}")
-    return measure_frame(data, info)
+    return measure_frame(data, info, pixel_scale_arcsec=pixel_scale)
 
 
 #: From this many frames the default measurement runs in a pool of processes: the metrics are
@@ -780,15 +782,7 @@ def _measure_light(info: Any, pixel_scale: float | None) -> FrameMetrics:
     """:func:`measure_one` in a worker process, for a FrameInfo sent without its WCS and header
     (pickling those costs the main process milliseconds per frame; the pixel scale, the only
     thing the metrics take from the WCS, comes computed)."""
-    from .frames import FrameError
-
-    try:
-        data = load_measurement_data(info)
-    except FrameError as exc:
-        return FrameMetrics(path=str(info.path), reason=REASON_UNREADABLE, detail=f"{exc.reason_key}: {exc.detail}")
-    except (OSError, ValueError) as exc:
-        return FrameMetrics(path=str(info.path), reason=REASON_UNREADABLE, detail=f"{type(exc).__name__}: {exc}")
-    return measure_frame(data, info, pixel_scale_arcsec=pixel_scale)
+    return measure_one(info, pixel_scale)
 
 
 def _measure_executor(
