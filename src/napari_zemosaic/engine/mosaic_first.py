@@ -813,12 +813,7 @@ class MosaicUnits:
     def token(self, index: int) -> str:
         """A short digest of the frame's identity (file, HDU, shape, WCS), computed once per run."""
         if index not in self._tokens:
-            import hashlib
-
-            from .resume import canonical_json
-
-            identity = self.manifest._canonical(self.frames[index])  # noqa: SLF001 - same canonical form as signatures
-            self._tokens[index] = hashlib.sha256(canonical_json(identity).encode("ascii")).hexdigest()[:24]
+            self._tokens[index] = self.manifest.digest(self.frames[index])
         return self._tokens[index]
 
     def names(self, indices: Sequence[int]) -> dict[int, str]:

@@ -898,6 +898,11 @@ class UnitManifest:
         """:func:`file_identity`, memoised for this run."""
         return self._canonical.identity(path)
 
+    def digest(self, value: Any) -> str:
+        """A short digest of ``value`` in the canonical form of signatures (e.g. a frame's identity,
+        computed once and then used in many unit signatures and as a stable file name)."""
+        return hashlib.sha256(canonical_json(self._canonical(value)).encode("ascii")).hexdigest()[:24]
+
     # ----------------------------------------------------------------------- lookup / record
     def lookup(self, kind: str, key: Any, signature: str) -> Path | None:
         """The unit's (first) file when it can be reused, else None (see :meth:`lookup_record`)."""
