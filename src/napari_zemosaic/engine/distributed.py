@@ -69,6 +69,7 @@ in their environment (e.g. set by the script that starts them), else they use ``
 
 from __future__ import annotations
 
+import abc
 import importlib.util
 import os
 import signal
@@ -255,7 +256,7 @@ def run_unit(fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any], meta: 
 # --------------------------------------------------------------------------------- executors
 
 
-class UnitExecutor:
+class UnitExecutor(abc.ABC):
     """Where units run: :class:`InlineExecutor` (this process) or :class:`DaskExecutor`."""
 
     kind = "inline"
@@ -278,16 +279,18 @@ class UnitExecutor:
     def dask_key(self, key: str) -> str:
         return f"zemosaic-{self.token}-{key}"
 
+    @abc.abstractmethod
     def submit(self, fn: Callable[..., Any], *args: Any, key: str, kind: str, config: dict | None = None,
                **kwargs: Any) -> Any:  # fmt: skip
-        raise NotImplementedError
+        """Start ``fn(reporter, *args)`` as unit ``key``; returns a handle."""
 
+    @abc.abstractmethod
     def done(self, handle: Any, timeout: float) -> bool:
-        raise NotImplementedError
+        """Whether the unit has finished, waiting at most ``timeout`` seconds."""
 
+    @abc.abstractmethod
     def outcome(self, handle: Any) -> UnitResult:
         """The unit's result; raises the unit's exception when it failed (after its retries)."""
-        raise NotImplementedError
 
     def cancel(self, handles: Sequence[Any]) -> None:
         pass
