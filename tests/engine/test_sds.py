@@ -319,7 +319,7 @@ def test_noise_per_unit_weight_recovers_sigma_whatever_the_depth() -> None:
     data = (1000 + rng.normal(size=(3, 300, 400)) * sigma / np.sqrt(weight)).astype(np.float32)
     data[:, :, :40] = np.nan  # an uncovered strip is ignored
     weight[:, :40] = 0
-    assert sds._noise_per_unit_weight(data, weight) == pytest.approx(sigma, rel=0.03)
+    assert sds.noise_per_unit_weight(data, weight) == pytest.approx(sigma, rel=0.03)
 
 
 def _random_normalisation(n: int, channels: int, rng):

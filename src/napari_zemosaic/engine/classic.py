@@ -65,7 +65,7 @@ from .assembly import (
 )
 from .canvas import Canvas, footprint_polygon
 from .grouping import GroupPlan, plan_groups
-from .quality import tile_quality, tile_weight
+from .quality import noise_per_unit_weight, tile_quality, tile_weight
 from .photometry import Normalisation, solve_normalisation
 
 #: Alpha taper width: the tile's short side divided by this.
@@ -76,8 +76,6 @@ FEATHER_FLOOR = 1e-3
 TILE_GAIN_LIMITS = (0.5, 2.0)
 #: Margin (pixels) around the members' outlines on the tile grid.
 TILE_MARGIN_PX = 2
-#: Neighbour differences sampled to measure a tile's noise.
-NOISE_SAMPLE_VALUES = 2_000_000
 #: Layout of the cached tile files (part of their name: a new layout never reads an old file).
 TILE_FORMAT = 1
 #: Config keys that change a master tile's pixels (part of its cache name).
@@ -158,27 +156,6 @@ def crop_coverage(covered: np.ndarray, crop_px: float) -> np.ndarray:
     if crop_px <= 0 or not covered.any():
         return covered
     return covered & (distance_transform_edt(np.pad(covered, 1))[1:-1, 1:-1] > crop_px)
-
-
-def noise_per_unit_weight(data: np.ndarray, weight: np.ndarray) -> float:
-    """Robust σ of a pixel of coverage weight 1, from horizontal neighbour differences.
-
-    ``(a − b)·sqrt(w̄/2)`` has the σ of a unit-weight pixel when a pixel's variance is σ²/w; the
-    smooth sky cancels in the difference and stars are outliers the MAD ignores.
-    """
-    row_step = max(1, math.ceil(data.size / NOISE_SAMPLE_VALUES))
-    w = weight[::row_step]
-    mean_weight = 0.5 * (w[:, 1:] + w[:, :-1])
-    sigmas = []
-    for channel in range(data.shape[0]):
-        plane = data[channel][::row_step]
-        diff = (plane[:, 1:] - plane[:, :-1]) * np.sqrt(mean_weight / 2.0)
-        ok = np.isfinite(diff) & (w[:, 1:] > 0) & (w[:, :-1] > 0)
-        if ok.sum() >= 100:
-            sample = diff[ok].astype(np.float64)
-            sigmas.append(1.4826 * float(np.median(np.abs(sample - np.median(sample)))))
-    finite = [s for s in sigmas if np.isfinite(s) and s > 0]
-    return float(np.sqrt(np.mean(np.square(finite)))) if finite else float("nan")
 
 
 @dataclass

@@ -1241,3 +1241,30 @@ def _fmt(value: Any) -> str:
     if number == int(number) and abs(number) < 1e9:
         return str(int(number))
     return f"{number:.3g}" if abs(number) < 1000 else f"{number:.0f}"
+
+
+#: Neighbour differences sampled to measure a tile's noise.
+NOISE_SAMPLE_VALUES = 2_000_000
+
+
+def noise_per_unit_weight(data: np.ndarray, weight: np.ndarray) -> float:
+    """Robust σ of a pixel of coverage weight 1, from horizontal neighbour differences.
+
+    ``(a − b)·sqrt(w̄/2)`` has the σ of a unit-weight pixel when a pixel's variance is σ²/w; the
+    smooth sky cancels in the difference and stars are outliers the MAD ignores. Used to weigh
+    stacked tiles (SDS mega-tiles, classic master tiles) against each other: resampling correlates
+    neighbours the same way in every tile, so ratios between tiles are unbiased.
+    """
+    row_step = max(1, math.ceil(data.size / NOISE_SAMPLE_VALUES))
+    w = weight[::row_step]
+    mean_weight = 0.5 * (w[:, 1:] + w[:, :-1])
+    sigmas = []
+    for channel in range(data.shape[0]):
+        plane = data[channel][::row_step]
+        diff = (plane[:, 1:] - plane[:, :-1]) * np.sqrt(mean_weight / 2.0)
+        ok = np.isfinite(diff) & (w[:, 1:] > 0) & (w[:, :-1] > 0)
+        if ok.sum() >= 100:
+            sample = diff[ok].astype(np.float64)
+            sigmas.append(1.4826 * float(np.median(np.abs(sample - np.median(sample)))))
+    finite = [s for s in sigmas if np.isfinite(s) and s > 0]
+    return float(np.sqrt(np.mean(np.square(finite)))) if finite else float("nan")

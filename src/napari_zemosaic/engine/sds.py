@@ -86,7 +86,7 @@ from ..events import Event, Reporter
 from .canvas import BBox, Canvas, crop_canvas, footprint_polygon, frame_bbox_on_canvas
 from .photometry import PHOTOMETRY_BIN_PX
 from .preplan import load_preplan, preplan_groups, resolved_path
-from .quality import tile_quality, tile_weight
+from .quality import noise_per_unit_weight, tile_quality, tile_weight
 
 if TYPE_CHECKING:  # pragma: no cover
     from .context import RunContext
@@ -106,8 +106,6 @@ MIN_TILES_FOR_REJECTION = 3
 #: noise removes between them is mostly the star cells that carry the gain, which biases it
 #: (measured: 1.113 instead of 1.02 on a panel-overlap strip). A wide clip keeps them.
 MEGATILE_PHOTOMETRY_KAPPA = 10.0
-#: Neighbour differences sampled to measure a mega-tile's noise.
-NOISE_SAMPLE_VALUES = 2_000_000
 
 #: The local expected coverage is the frame count around a pixel within (frame short side / this).
 EXPECTED_COVERAGE_WINDOW_DIVISOR = 8
@@ -704,29 +702,6 @@ def batch_bbox(frames: Sequence[Any], canvas: Canvas) -> BBox | None:
     return int(array[:, 0].min()), int(array[:, 1].max()), int(array[:, 2].min()), int(array[:, 3].max())
 
 
-def _noise_per_unit_weight(data: np.ndarray, weight: np.ndarray) -> float:
-    """Robust σ of a pixel whose coverage weight is 1, from horizontal neighbour differences.
-
-    ``(a − b)·sqrt(w̄/2)`` has the σ of a unit-weight pixel when pixel variance is σ²/w; smooth sky
-    and nebula cancel in the difference, stars are outliers the MAD ignores. Resampling correlates
-    neighbours the same way in every mega-tile, so ratios between mega-tiles are unbiased.
-    """
-    row_step = max(1, math.ceil(data.size / NOISE_SAMPLE_VALUES))
-    rows = slice(None, None, row_step)
-    w = weight[rows]
-    mean_weight = 0.5 * (w[:, 1:] + w[:, :-1])
-    values = []
-    for channel in range(data.shape[0]):
-        plane = data[channel][rows]
-        diff = (plane[:, 1:] - plane[:, :-1]) * np.sqrt(mean_weight / 2.0)
-        ok = np.isfinite(diff) & (w[:, 1:] > 0) & (w[:, :-1] > 0)
-        if ok.sum() >= 100:
-            sample = diff[ok].astype(np.float64)
-            values.append(1.4826 * float(np.median(np.abs(sample - np.median(sample)))))
-    finite = [v for v in values if np.isfinite(v) and v > 0]
-    return float(np.sqrt(np.mean(np.square(finite)))) if finite else float("nan")
-
-
 def build_megatile(
     frames: Sequence["FrameInfo"],
     frame_indices: Sequence[int],
@@ -779,7 +754,7 @@ def build_megatile(
         path=path,
         n_channels=n_channels,
         coarse=coarse_piece(data, bbox, PHOTOMETRY_BIN_PX),
-        noise_per_unit_weight=_noise_per_unit_weight(data, weight),
+        noise_per_unit_weight=noise_per_unit_weight(data, weight),
         median_weight=float(np.median(weight[weight > 0])),
         frames_used=[int(frame_indices[i]) for i in used],
         frames_failed=failed,
