@@ -157,7 +157,7 @@ OPTIONS: dict[str, Option] = {
     # --- scale-out on Dask (optional 'distributed' extra; engine/distributed.py) ------------------------
     "scheduler": Option("none", "Where work units run: none (this process), local (a local Dask cluster of worker processes), tcp://HOST:PORT (an existing Dask scheduler whose workers share the cache folder), or inline (the cluster code path in this process).", "str"),
     "scheduler_workers": Option(0, "Worker processes of a local cluster; 0 = one per GPU when the run uses the GPU, else one per CPU core.", "int", minimum=0, maximum=1024),
-    "scheduler_threads_per_worker": Option(1, "Threads of each local-cluster worker.", "int", minimum=1, maximum=256),
+    "scheduler_threads_per_worker": Option(0, "Threads of each local-cluster worker; 0 = 1 for CPU workers, the machine's cores shared between the workers for GPU workers (one GPU unit at a time each).", "int", minimum=0, maximum=256),
     "scheduler_memory_limit_mb": Option(0, "Memory limit of each local-cluster worker, MB; 0 = the machine's memory shared between the workers.", "int", minimum=0),
     "scheduler_retries": Option(2, "Times a failed work unit is retried before the run records it as failed.", "int", minimum=0, maximum=20),
 }

@@ -114,6 +114,58 @@ def test_cli_scheduler_option_sets_the_config() -> None:
     assert resolve_config(args)["scheduler"] == "tcp://127.0.0.1:8786"
 
 
+def test_local_cluster_size_shares_the_cores_between_gpu_workers(monkeypatch) -> None:
+    monkeypatch.setattr(os, "cpu_count", lambda: 32)
+    config = validate_config({"scheduler": "local", "scheduler_memory_limit_mb": 1000})
+    assert dist.local_cluster_size(config, gpus=0) == (32, 1, 1000)  # CPU: a process per core
+    assert dist.local_cluster_size(config, gpus=2) == (2, 16, 1000)  # one worker per GPU, the cores shared
+    assert dist.local_cluster_size({**config, "scheduler_workers": 1}, gpus=2) == (1, 32, 1000)
+    assert dist.local_cluster_size({**config, "scheduler_threads_per_worker": 4}, gpus=2) == (2, 4, 1000)
+
+
+def test_metrics_stay_in_the_run_process_only_beside_local_gpu_workers(tmp_path) -> None:
+    config = validate_config({})
+    inline = dist.InlineExecutor(tmp_path)
+    assert not dist.measures_in_run_process(None) and not dist.measures_in_run_process(inline)
+    assert "measure" in dist.measure_options(inline, config)[1]
+    for kind, gpus, local in (("local", 2, True), ("local", 0, False), ("external", 2, False)):
+        inline.report.update(kind=kind, gpus=gpus)
+        assert dist.measures_in_run_process(inline) is local
+        assert ("measure" not in dist.measure_options(inline, config)[1]) is local
+
+
+def test_gpu_units_take_the_gpu_resource_one_at_a_time(tmp_path) -> None:
+    """A GPU worker with 2 threads runs GPU unit kinds one after the other (they would share the
+    device), other units (and GPU kinds of a CPU run) side by side on its threads."""
+    pytest.importorskip("distributed")
+    import time
+
+    from distributed import Client
+
+    local = dist.start_local_cluster(1, threads=2, memory_mb=1024, gpu_workers=True)
+    client = Client(local, set_as_default=False)
+    try:
+        client.wait_for_workers(1, timeout=60)
+        executor = dist.DaskExecutor(client, None, tmp_path, 0, "external")
+        assert executor.gpu_resource
+        ctx = RunContext({}, Reporter(), tmp_path, tmp_path, executor=executor)
+
+        def wall_of_two(kind: str, config: dict[str, Any]) -> float:
+            ctx.config = config
+            calls = [(f"{kind}-{i}-{config.get('use_gpu_phase5')}", (i, 1.0)) for i in range(2)]
+            started = time.perf_counter()
+            remote = dist.submit_units(ctx, kind, dist.echo_unit, calls)
+            assert [_drive(remote.result(i)) for i in range(2)] == [0, 1]
+            return time.perf_counter() - started
+
+        assert wall_of_two("megatile", {"use_gpu_phase5": True, "stack_use_gpu": True}) >= 2.0
+        assert wall_of_two("metrics", {"use_gpu_phase5": True}) < 1.8
+        assert wall_of_two("megatile", {"use_gpu_phase5": False, "stack_use_gpu": False}) < 1.8
+    finally:
+        client.close()
+        local.close()
+
+
 def test_without_distributed_the_option_says_how_to_install_it(night, tmp_path, monkeypatch) -> None:
     from napari_zemosaic.i18n import tr
 
@@ -185,8 +237,9 @@ def test_two_workers_give_the_single_process_mosaic(workflow, cluster, night, si
     _same_mosaic(result, single[workflow])
     section = result.report["scheduler"]
     assert section["address"] == address and section["workers"] == 2 and section["kind"] == "external"
-    # Mosaic-First resamples each frame in a task too; SDS and classic do it inside their tiles.
-    extra = {"reproject"} if workflow == "mosaic_first" else set()
+    # Mosaic-First resamples each frame in a task too; SDS and classic do it inside their tiles;
+    # SDS stacks its final canvas blocks in tasks.
+    extra = {"mosaic_first": {"reproject"}, "sds": {"sds_block"}, "classic": set()}[workflow]
     assert {t["kind"] for t in section["tasks"]} == {UNIT_KIND[workflow], "metrics"} | extra
     assert len(_units(result.report, "metrics")) == 2 * NIGHT["frames_per_panel"]
     assert result.report["frames"]["metrics"] == single[workflow].report["frames"]["metrics"]

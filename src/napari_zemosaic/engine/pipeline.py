@@ -508,9 +508,11 @@ def judge_frames(
 
     With the run's ``executor`` (engine/distributed.py) each frame is measured by a task.
     """
-    from .distributed import measure_options
+    from .distributed import measure_options, measures_in_run_process
     from .quality import REASON_NO_VALID_PIXELS, REASON_UNREADABLE, apply_quality_rules, measure_frames
 
+    if measures_in_run_process(executor):
+        reporter.info("scheduler_info_metrics_local")
     measure_config, options = measure_options(executor, config)
     known = _load_metrics_units(manifest, frames)
     metrics = yield from measure_frames(frames, measure_config, reporter, known=known, **options)

@@ -75,6 +75,8 @@ number shown in the logs) makes that batch's unit raise, to exercise the fallbac
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -1220,6 +1222,25 @@ def _stack_block(
     return data, weight, frame_count
 
 
+def _tile_for_block_task(tile: MegaTile) -> MegaTile:
+    """The tile as a final-stack task needs it: its file and geometry, not its photometry."""
+    return dataclasses.replace(tile, coarse=None, frame_norm=None, frame_coarse=None)
+
+
+def stack_final_block(
+    tiles: Sequence[MegaTile],
+    box: BBox,
+    n_channels: int,
+    norm: "Normalisation",
+    weight_scales: np.ndarray,
+    params_reject: Any,
+    params_plain: Any,
+    ctx: "RunContext",
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One block of the final stack where ``ctx``'s policy puts stacking (a worker's own GPU)."""
+    return _stack_block(tiles, box, n_channels, norm, weight_scales, params_reject, params_plain, ctx.xp("stack"))
+
+
 # ---------------------------------------------------------------------------------- the run
 
 
@@ -1385,16 +1406,34 @@ def run_sds(
     blocks = sorted({block for t in tiles for block in _blocks_touched(t.bbox, side)})
     reporter.info("sds_info_final_stack", megatiles=len(tiles), width=width, height=height, block=side)
     xp = ctx.xp("stack")
+    from .distributed import read_block_result, sds_block_task
+
     with ctx.timed("P5"):
-        for number, (by, bx) in enumerate(blocks, start=1):
+        jobs: list[tuple[BBox, list[int]]] = []
+        for by, bx in blocks:
             box = (by * side, min((by + 1) * side, height), bx * side, min((bx + 1) * side, width))
-            members = [i for i, t in enumerate(tiles) if t.bbox[0] < box[1] and t.bbox[1] > box[0]
-                       and t.bbox[2] < box[3] and t.bbox[3] > box[2]]
+            jobs.append((box, [i for i, t in enumerate(tiles) if t.bbox[0] < box[1] and t.bbox[1] > box[0]
+                               and t.bbox[2] < box[3] and t.bbox[3] > box[2]]))  # fmt: skip
+        # With a scheduler every block is a task (the tiles are files in the shared cache);
+        # results are taken in block order, so the mosaic does not depend on the workers.
+        light = [_tile_for_block_task(t) for t in tiles]
+        remote = submit_units(ctx, "sds_block", sds_block_task, [
+            (f"sds-block-{number:04d}", (
+                [light[i] for i in members], box, n_channels, tile_norm.subset(members), scales[members], params,
+                params_plain, ctx.config, str(ctx.cache_dir), str(out_dir / f"final_{number:04d}.f32"),
+            ) if members else None)
+            for number, (box, members) in enumerate(jobs, start=1)
+        ])  # fmt: skip
+        for number, (box, members) in enumerate(jobs, start=1):
             if members:
-                data, weight, count = _stack_block(
-                    [tiles[i] for i in members], box, n_channels, tile_norm.subset(members),
-                    scales[members], params, params_plain, xp,
-                )
+                if remote is not None:
+                    path = yield from remote.result(number - 1)
+                    data, weight, count = read_block_result(path, n_channels, box)
+                else:
+                    data, weight, count = _stack_block(
+                        [tiles[i] for i in members], box, n_channels, tile_norm.subset(members),
+                        scales[members], params, params_plain, xp,
+                    )
                 out_data[:, box[0] : box[1], box[2] : box[3]] = data
                 out_weight[box[0] : box[1], box[2] : box[3]] = weight
                 out_count[box[0] : box[1], box[2] : box[3]] = count
