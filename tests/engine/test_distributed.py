@@ -235,6 +235,8 @@ def test_two_workers_give_the_single_process_mosaic(workflow, cluster, night, si
     result = run(night, tmp_path / "out", {**BASE, **WORKFLOWS[workflow], "scheduler": address})
     assert result.report["workflow_used"] == workflow and result.report["fallbacks"] == []
     _same_mosaic(result, single[workflow])
+    # In fact bit-identical: the units get the very canvas WCS (wcs_exact.py), not its header text.
+    assert np.array_equal(result.data, single[workflow].data, equal_nan=True)
     section = result.report["scheduler"]
     assert section["address"] == address and section["workers"] == 2 and section["kind"] == "external"
     # Mosaic-First resamples each frame in a task too; SDS and classic do it inside their tiles;

@@ -27,6 +27,7 @@ from typing import Any, Sequence
 import numpy as np
 from astropy.io import fits
 from astropy.wcs import WCS
+from .wcs_exact import exact_wcs_state, restore_exact_wcs
 
 BBox = tuple[int, int, int, int]  # (y0, y1, x0, x1), end-exclusive, canvas pixels
 
@@ -55,6 +56,15 @@ class Canvas:
 
     def __post_init__(self) -> None:
         self.shape = (int(self.shape[0]), int(self.shape[1]))
+        self.wcs.pixel_shape = (self.shape[1], self.shape[0])
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The canvas WCS is computed, not read: its header text would round it (wcs_exact.py).
+        return {"wcs": self.wcs, "shape": self.shape, "exact": exact_wcs_state(self.wcs)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.wcs = restore_exact_wcs(state["wcs"], state["exact"])
+        self.shape = state["shape"]
         self.wcs.pixel_shape = (self.shape[1], self.shape[0])
 
     def header(self) -> fits.Header:
