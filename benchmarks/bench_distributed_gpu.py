@@ -39,10 +39,12 @@ CONFIGS: dict[str, dict[str, Any]] = {
 
 
 def task_seconds(report: dict[str, Any]) -> dict[str, float]:
-    """Sum of the tasks' wall seconds per kind (on their workers)."""
+    """Sum of the tasks' wall seconds per kind (on their workers), and of their own phases."""
     sums: dict[str, float] = defaultdict(float)
     for task in report["scheduler"]["tasks"]:
         sums[task["kind"]] += float(task.get("seconds") or 0.0)
+        for phase, seconds in (task.get("phases") or {}).items():
+            sums[f"{task['kind']}.{phase}"] += float(seconds)
     return {kind: round(value, 1) for kind, value in sums.items()}
 
 

@@ -252,6 +252,8 @@ def test_two_workers_give_the_single_process_mosaic(workflow, cluster, night, si
     assert len({t["worker"] for t in tasks}) == 2  # both workers took part
     if workflow == "sds":
         assert len(tasks) == len(result.report["sds"]["batches"]) >= 3
+        # each mega-tile's own phases come back with it (where its time went on the worker)
+        assert all(t["phases"].get("P3", 0) > 0 and t["phases"].get("P5", 0) > 0 for t in tasks)
     # the report on disk says the same
     import json
 

@@ -58,8 +58,9 @@ run's outstanding tasks. A unit that raises is retried ``scheduler_retries`` tim
 dies has its tasks rescheduled by Dask on the others. Every attempt is counted in a small file of
 the cache (``scheduler/attempts``), so the report says how many retries a unit needed.
 ``run_report.json`` → ``scheduler``: ``{kind, address, workers, threads_per_worker,
-memory_limit_mb, gpus, tasks: [{key, kind, worker, pid, seconds, cpu_seconds, retries, status, reason}]}``
-(``seconds``: the unit's wall time on its worker; ``cpu_seconds``: its worker process's CPU time meanwhile).
+memory_limit_mb, gpus, gpu_resource, tasks: [{key, kind, worker, pid, seconds, cpu_seconds, retries, status,
+reason, phases}]}`` (``seconds``: the unit's wall time on its worker; ``cpu_seconds``: its worker
+process's CPU time meanwhile; ``phases``: the unit's own phase timings, e.g. a mega-tile's P3/P4.5/P5).
 
 GPUs
 ----
@@ -144,6 +145,7 @@ class TaskRecord:
     retries: int = 0
     status: str = "pending"  # pending | ok | failed | cancelled
     reason: str | None = None
+    phases: dict[str, float] = field(default_factory=dict)  # the unit's own phase timings (its P3, P4.5, P5…)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -151,6 +153,7 @@ class TaskRecord:
             "seconds": None if self.seconds is None else round(float(self.seconds), 4),
             "cpu_seconds": None if self.cpu_seconds is None else round(float(self.cpu_seconds), 4),
             "retries": int(self.retries), "status": self.status, "reason": self.reason,
+            "phases": {phase: round(float(value), 4) for phase, value in self.phases.items()},
         }  # fmt: skip
 
 
@@ -165,11 +168,13 @@ class UnitResult:
     attempt: int
     events: list[LogEvent] = field(default_factory=list)
     cpu_seconds: float = 0.0  # CPU time of the worker process while the unit ran (all its threads)
+    phases: dict[str, float] = field(default_factory=dict)  # timings of the unit's RunContext, if it made one
 
 
 # ------------------------------------------------------------------------- worker-side state
 
 _PINNED_DEVICE: int | None = None  # this worker process's CUDA device (set by the GPU plugin)
+_UNIT = threading.local()  # .ctx: the RunContext of the unit running in this thread (its timings)
 
 
 def worker_gpu_device() -> int | None:
@@ -257,10 +262,13 @@ def run_unit(fn: Callable[..., Any], args: tuple, kwargs: dict[str, Any], meta: 
         time.sleep(30)  # pragma: no cover - the signal ends the process
     worker, pid, _, _ = _worker_identity()
     reporter = Reporter()
+    _UNIT.ctx = None
     started, cpu_started = time.perf_counter(), time.process_time()
     value = fn(reporter, *args, **kwargs)
     seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
-    return UnitResult(value, seconds, worker, pid, attempt, list(reporter.log_events), cpu_seconds)
+    unit_ctx, _UNIT.ctx = getattr(_UNIT, "ctx", None), None
+    phases = dict(unit_ctx.timings_s) if unit_ctx is not None else {}
+    return UnitResult(value, seconds, worker, pid, attempt, list(reporter.log_events), cpu_seconds, phases)
 
 
 # --------------------------------------------------------------------------------- executors
@@ -647,7 +655,7 @@ class RemoteUnits:
             for event in unit.events:
                 self.ctx.reporter.emit(event)
             record.worker, record.pid, record.seconds = unit.worker, unit.pid, unit.seconds
-            record.cpu_seconds = unit.cpu_seconds
+            record.cpu_seconds, record.phases = unit.cpu_seconds, dict(unit.phases)
             attempts = max(unit.attempt, attempts_of(self.executor.attempts_dir, self.executor.dask_key(key)))
             record.retries, record.status = attempts - 1, "ok"
             self.executor.record(record)
@@ -702,6 +710,7 @@ def _unit_context(reporter: Reporter, config: dict[str, Any], cache_dir: str | P
     if threads and not int(config.get("num_workers") or 0):
         config["num_workers"] = threads  # a worker's share of the cores: its threads, not the machine's
     ctx = RunContext(config, reporter, Path(cache_dir), Path(cache_dir))
+    _UNIT.ctx = ctx
     if (config.get("use_gpu_phase5") or config.get("stack_use_gpu")) and importlib.util.find_spec("cupy") is not None:
         try:
             from .gpu import ComputePolicy
