@@ -775,3 +775,24 @@ def test_forced_down_gpu_budget_gives_the_same_mosaic_through_chunking(
     print(f"256 MB GPU run vs unconstrained GPU run: {p5.params}; pixels {stats}")
     assert stats["nan_mismatch"] == 0.0 and stats["count_mismatch"] <= TOL["stack"]["flip_fraction"]
     assert stats["max_where_counts_agree"] <= 1e-3
+
+
+# ------------------------------------------------------------------------------ SDS feather
+
+
+def test_feather_map_is_identical_on_the_gpu(device) -> None:
+    """The mega-tile feather (exact Euclidean distance transform) gives the same bits with CuPy."""
+    from napari_zemosaic.engine.sds import feather_map
+
+    rng = np.random.default_rng(12)
+    covered = np.zeros((1400, 2100), dtype=bool)
+    for _ in range(9):  # a union of shifted, rotated-ish frame footprints, with holes
+        y0, x0 = rng.integers(0, 500), rng.integers(0, 900)
+        covered[y0 : y0 + 900, x0 : x0 + 1200] = True
+    covered[700:760, 1000:1013] = False
+    covered[rng.random(covered.shape) < 1e-4] = False  # isolated dead pixels
+    for width in (67.5, 1.0, 0.0):
+        on_cpu = feather_map(covered, width)
+        on_gpu = feather_map(covered, width, cp)
+        assert isinstance(on_gpu, np.ndarray) and on_gpu.dtype == np.float32
+        np.testing.assert_array_equal(on_gpu, on_cpu)

@@ -673,17 +673,25 @@ class MegaTile:
         return planes
 
 
-def feather_map(covered: np.ndarray, feather_px: float) -> np.ndarray:
+def feather_map(covered: np.ndarray, feather_px: float, xp: Any = np) -> np.ndarray:
     """0…1 taper: distance to the nearest uncovered pixel over ``feather_px``, floored at
     :data:`FEATHER_FLOOR`. Where mega-tiles overlap, each fades out towards its own edge, so a
     residual level difference between two tiles becomes a ramp over ``feather_px`` instead of a
-    step; where one tile is alone the floor leaves its value untouched."""
-    from scipy.ndimage import distance_transform_edt
+    step; where one tile is alone the floor leaves its value untouched.
 
+    With CuPy (``xp``) the exact transform runs on the device (cupyx's, float64 distances): the
+    same integer squared distances and correctly rounded square roots as SciPy's, so the same
+    map, in milliseconds instead of about half a second for a 6 Mpx tile. Returned on the host.
+    """
     if feather_px <= 0:
         return np.ones(covered.shape, dtype=np.float32)
-    distance = distance_transform_edt(np.pad(covered, 1))[1:-1, 1:-1]
-    return np.clip(distance / float(feather_px), FEATHER_FLOOR, 1.0).astype(np.float32)
+    if xp is np:
+        from scipy.ndimage import distance_transform_edt
+    else:
+        from cupyx.scipy.ndimage import distance_transform_edt
+    distance = distance_transform_edt(xp.pad(xp.asarray(covered), 1))[1:-1, 1:-1]
+    feather = xp.clip(distance / float(feather_px), FEATHER_FLOOR, 1.0).astype(xp.float32)
+    return feather if xp is np else feather.get()
 
 
 def feather_width_px(frames: Sequence[Any], canvas: Canvas) -> float:
@@ -747,7 +755,7 @@ def build_megatile(
         data.tofile(handle)
         weight.tofile(handle)
         stack.count.astype(np.float32).tofile(handle)
-        feather_map(weight > 0, feather_px).tofile(handle)
+        feather_map(weight > 0, feather_px, ctx.xp("stack")).tofile(handle)
     tmp.replace(path)
     used = list(stack.frames_used)
     tile = MegaTile(
