@@ -329,13 +329,14 @@ def iter_run(
     run = _Run(input_dir, output_dir, config, ctx)
     try:
         reporter.info("run_info_start", version=__version__, input=str(input_dir), output=str(output_dir))
-        _open_manifest(run, lock)
-        ctx.policy = _build_policy(config, reporter)
-        if ctx.policy is not None:
-            ctx.policy.summary_start()
         from .distributed import open_scheduler, scheduler_report
 
-        ctx.executor = open_scheduler(config, reporter, ctx.cache_dir)  # None: every unit runs here
+        with ctx.timed("setup"):  # the GPU's start and a local cluster's: outside every phase
+            _open_manifest(run, lock)
+            ctx.policy = _build_policy(config, reporter)
+            if ctx.policy is not None:
+                ctx.policy.summary_start()
+            ctx.executor = open_scheduler(config, reporter, ctx.cache_dir)  # None: every unit runs here
         run.report["scheduler"] = scheduler_report(ctx.executor)
         yield from ctx.drain()
         result = yield from _run_body(run, include)
@@ -481,7 +482,8 @@ def _run_body(run: _Run, include: Iterable[str | Path] | None) -> Generator[Even
         run.report["outputs"].update({"science": str(science), "preview": str(preview)})
         reporter.info("run_info_outputs", science=str(science), preview=str(preview))
     reporter.info("run_info_done", frames=len(used_frames), seconds=round(time.time() - run.started, 1))
-    ctx.manifest.close(success=True)
+    with ctx.timed("cleanup"):  # the cache's removal (cache_retention)
+        ctx.manifest.close(success=True)
     run.finish("ok")
     yield from ctx.drain()
     return MosaicResult(
