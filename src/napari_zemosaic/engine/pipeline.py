@@ -376,6 +376,25 @@ def _disk_full_as_message(folder: Path, needed_bytes: int) -> Iterator[None]:
         raise InsufficientSpaceError(folder, needed_bytes, shutil.disk_usage(folder).free) from None
 
 
+def _write_outputs_side_by_side(write_science: Callable[[], Any], write_preview: Callable[[], Any], preview: Path) -> None:
+    """The science FITS and the preview written at once (the FITS is mostly I/O and byte swapping,
+    the preview's stretch and PNG compression mostly release the GIL); each writer is atomic on
+    its own. When the science file fails the preview goes too: no run leaves a preview without
+    its mosaic."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1, thread_name_prefix="zemosaic-preview") as pool:
+        preview_job = pool.submit(write_preview)
+        try:
+            write_science()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                preview_job.result()
+            preview.unlink(missing_ok=True)
+            raise
+        preview_job.result()
+
+
 def _count_wcs_units(manifest: Any, astrometry: Sequence[dict[str, Any]]) -> None:
     """Solved WCS live in the solver's own cache (``cache/wcs``); count them with the other units."""
     if manifest is None:
@@ -473,12 +492,13 @@ def _run_body(run: _Run, include: Iterable[str | Path] | None) -> Generator[Even
         needed = data.nbytes + alpha.nbytes + weight.nbytes + 2**20
         with _disk_full_as_message(run.output_dir, needed):
             ensure_free_space(run.output_dir, needed)
-            write_science_fits(
-                science, data, alpha, weight, canvas.header(),
-                _provenance(config, run.report["workflow_used"], len(used_frames)),
-            )
             percentiles = tuple(float(p) for p in config["preview_stretch_percentiles"][:2])
-            write_preview_png(preview, data, alpha, int(config["preview_max_side"]), percentiles)  # type: ignore[arg-type]
+            _write_outputs_side_by_side(
+                lambda: write_science_fits(science, data, alpha, weight, canvas.header(),
+                                           _provenance(config, run.report["workflow_used"], len(used_frames))),
+                lambda: write_preview_png(preview, data, alpha, int(config["preview_max_side"]), percentiles),  # type: ignore[arg-type]
+                preview,
+            )  # fmt: skip
         run.report["outputs"].update({"science": str(science), "preview": str(preview)})
         reporter.info("run_info_outputs", science=str(science), preview=str(preview))
     reporter.info("run_info_done", frames=len(used_frames), seconds=round(time.time() - run.started, 1))
