@@ -76,6 +76,7 @@ number shown in the logs) makes that batch's unit raise, to exercise the fallbac
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 
 import math
 from dataclasses import dataclass, field
@@ -613,6 +614,7 @@ class MegaTile:
     quality: "dict[str, float] | None" = None  # tile quality gate (engine/quality.py): score and its terms
     #: ``frame_coarse`` spilled to disk (:meth:`spill_frame_coarse`); read back by :meth:`frame_coarse_pieces`.
     frame_coarse_path: Path | None = None
+    sha256: str | None = None  # of the tile file, computed while writing it (None: not known)
 
     def spill_frame_coarse(self, path: Path) -> None:
         """Write ``frame_coarse`` to ``path`` (one ``.npz``) and drop it from memory.
@@ -751,11 +753,14 @@ def build_megatile(
     weight = np.where(np.isfinite(data).all(axis=0), stack.weight, 0.0).astype(np.float32)
     path = out_dir / f"megatile_{batch:04d}.f32"
     tmp = path.with_suffix(".tmp")
+    # The resume manifest's checksum, taken from the bytes as they are written: the run's
+    # process (on a cluster, the one all tiles come back to) need not read the file again.
+    digest = hashlib.sha256()
     with open(tmp, "wb") as handle:
-        data.tofile(handle)
-        weight.tofile(handle)
-        stack.count.astype(np.float32).tofile(handle)
-        feather_map(weight > 0, feather_px, ctx.xp("stack")).tofile(handle)
+        for plane in (data, weight, stack.count.astype(np.float32), feather_map(weight > 0, feather_px, ctx.xp("stack"))):
+            plane = np.ascontiguousarray(plane, dtype=np.float32)
+            digest.update(memoryview(plane).cast("B"))
+            plane.tofile(handle)
     tmp.replace(path)
     used = list(stack.frames_used)
     tile = MegaTile(
@@ -771,6 +776,7 @@ def build_megatile(
         frame_norm=stack.normalisation.subset(used),
         frame_coarse=_frames_coarse_on_canvas(stack, frame_indices, bbox),
         quality=tile_quality(data, weight).to_dict(),
+        sha256=digest.hexdigest(),
     )
     # Per-frame photometry pieces wait on disk until P4.5 (a finished batch keeps no per-frame arrays).
     tile.spill_frame_coarse(out_dir / f"megatile_{batch:04d}_frames.npz")
@@ -859,7 +865,7 @@ class MegatileUnits:
         paths = [tile.path, sidecar] + ([tile.frame_coarse_path] if tile.frame_coarse_path is not None else [])
         self.manifest.record(
             "megatile", tile.batch, self._signature(frames, indices, tile.batch), paths,
-            sha256=[None, digest, None] if len(paths) == 3 else [None, digest],  # type: ignore[list-item]
+            sha256=[tile.sha256, digest, None] if len(paths) == 3 else [tile.sha256, digest],  # type: ignore[list-item]
             meta={
                 "bbox": list(tile.bbox), "noise": tile.noise_per_unit_weight, "median_weight": tile.median_weight,
                 "frames_used": tile.frames_used, "frames_failed": [list(item) for item in tile.frames_failed],
