@@ -29,7 +29,7 @@ from ..config import validate_config
 from ..events import Event, LogEvent, LogFileListener, Reporter
 from .canvas import Canvas, autocrop_slices, build_canvas, crop_canvas
 from .context import RunCancelled, RunContext, UserError, peak_rss_mb
-from .frames import FrameError, FrameInfo, read_frame_info, scan_inputs
+from .frames import FrameError, FrameInfo, iter_frame_infos, scan_inputs
 from .mosaic_first import CanvasStack, mosaic_first
 from .resume import ensure_free_space
 from .outputs import (
@@ -116,20 +116,23 @@ def ingest(
     reporter.info("ingest_info_found", count=len(found), path=str(input_dir))
     readable: list[FrameInfo] = []
     excluded: list[ExcludedFrame] = []
-    for number, path in enumerate(found, start=1):
-        try:
-            info = read_frame_info(
-                path,
-                auto_detect_seestar=bool(config["auto_detect_seestar"]),
-                force_seestar_mode=bool(config["force_seestar_mode"]),
-            )
-        except FrameError as exc:
-            excluded.append(ExcludedFrame(str(path), exc.reason_key, exc.detail))
-            reporter.warning(exc.reason_key, path=str(path), detail=exc.detail)
-        else:
-            readable.append(info)
-        reporter.progress("P1", number, len(found), "progress_files", name=path.name)
-        yield from reporter.pop_pending()
+    # Many files are read by reader processes beside this one; the outcomes still come in order,
+    # one per file, each as read_frame_info gives it. Closing this generator stops the readers.
+    outcomes = iter_frame_infos(
+        found,
+        auto_detect_seestar=bool(config["auto_detect_seestar"]),
+        force_seestar_mode=bool(config["force_seestar_mode"]),
+        workers=int(config.get("num_workers") or 0),
+    )
+    with contextlib.closing(outcomes):
+        for number, (path, outcome) in enumerate(zip(found, outcomes), start=1):
+            if isinstance(outcome, FrameError):
+                excluded.append(ExcludedFrame(str(path), outcome.reason_key, outcome.detail))
+                reporter.warning(outcome.reason_key, path=str(path), detail=outcome.detail)
+            else:
+                readable.append(outcome)
+            reporter.progress("P1", number, len(found), "progress_files", name=path.name)
+            yield from reporter.pop_pending()
     astrometry: list[dict[str, Any]] = []
     if solve_cache_dir is not None and config["solve_missing_wcs"] and any(info.wcs is None for info in readable):
         readable, solve_failures, astrometry = yield from _solve_missing(
