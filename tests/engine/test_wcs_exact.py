@@ -64,3 +64,20 @@ def test_sip_and_pc_forms_come_back_exactly() -> None:
         restored = restore_exact_wcs(pickle.loads(pickle.dumps(wcs)), exact_wcs_state(wcs))
         assert np.array_equal(np.array(restored.all_pix2world(x, y, 0)), np.array(wcs.all_pix2world(x, y, 0)))
     assert restore_exact_wcs(None, None) is None and exact_wcs_state(None) is None
+
+
+def test_a_frame_with_a_computed_wcs_pickles_exactly(tmp_path) -> None:
+    """A FrameInfo carries its WCS bit for bit (a plate solution is computed, not read)."""
+    import dataclasses
+
+    from napari_zemosaic.engine.demo import DemoSpec, generate_demo
+    from napari_zemosaic.engine.frames import read_frame_info
+
+    generate_demo(tmp_path, DemoSpec(panels=(1, 1), frames_per_panel=1, scale=0.1, seed=4))
+    info = read_frame_info(next((tmp_path / "frames").glob("*.fit")))
+    solved = dataclasses.replace(info, wcs=_frame_wcs(83.8 + 1 / 97, -5.39 + 1 / 89, 17.0, sip=True))
+    x, y = _pixels()
+    again = pickle.loads(pickle.dumps(solved))
+    assert np.array_equal(np.array(again.wcs.all_pix2world(x, y, 0)), np.array(solved.wcs.all_pix2world(x, y, 0)))
+    assert again.path == solved.path and again.shape == solved.shape and again.header == solved.header
+    assert pickle.loads(pickle.dumps(dataclasses.replace(info, wcs=None))).wcs is None

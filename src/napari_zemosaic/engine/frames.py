@@ -41,6 +41,7 @@ from astropy.io.fits import card as fits_card
 from astropy.wcs import WCS, WCSBase, Sip, Wcsprm
 
 from .debayer import PATTERNS, correct_hot_pixels, debayer_bilinear
+from .wcs_exact import exact_wcs_state, restore_exact_wcs
 
 FITS_SUFFIXES: tuple[str, ...] = (".fit", ".fits", ".fts")
 #: Tile-compressed FITS (fpack) is read as well.
@@ -122,6 +123,15 @@ class FrameInfo:
     header: fits.Header = field(repr=False)
     wcs_detail: str = ""
     metrics: dict[str, float] = field(default_factory=dict)  # frame quality numbers, once measured
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A plate-solved WCS is computed, not read: its header text would round it (wcs_exact.py).
+        return {**self.__dict__, "_exact_wcs": exact_wcs_state(self.wcs)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        exact = state.pop("_exact_wcs", None)
+        self.__dict__.update(state)
+        restore_exact_wcs(self.wcs, exact)
 
     @property
     def centre(self) -> tuple[float, float] | None:

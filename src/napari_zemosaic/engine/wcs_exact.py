@@ -49,7 +49,7 @@ def restore_exact_wcs(wcs: Any, state: dict[str, Any] | None) -> Any:
     if "cd" in state and core.has_cd():
         core.cd = state["cd"]
     elif "cd" in state:  # came back as PC + CDELT: CD·1 is exact in wcslib's PC·CDELT product
-        core.pc, core.cdelt = state["cd"], np.ones(2)
+        core.pc, core.cdelt = state["cd"], np.ones(len(state["crval"]))
     else:
         core.pc, core.cdelt = state["pc"], state["cdelt"]
     if "sip" in state:
