@@ -552,11 +552,38 @@ def test_fused_kappa_sigma_kernel_equals_the_numpy_path_to_the_bit(device: int, 
         np.testing.assert_array_equal(gpu.to_host(got), want)
 
 
+@pytest.mark.parametrize("n_frames", [1, 2, 3, 4, 7, 24, 100, 513])
+@pytest.mark.parametrize("iterations", [None, 1, 3])
+def test_fused_winsorized_kernel_equals_the_numpy_path_to_the_bit(device: int, n_frames: int, iterations: Any) -> None:
+    """The GPU's fused winsorized clipping (gpu.fused_winsorized_range_values) gives the NumPy
+    mask exactly, on the same stress samples as kappa-sigma (outliers, NaN, ±inf, ties, constants)."""
+    stack = pytest.importorskip("napari_zemosaic.engine.stack")
+    rng = np.random.default_rng(2000 + n_frames)
+    cube = fused_kappa_sigma_cube(rng, n_frames, 4096)
+    cpu = stack.winsorized_sigma_clip_mask(cube, 2.5, 3.0, iterations, 1.5, np)
+    fused = gpu.to_host(stack.winsorized_sigma_clip_mask(cp.asarray(cube), 2.5, 3.0, iterations, 1.5, cp))
+    generic = gpu.to_host(stack.winsorized_sigma_clip_mask(cp.asarray(cube), 2.5, 3.0, iterations, 1.5, cp,
+                                                           fused=False))  # fmt: skip
+    np.testing.assert_array_equal(fused, cpu)
+    np.testing.assert_array_equal(generic, cpu)
+    if n_frames >= 7:  # the clipping did something on these samples (not only the non-finite values)
+        assert (cpu & np.isfinite(cube)).any()
+    columns = cp.asarray(cube.reshape(n_frames, -1))[:, 100:3000]  # a strided chunk view
+    kept = gpu.fused_winsorized_range_values(columns, 2.5, 3.0, stack._iterations(iterations, n_frames), 1.5, cp)
+    assert kept is not None
+    lowest, highest = (gpu.to_host(a) for a in kept)
+    view = cube.reshape(n_frames, -1)[:, 100:3000]
+    expected = stack.winsorized_sigma_clip_mask(view, 2.5, 3.0, iterations, 1.5, np)
+    np.testing.assert_array_equal(~((view >= lowest) & (view <= highest)), expected)
+
+
 def test_fused_kappa_sigma_kernel_declines_what_it_does_not_cover(device: int) -> None:
     too_deep = cp.zeros((gpu.FUSED_SORT_MAX_ROWS + 1, 4), dtype=cp.float32)
     assert gpu.fused_kappa_sigma_bounds(too_deep, 3.0, 3.0, 5, cp) is None
     assert gpu.fused_kappa_sigma_bounds(cp.zeros((4, 4), dtype=cp.float64), 3.0, 3.0, 5, cp) is None
     assert gpu.fused_kappa_sigma_bounds(np.zeros((4, 4), dtype=np.float32), 3.0, 3.0, 5, np) is None
+    assert gpu.fused_winsorized_range_values(too_deep, 3.0, 3.0, 5, 1.5, cp) is None
+    assert gpu.fused_winsorized_range_values(np.zeros((4, 4), dtype=np.float32), 3.0, 3.0, 5, 1.5, np) is None
 
 
 def test_debayer_parity(device: int) -> None:

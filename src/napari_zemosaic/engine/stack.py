@@ -360,6 +360,8 @@ def winsorized_sigma_clip_mask(
     max_iterations: int | None,
     winsor_sigma: float,
     xp: Any = np,
+    *,
+    fused: bool = True,
 ) -> Array:
     """Winsorized sigma clipping (Siril-style) along axis 0; True = rejected.
 
@@ -372,6 +374,10 @@ def winsorized_sigma_clip_mask(
 
     Each winsorised std comes from the prefix sums (the clamped ends counted in closed form),
     so every step costs O(log N) per sample. Peak temporaries as :func:`kappa_sigma_mask`.
+
+    On the GPU (``fused``, the default) each chunk is the shared sort kernel and one kernel for
+    the whole iteration (:func:`.gpu.fused_winsorized_range_values`), same mask to the bit;
+    ``fused=False`` forces the xp path (the parity tests compare both).
     """
     n_rows = cube.shape[0]
     iterations = _iterations(max_iterations, n_rows)
@@ -380,10 +386,27 @@ def winsorized_sigma_clip_mask(
     columns = _as_columns(cube)
     mask = xp.empty(columns.shape, dtype=bool)
     for chunk in _column_chunks(n_rows, columns.shape[1], xp):
-        samples = _sorted_samples(columns[:, chunk], xp)
-        start, stop = _winsorized_range(samples, kappa_low, kappa_high, iterations, winsor_sigma, xp)
-        mask[:, chunk] = _outside_range(columns[:, chunk], samples.values, start, stop, xp)
+        values = columns[:, chunk]
+        kept = _fused_winsorized(values, kappa_low, kappa_high, iterations, winsor_sigma, xp) if fused else None
+        if kept is None:
+            samples = _sorted_samples(values, xp)
+            start, stop = _winsorized_range(samples, kappa_low, kappa_high, iterations, winsor_sigma, xp)
+            mask[:, chunk] = _outside_range(values, samples.values, start, stop, xp)
+        else:
+            lowest, highest = kept
+            mask[:, chunk] = ~((values >= lowest) & (values <= highest))
     return mask.reshape(cube.shape)
+
+
+def _fused_winsorized(
+    values: Array, kappa_low: float, kappa_high: float, iterations: int, winsor_sigma: float, xp: Any
+) -> tuple[Array, Array] | None:
+    """The GPU's fused kept-value range of one chunk, or None (NumPy, or a shape it does not cover)."""
+    if xp is np:
+        return None
+    from .gpu import fused_winsorized_range_values
+
+    return fused_winsorized_range_values(values, kappa_low, kappa_high, iterations, winsor_sigma, xp)
 
 
 def _outside_range(values: Array, sorted_values: Array, start: Array, stop: Array, xp: Any) -> Array:
