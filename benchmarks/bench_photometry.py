@@ -14,6 +14,18 @@ per-edge reference path (``pair_fits="reference"``), and the two results are com
 ``--tile N`` repeats the captured pieces, shifted on the canvas, up to N pieces (a larger
 overlap graph without rendering more frames). A night is made with
 ``zemosaic demo NIGHT --panels 1x1 --frames-per-panel 200 --no-run`` (full size).
+
+``--baseline OLD.py`` times another copy of ``photometry.py`` beside this one, in the same process
+and interleaved (``git show HEAD:src/napari_zemosaic/engine/photometry.py > /tmp/old.py``): the
+fair comparison on a shared machine. ``--executor`` picks where the batched fits run
+(``photometry.PAIR_EXECUTOR``: auto, threads, processes), ``--workers`` caps the worker processes,
+``--per-channel`` solves per-channel gains as SDS does (``megatile_terms_from_frames``), and
+``--stages`` times the passes of one more solve (pool set-up, gain fits, plane fits). The first
+solve of a process also starts the forkserver (inside a pipeline run the frame readers have
+started it already), so compare medians of several repeats.
+
+    python benchmarks/bench_photometry.py --pieces /tmp/pieces200.npz --baseline /tmp/old.py --repeats 3 --stages
+    python benchmarks/bench_photometry.py --pieces /tmp/pieces200.npz --tile 499 --no-reference --workers 4
 """
 
 from __future__ import annotations
@@ -30,7 +42,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from napari_zemosaic.engine import photometry  # noqa: E402
-from napari_zemosaic.engine.photometry import CoarsePiece, solve_normalisation  # noqa: E402
+from napari_zemosaic.engine.photometry import CoarsePiece  # noqa: E402
 
 
 class _Captured(Exception):
@@ -90,15 +102,70 @@ def tile(pieces: list[CoarsePiece], target: int) -> list[CoarsePiece]:
     return out
 
 
-def timed(pieces: list[CoarsePiece], repeats: int, pair_fits: str) -> tuple[list[float], photometry.Normalisation]:
+def load_module(path: Path):
+    """Another copy of photometry.py (e.g. ``git show REV:src/.../photometry.py > old.py``), timed beside this one."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("photometry_baseline", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def timed(
+    pieces: list[CoarsePiece], repeats: int, pair_fits: str, module=photometry, shared_gain: bool = True
+) -> tuple[list[float], photometry.Normalisation]:
     times, result = [], None
+    if module is not photometry:
+        pieces = [module.CoarsePiece(p.y0, p.x0, p.data) for p in pieces]
     for _ in range(repeats):
         start = time.perf_counter()
-        result = solve_normalisation(
-            pieces, None, "linear_fit", bin_px=photometry.PHOTOMETRY_BIN_PX, shared_gain=True, pair_fits=pair_fits
+        result = module.solve_normalisation(
+            pieces, None, "linear_fit", bin_px=photometry.PHOTOMETRY_BIN_PX, shared_gain=shared_gain, pair_fits=pair_fits
         )
         times.append(time.perf_counter() - start)
     return times, result
+
+
+def compare(name: str, new: photometry.Normalisation, old: photometry.Normalisation) -> None:
+    print(f"  {name}:")
+    for field in ("gains", "offsets", "tilts"):
+        a, b = getattr(new, field), getattr(old, field)
+        scale = np.maximum(np.abs(b), 1e-12)
+        print(f"    {field}: max |new - ref| = {np.max(np.abs(a - b)):.3g} (max relative {np.max(np.abs(a - b) / scale):.3g})")
+    print(f"    constrained equal: {np.array_equal(new.constrained, old.constrained)}")
+
+
+def stage_times(pieces: list[CoarsePiece], shared_gain: bool) -> list[str]:
+    """One batched solve with the pair-fit runner's passes timed: where a solve's time goes."""
+    runner = photometry._PairFitRunner
+    lines: list[str] = []
+    original_init, original_run = runner.__init__, runner._run
+
+    def init(self, *args, **kwargs) -> None:
+        start = time.perf_counter()
+        original_init(self, *args, **kwargs)
+        lines.append(f"runner on {self.kind} ({self.workers} workers): {time.perf_counter() - start:.3f} s to set up")
+
+    def run(self, kind, key, channels, edges, gains):
+        start = time.perf_counter()
+        out = original_run(self, kind, key, channels, edges, gains)
+        lines.append(f"{kind} fits of {key} ({len(edges)} edges x {len(channels)} channels): {time.perf_counter() - start:.3f} s")
+        return out
+
+    runner.__init__, runner._run = init, run
+    try:
+        start = time.perf_counter()
+        timed(pieces, 1, "batched", shared_gain=shared_gain)
+        lines.append(f"whole solve: {time.perf_counter() - start:.3f} s")
+    finally:
+        runner.__init__, runner._run = original_init, original_run
+    return lines
+
+
+def median_line(label: str, times: list[float]) -> str:
+    return f"{label:<24} {' '.join(f'{t:.2f}' for t in times)} s (median {statistics.median(times):.2f} s)"
 
 
 def main() -> None:
@@ -110,6 +177,12 @@ def main() -> None:
     parser.add_argument("--tile", type=int, default=0, help="repeat the pieces up to this many")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-reference", action="store_true", help="skip the per-pair reference path")
+    parser.add_argument("--baseline", type=Path, help="another photometry.py: its batched solve is timed too")
+    parser.add_argument("--per-channel", action="store_true", help="per-channel gains (as SDS calls it), not shared_gain")
+    parser.add_argument("--workers", type=int, default=0, help="most worker processes (photometry.MAX_PAIR_PROCESSES)")
+    parser.add_argument("--stages", action="store_true", help="then time the passes of one more batched solve")
+    parser.add_argument("--executor", choices=("auto", "threads", "processes"), default="auto",
+                        help="where the batched pair fits run (photometry.PAIR_EXECUTOR)")
     args = parser.parse_args()
 
     if args.frames is not None:
@@ -124,19 +197,38 @@ def main() -> None:
     print(f"{len(pieces)} pieces, {pieces[0].data.shape[0]} channels, median {int(np.median(sizes))} cells, "
           f"{len(edges)} edges (before coarsening)")
 
-    new_times, new = timed(pieces, args.repeats, "batched")
-    print(f"batched:   {' '.join(f'{t:.2f}' for t in new_times)} s (median {statistics.median(new_times):.2f} s)")
-    if args.no_reference:
-        return
-    old_times, old = timed(pieces, args.repeats, "reference")
-    print(f"reference: {' '.join(f'{t:.2f}' for t in old_times)} s (median {statistics.median(old_times):.2f} s)")
-    print(f"speed-up: {statistics.median(old_times) / statistics.median(new_times):.1f}x")
-    for name in ("gains", "offsets", "tilts"):
-        a, b = getattr(new, name), getattr(old, name)
-        scale = np.maximum(np.abs(b), 1e-12)
-        print(f"  {name}: max |new - ref| = {np.max(np.abs(a - b)):.3g} (max relative {np.max(np.abs(a - b) / scale):.3g})")
-    print(f"  constrained equal: {np.array_equal(new.constrained, old.constrained)}")
-
+    photometry.PAIR_EXECUTOR = args.executor
+    if args.workers:
+        photometry.MAX_PAIR_PROCESSES = args.workers
+    print(f"{photometry._cpu_count()} cores; pair fits on {args.executor} "
+          f"({'shared gain' if not args.per_channel else 'per-channel gains'})")
+    shared = not args.per_channel
+    # Interleaved repeats (new, baseline, reference, new, ...): a shared machine's load drifts.
+    runs: dict[str, list[float]] = {"batched": [], "baseline batched": [], "reference": []}
+    results: dict[str, photometry.Normalisation] = {}
+    baseline = load_module(args.baseline) if args.baseline else None
+    for _ in range(args.repeats):
+        times, results["batched"] = timed(pieces, 1, "batched", shared_gain=shared)
+        runs["batched"] += times
+        if baseline is not None:
+            times, results["baseline batched"] = timed(pieces, 1, "batched", baseline, shared_gain=shared)
+            runs["baseline batched"] += times
+        if not args.no_reference:
+            times, results["reference"] = timed(pieces, 1, "reference", shared_gain=shared)
+            runs["reference"] += times
+    for label, times in runs.items():
+        if times:
+            print(median_line(label, times))
+    new_median = statistics.median(runs["batched"])
+    for label in ("baseline batched", "reference"):
+        if runs[label]:
+            print(f"speed-up over {label}: {statistics.median(runs[label]) / new_median:.2f}x")
+    if "reference" in results:
+        compare("batched vs reference", results["batched"], results["reference"])
+    if "baseline batched" in results:
+        compare("batched vs baseline batched", results["batched"], results["baseline batched"])
+    if args.stages:
+        print("\n".join(stage_times(pieces, shared)))
 
 if __name__ == "__main__":
     main()

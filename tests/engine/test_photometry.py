@@ -250,3 +250,105 @@ def test_batched_pair_fits_on_threads_in_small_chunks(monkeypatch: pytest.Monkey
     np.testing.assert_allclose(batched.gains, reference.gains, rtol=1e-9)
     np.testing.assert_allclose(batched.offsets, reference.offsets, rtol=1e-7, atol=1e-7)
     np.testing.assert_allclose(batched.tilts, reference.tilts, rtol=1e-7, atol=1e-9)
+
+
+def test_exact_median_equals_numpy_median() -> None:
+    """The bracketed median is np.median bit for bit: random, tied, NaN, and misleading samples."""
+    from napari_zemosaic.engine.photometry import _exact_median
+
+    rng = np.random.default_rng(4)
+    cases = [rng.normal(size=n) for n in (1, 2, 7, 2047, 2048, 2049, 20000, 20001)]
+    cases += [rng.normal(size=20000).round(2), rng.integers(0, 3, 20000).astype(float), np.full(5000, 1.5)]
+    cases.append(rng.standard_cauchy(20000))
+    with_nan = rng.normal(size=20000)
+    with_nan[1234] = np.nan
+    misleading = np.arange(20000, dtype=float)
+    misleading[::8] = 0.0  # the strided sample sees one value only: the bracket misses, np.median decides
+    for values in cases + [with_nan, misleading]:
+        expected = np.median(values)
+        got = _exact_median(values.copy())
+        assert got == expected or (np.isnan(got) and np.isnan(expected))
+
+
+def _field(count: int, seed: int) -> list[CoarsePiece]:
+    sky = _sky(seed)
+    return [
+        _piece(sky, 3 * (k % 4), 4 * k, 30, 40, gain=1.0 + 0.02 * (k % 3), offset=5.0 * k, tilt=(0.01 * k, -0.02), seed=k + 20)
+        for k in range(count)
+    ]
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_batched_pair_fits_in_worker_processes(monkeypatch: pytest.MonkeyPatch, shared: bool) -> None:
+    """Worker processes (pieces in shared memory, edges sorted into chunks) give the per-edge solve."""
+    from napari_zemosaic.engine import photometry
+
+    monkeypatch.setattr(photometry, "PAIR_CHUNK", 4)
+    monkeypatch.setattr(photometry, "PAIR_EXECUTOR", "processes")
+    pieces = _field(12, 8)
+    pieces[3].data[:, 12, :] += 300.0  # a trail
+    used = []
+    original = photometry._PairFitRunner.close
+
+    def spy(runner) -> None:
+        used.append(runner.kind)
+        original(runner)
+
+    monkeypatch.setattr(photometry._PairFitRunner, "close", spy)
+    batched = solve_normalisation(pieces, None, "linear_fit", shared_gain=shared)
+    assert used and used[0] == "processes"
+    reference = solve_normalisation(pieces, None, "linear_fit", shared_gain=shared, pair_fits="reference")
+    np.testing.assert_allclose(batched.gains, reference.gains, rtol=1e-9)
+    np.testing.assert_allclose(batched.offsets, reference.offsets, rtol=1e-7, atol=1e-7)
+    np.testing.assert_allclose(batched.tilts, reference.tilts, rtol=1e-7, atol=1e-9)
+    assert np.array_equal(batched.constrained, reference.constrained)
+
+
+def test_pair_fit_processes_release_their_memory_and_stay_out_of_daemons(monkeypatch: pytest.MonkeyPatch) -> None:
+    import multiprocessing
+    from multiprocessing import shared_memory
+
+    from napari_zemosaic.engine import photometry
+
+    monkeypatch.setattr(photometry, "PAIR_EXECUTOR", "processes")
+    pieces = _field(4, 9)
+    edges = photometry.overlap_edges(photometry._piece_bounds(pieces))
+    with photometry._PairFitRunner({"pieces": pieces}, 3.0, 12, len(edges)) as runner:
+        assert runner.kind == "processes"
+        name = runner.shm.name
+        fits = runner.gain_ratios("pieces", [0, 1], edges)
+    assert runner.pool is None and runner.shm is None
+    with pytest.raises(FileNotFoundError):
+        shared_memory.SharedMemory(name=name)
+    monkeypatch.setattr(photometry, "PAIR_EXECUTOR", "threads")
+    with photometry._PairFitRunner({"pieces": pieces}, 3.0, 12, len(edges)) as runner:
+        assert runner.kind == "threads"
+        assert runner.gain_ratios("pieces", [0, 1], edges) == fits  # the same numbers on threads
+
+    class Daemon:
+        daemon = True
+
+    monkeypatch.setattr(photometry, "PAIR_EXECUTOR", "processes")
+    monkeypatch.setattr(multiprocessing, "current_process", lambda: Daemon())
+    with photometry._PairFitRunner({"pieces": pieces}, 3.0, 12, len(edges)) as runner:
+        assert runner.kind == "threads"  # a Dask worker cannot have children
+    monkeypatch.setattr(photometry, "PAIR_EXECUTOR", "fibres")
+    with pytest.raises(ValueError):
+        photometry._PairFitRunner({"pieces": pieces}, 3.0, 12, len(edges))
+
+
+def test_coarser_piece_equals_coarse_piece() -> None:
+    from napari_zemosaic.engine.photometry import _coarser_piece
+
+    rng = np.random.default_rng(6)
+    for factor in (2, 4):
+        for dtype in (np.float32, np.float64):
+            for y0, x0, h, w in ((0, 0, 40, 56), (3, 5, 37, 29), (-7, 11, 9, 3), (1, 1, 2, 2)):
+                data = (rng.gamma(2.0, 300.0, (3, h, w)) - 50.0).astype(dtype)
+                data[:, rng.random((h, w)) < 0.05] = np.nan
+                data[1, 0, :] = 1e-7  # a wide range of magnitudes in one block
+                got = _coarser_piece(CoarsePiece(y0, x0, data), factor)
+                expected = coarse_piece(data, (y0, 0, x0, 0), factor)
+                assert (got.y0, got.x0) == (expected.y0, expected.x0)
+                assert got.data.dtype == expected.data.dtype
+                np.testing.assert_array_equal(got.data, expected.data)
