@@ -113,6 +113,8 @@ def main() -> None:
                   f"workers={scheduler['workers']} threads={scheduler.get('threads_per_worker')} "
                   f"gpus={scheduler.get('gpus')}, timings={result.report['timings_s']}, "
                   f"task seconds={task_seconds(result.report)}", flush=True)
+            if name != args.configs[0] and args.configs[0] in last:
+                print(f"  vs {args.configs[0]}: " + compare(result, last[args.configs[0]]), flush=True)
     first = args.configs[0]
     reference = statistics.median(walls[first])
     for name in args.configs:
