@@ -1002,12 +1002,12 @@ def sds_block_task(
     result_path: str,
 ) -> str:
     """One block of the SDS final stack (:func:`.sds.stack_final_block`) from the mega-tile files
-    of the shared cache, on the worker's GPU policy; written to ``result_path``."""
+    of the shared cache, where the worker's GPU policy puts stacking; written to ``result_path``."""
     from .sds import stack_final_block
 
     ctx = _unit_context(reporter, config, cache_dir)
     data, weight, count = stack_final_block(tiles, box, n_channels, normalisation, weight_scales, params_reject,
-                                            params_plain, ctx)  # fmt: skip
+                                            params_plain, ctx.xp("stack"))  # fmt: skip
     if ctx.policy is not None:
         ctx.policy.end_stage("stack")
     return write_block_result(result_path, data, weight, count)

@@ -1181,7 +1181,7 @@ def low_coverage_mask(count: np.ndarray, window_px: int, keep_fraction: float) -
     return low & expanded
 
 
-def _stack_block(
+def stack_final_block(
     tiles: Sequence[MegaTile],
     box: BBox,
     n_channels: int,
@@ -1191,7 +1191,8 @@ def _stack_block(
     params_plain: Any,
     xp: Any,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Stack the windows of ``tiles`` over canvas block ``box``: data, coverage weight, frame count.
+    """Stack the windows of ``tiles`` over canvas block ``box``: data, coverage weight, frame count
+    (in the run's process, or in an ``sds_block`` task on a worker with the worker's ``xp``).
 
     ``norm`` is aligned with ``tiles``: tile ``i`` is corrected to ``(tile − plane_i) / gain_i``.
     """
@@ -1239,20 +1240,6 @@ def _stack_block(
 def _tile_for_block_task(tile: MegaTile) -> MegaTile:
     """The tile as a final-stack task needs it: its file and geometry, not its photometry."""
     return dataclasses.replace(tile, coarse=None, frame_norm=None, frame_coarse=None)
-
-
-def stack_final_block(
-    tiles: Sequence[MegaTile],
-    box: BBox,
-    n_channels: int,
-    norm: "Normalisation",
-    weight_scales: np.ndarray,
-    params_reject: Any,
-    params_plain: Any,
-    ctx: "RunContext",
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One block of the final stack where ``ctx``'s policy puts stacking (a worker's own GPU)."""
-    return _stack_block(tiles, box, n_channels, norm, weight_scales, params_reject, params_plain, ctx.xp("stack"))
 
 
 # ---------------------------------------------------------------------------------- the run
@@ -1444,7 +1431,7 @@ def run_sds(
                     path = yield from remote.result(number - 1)
                     data, weight, count = read_block_result(path, n_channels, box)
                 else:
-                    data, weight, count = _stack_block(
+                    data, weight, count = stack_final_block(
                         [tiles[i] for i in members], box, n_channels, tile_norm.subset(members),
                         scales[members], params, params_plain, xp,
                     )
