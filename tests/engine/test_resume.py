@@ -243,6 +243,42 @@ def test_signature_changes_exactly_with_declared_keys(frame_file: Path, tmp_path
     assert UnitManifest(tmp_path / "cache", "1.1", config=config).signature("block", inputs) != reference["block"]
 
 
+def test_signature_follows_the_frame_wcs_exactly(frame_file: Path, tmp_path: Path) -> None:
+    """A frame's WCS enters the signature by its exact numbers (a plate solution moved by 1e-12
+    degree is another input), its projection and its SIP terms; equal WCSs give equal signatures."""
+    import dataclasses
+    import pickle
+
+    from astropy.wcs import WCS, Sip
+
+    from napari_zemosaic.engine.frames import read_frame_info
+
+    manifest = UnitManifest(tmp_path / "cache", "1.0", config=validate_config({}))
+    info = read_frame_info(frame_file)
+
+    def solved(ra: float = 83.8, ctype: str = "TAN", sip: bool = False) -> WCS:
+        wcs = WCS(naxis=2)
+        wcs.wcs.ctype = [f"RA---{ctype}", f"DEC--{ctype}"] if not sip else ["RA---TAN-SIP", "DEC--TAN-SIP"]
+        wcs.wcs.crval, wcs.wcs.crpix = [ra, -5.4], [4.5, 4.5]
+        wcs.wcs.cd = [[-1e-3, 0.0], [0.0, 1e-3]]
+        if sip:
+            a = np.zeros((3, 3))
+            a[2, 0] = 1e-7
+            wcs.sip = Sip(a, np.zeros((3, 3)), None, None, wcs.wcs.crpix)
+        wcs.wcs.set()
+        return wcs
+
+    def signature(wcs: WCS) -> str:
+        return manifest.signature("reproject", {"frame": dataclasses.replace(info, wcs=wcs)})
+
+    reference = signature(solved())
+    assert signature(solved()) == reference and signature(pickle.loads(pickle.dumps(solved()))) == reference
+    assert signature(solved(ra=83.8 + 1e-12)) != reference
+    assert signature(solved(ctype="SIN")) != reference
+    assert signature(solved(sip=True)) != reference
+    assert manifest.signature("reproject", {"frame": dataclasses.replace(info, wcs=None)}) != reference
+
+
 def test_signature_follows_input_identity(frame_file: Path, tmp_path: Path) -> None:
     manifest = UnitManifest(tmp_path / "cache", "1.0", config=validate_config({}))
 

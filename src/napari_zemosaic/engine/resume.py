@@ -695,6 +695,32 @@ def _wcs_cards(wcs: Any) -> list[list[Any]]:
     return [[card.keyword, card.value] for card in header.cards if card.keyword not in ("COMMENT", "HISTORY", "", "DATE")]
 
 
+def _wcs_content(wcs: Any) -> dict[str, Any]:
+    """What a TAN/SIP/PV WCS maps with, exactly: its float64 numbers and its names.
+
+    Faster than the header text (2–4 ms a frame through astropy's cards, for every frame of a
+    run) and exact where the text rounds. The linear part enters as the matrix wcslib applies
+    (``pixel_scale_matrix``), so CD and PC·CDELT forms of one WCS agree. WCSs with lookup-table
+    distortions keep their cards.
+    """
+    import numpy as np
+
+    if any(getattr(wcs, name, None) is not None for name in ("cpdis1", "cpdis2", "det2im1", "det2im2")):
+        return {"cards": _wcs_cards(wcs)}
+    core = wcs.wcs
+    sip = getattr(wcs, "sip", None)
+    return {
+        "ctype": [str(item) for item in core.ctype],
+        "cunit": [str(item) for item in core.cunit],
+        "poles": [float(core.lonpole), float(core.latpole)],
+        "frame": [str(core.radesys), float(core.equinox)],
+        "pv": [[int(i), int(m), float(v)] for i, m, v in core.get_pv()],
+        "linear": [np.asarray(a, dtype=np.float64) for a in (core.crval, core.crpix, wcs.pixel_scale_matrix)],
+        "sip": None if sip is None else [None if a is None else np.asarray(a, dtype=np.float64)
+                                         for a in (sip.a, sip.b, sip.ap, sip.bp, sip.crpix)],
+    }
+
+
 class _Canonicaliser:
     """Turns signature inputs into plain JSON; files become their identities (memoised by stat)."""
 
@@ -749,10 +775,10 @@ class _Canonicaliser:
                 "frame": self.identity(value.path),
                 "hdu": int(getattr(value, "hdu_index", 0)),
                 "shape": [int(size) for size in value.shape],
-                "wcs": None if value.wcs is None else _wcs_cards(value.wcs),
+                "wcs": None if value.wcs is None else self(_wcs_content(value.wcs)),
             }
         if hasattr(value, "to_header") and hasattr(value, "wcs"):  # an astropy WCS
-            return {"wcs": _wcs_cards(value)}
+            return {"wcs": self(_wcs_content(value))}
         if hasattr(value, "cards") and hasattr(value, "tostring"):  # an astropy Header
             return {"header": [[card.keyword, self(card.value)] for card in value.cards]}
         if hasattr(value, "to_dict"):  # Canvas and other engine records
