@@ -77,7 +77,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
