@@ -1180,6 +1180,38 @@ def _fused_function(cupy: Any, source: str, name: str) -> Any:
     return module.get_function(name)
 
 
+def _sorted_finite_columns(values: Any, xp: Any) -> tuple[Any, Any, Any, Any] | None:
+    """The fused clipping kernels' shared first step: every column's finite values sorted (one
+    block per column, :data:`_KAPPA_SIGMA_SOURCE`) and their counts, with empty float64 prefix-sum
+    tables for the second kernel. ``None`` where the kernels decline: not CuPy, not 2-D float32,
+    columns deeper than :data:`FUSED_SORT_MAX_ROWS` (shared memory) or nothing to sort."""
+    if not is_device_module(xp) or values.ndim != 2 or values.dtype != xp.float32:
+        return None
+    n_rows, n_cols = (int(v) for v in values.shape)
+    if n_rows < 1 or n_rows > FUSED_SORT_MAX_ROWS or n_cols == 0:
+        return None
+    size = 1
+    while size < n_rows:
+        size <<= 1
+    sort = _fused_function(xp, _KAPPA_SIGMA_SOURCE, "zemosaic_sort_finite_columns")
+    itemsize = values.itemsize
+    sorted_values = xp.empty((n_rows, n_cols), dtype=xp.float32)
+    counts = xp.empty(n_cols, dtype=xp.int32)
+    sort(
+        (min(n_cols, 1 << 22),), (max(32, min(512, size // 2)),),
+        (values, np.int64(values.strides[0] // itemsize), np.int64(values.strides[1] // itemsize),
+         np.int32(n_rows), np.int64(n_cols), sorted_values, counts),
+        shared_mem=4 * size,
+    )
+    prefix = xp.empty((n_rows + 1, n_cols), dtype=xp.float64)
+    prefix_sq = xp.empty((n_rows + 1, n_cols), dtype=xp.float64)
+    return sorted_values, counts, prefix, prefix_sq
+
+
+#: Threads per block of the per-column iteration kernels (one thread per column).
+_COLUMN_BLOCK = 128
+
+
 def fused_kappa_sigma_bounds(
     values: Any, kappa_low: float, kappa_high: float, iterations: int, xp: Any
 ) -> tuple[Any, Any] | None:
@@ -1190,34 +1222,16 @@ def fused_kappa_sigma_bounds(
     O(N) small calls. ``None`` when ``xp`` is not CuPy or the columns are too deep for the
     shared-memory sort (:data:`FUSED_SORT_MAX_ROWS`): the caller then runs the xp path.
     """
-    if not is_device_module(xp) or values.ndim != 2 or values.dtype != xp.float32:
+    columns = _sorted_finite_columns(values, xp)
+    if columns is None:
         return None
-    n_rows, n_cols = (int(v) for v in values.shape)
-    if n_rows < 1 or n_rows > FUSED_SORT_MAX_ROWS or n_cols == 0:
-        return None
-    size = 1
-    while size < n_rows:
-        size <<= 1
-    sort = _fused_function(xp, _KAPPA_SIGMA_SOURCE, "zemosaic_sort_finite_columns")
-    iterate = _fused_function(xp, _KAPPA_SIGMA_SOURCE, "zemosaic_kappa_sigma_sorted")
-    itemsize = values.itemsize
-    sorted_values = xp.empty((n_rows, n_cols), dtype=xp.float32)
-    counts = xp.empty(n_cols, dtype=xp.int32)
-    threads = max(32, min(512, size // 2))
-    grid = min(n_cols, 1 << 22)
-    sort(
-        (grid,), (threads,),
-        (values, np.int64(values.strides[0] // itemsize), np.int64(values.strides[1] // itemsize),
-         np.int32(n_rows), np.int64(n_cols), sorted_values, counts),
-        shared_mem=4 * size,
-    )
-    prefix = xp.empty((n_rows + 1, n_cols), dtype=xp.float64)
-    prefix_sq = xp.empty((n_rows + 1, n_cols), dtype=xp.float64)
+    sorted_values, counts, prefix, prefix_sq = columns
+    n_cols = int(values.shape[1])
     lower = xp.empty(n_cols, dtype=xp.float64)
     upper = xp.empty(n_cols, dtype=xp.float64)
-    block = 128
+    iterate = _fused_function(xp, _KAPPA_SIGMA_SOURCE, "zemosaic_kappa_sigma_sorted")
     iterate(
-        (-(-n_cols // block),), (block,),
+        (-(-n_cols // _COLUMN_BLOCK),), (_COLUMN_BLOCK,),
         (sorted_values, counts, np.int64(n_cols), prefix, prefix_sq, np.float64(kappa_low), np.float64(kappa_high),
          np.int32(min(int(iterations), 2**31 - 1)), lower, upper),
     )
@@ -1234,34 +1248,18 @@ def fused_winsorized_range_values(
     ``None`` where :func:`fused_kappa_sigma_bounds` declines (not CuPy, too deep): the caller
     then runs the xp path.
     """
-    if not is_device_module(xp) or values.ndim != 2 or values.dtype != xp.float32:
-        return None
-    n_rows, n_cols = (int(v) for v in values.shape)
-    if n_rows < 1 or n_rows > FUSED_SORT_MAX_ROWS or n_cols == 0:
+    columns = _sorted_finite_columns(values, xp)
+    if columns is None:
         return None
     from . import stack
 
-    size = 1
-    while size < n_rows:
-        size <<= 1
-    sort = _fused_function(xp, _KAPPA_SIGMA_SOURCE, "zemosaic_sort_finite_columns")
-    iterate = _fused_function(xp, _WINSORIZED_SOURCE, "zemosaic_winsorized_sorted")
-    itemsize = values.itemsize
-    sorted_values = xp.empty((n_rows, n_cols), dtype=xp.float32)
-    counts = xp.empty(n_cols, dtype=xp.int32)
-    sort(
-        (min(n_cols, 1 << 22),), (max(32, min(512, size // 2)),),
-        (values, np.int64(values.strides[0] // itemsize), np.int64(values.strides[1] // itemsize),
-         np.int32(n_rows), np.int64(n_cols), sorted_values, counts),
-        shared_mem=4 * size,
-    )
-    prefix = xp.empty((n_rows + 1, n_cols), dtype=xp.float64)
-    prefix_sq = xp.empty((n_rows + 1, n_cols), dtype=xp.float64)
+    sorted_values, counts, prefix, prefix_sq = columns
+    n_cols = int(values.shape[1])
     lowest = xp.empty(n_cols, dtype=xp.float32)
     highest = xp.empty(n_cols, dtype=xp.float32)
-    block = 128
+    iterate = _fused_function(xp, _WINSORIZED_SOURCE, "zemosaic_winsorized_sorted")
     iterate(
-        (-(-n_cols // block),), (block,),
+        (-(-n_cols // _COLUMN_BLOCK),), (_COLUMN_BLOCK,),
         (sorted_values, counts, np.int64(n_cols), prefix, prefix_sq, np.float64(kappa_low), np.float64(kappa_high),
          np.int32(min(int(iterations), 2**31 - 1)), np.float64(winsor_sigma),
          np.float64(stack.winsorized_consistency_factor(winsor_sigma)), np.float64(stack._WINSOR_TOLERANCE),
