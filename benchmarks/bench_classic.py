@@ -59,12 +59,7 @@ else:  # the classic stage on its own, before the pipeline dispatches to it
     reporter = Reporter()
     out.mkdir(parents=True, exist_ok=True)
     ctx = RunContext(config, reporter, out, out / ".zemosaic_cache")
-    def drain(generator):
-        while True:
-            try:
-                next(generator)
-            except StopIteration as stop:
-                return stop.value
+    from napari_zemosaic.engine.pipeline import drain
     with ctx.timed("P1"):
         ingested = drain(pipeline.ingest(Path(frames), out, config, reporter))
     infos = ingested.usable

@@ -24,19 +24,12 @@ from napari_zemosaic.engine.assembly import assemble, corrected, tile_on_canvas
 from napari_zemosaic.engine.canvas import build_canvas
 from napari_zemosaic.engine.classic import ClassicOutcome, master_tile_unit, run_classic, tile_canvas
 from napari_zemosaic.engine.context import RunContext
+from napari_zemosaic.engine.pipeline import drain as _drain
 from starphot import aperture_flux, centroid, local_background
 
 # 2×2 panels of 216×384 px GRBG subs; 12 frames a panel, the fewest with which kappa-sigma rejects a lone trail.
 NIGHT = dict(panels=(2, 2), frames_per_panel=12, scale=0.2, seed=4)
 BASE = {"max_memory_mb": 256, "language": "en"}
-
-
-def _drain(generator):
-    while True:
-        try:
-            next(generator)
-        except StopIteration as stop:
-            return stop.value
 
 
 def run_on(frames, canvas, work: Path, **overrides: Any) -> tuple[ClassicOutcome, Reporter]:

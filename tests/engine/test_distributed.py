@@ -22,6 +22,7 @@ from napari_zemosaic.engine import distributed as dist
 from napari_zemosaic.engine.context import RunCancelled, RunContext, UserError
 from napari_zemosaic.engine.pipeline import run
 from napari_zemosaic.events import LogEvent, Reporter
+from napari_zemosaic.engine.pipeline import drain as _drive
 
 # 1×2 panels of 162×288 px subs, 6 a panel: SDS makes 3–4 batches, classic 2 tiles,
 # Mosaic-First a dozen canvas blocks with a 64 MB budget.
@@ -33,14 +34,6 @@ WORKFLOWS = {
     "classic": {"workflow": "classic"},
 }
 UNIT_KIND = {"mosaic_first": "block", "sds": "megatile", "classic": "master_tile"}
-
-
-def _drive(generator):
-    while True:
-        try:
-            next(generator)
-        except StopIteration as stop:
-            return stop.value
 
 
 def _units(report: dict, kind: str) -> list[dict]:

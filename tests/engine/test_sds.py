@@ -31,6 +31,7 @@ from napari_zemosaic.engine.sds import (
     resolve_preplan,
 )
 from napari_zemosaic.events import Reporter
+from napari_zemosaic.engine.pipeline import drain as _drain
 
 from starphot import aperture_flux, robust_noise_map
 
@@ -38,14 +39,6 @@ SCALE_DEG = 2.39 / 3600.0
 
 
 # ------------------------------------------------------------------------------- helpers
-
-
-def _drain(generator):
-    while True:
-        try:
-            next(generator)
-        except StopIteration as stop:
-            return stop.value
 
 
 def _tan(crpix: tuple[float, float], rotation_deg: float = 0.0, crval=(83.8, -5.4)) -> WCS:

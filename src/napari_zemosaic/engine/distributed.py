@@ -722,11 +722,9 @@ def _unit_context(reporter: Reporter, config: dict[str, Any], cache_dir: str | P
 
 
 def _drive(generator: Generator[Event, None, Any]) -> Any:
-    while True:
-        try:
-            next(generator)
-        except StopIteration as stop:
-            return stop.value
+    from .pipeline import drain
+
+    return drain(generator)
 
 
 def megatile_task(
