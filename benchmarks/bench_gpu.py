@@ -44,6 +44,7 @@ PIPELINE_ONLY = False  # --pipeline-only: e2e runs only the whole pipeline (--pi
 PIPELINE_REPEATS = 1
 KEEP_PAGE_CACHE = False  # --keep-page-cache: the stage runs start from a warm page cache
 PROFILE = False  # --profile: cProfile of the main thread during the last --pipeline-only run
+SAMPLE = False  # --sample: every thread's stacks sampled during the last --pipeline-only run
 PIPELINE_SET: dict[str, Any] = {}  # --set KEY=VALUE: config of the --pipeline-only runs (JSON values)
 
 
@@ -526,6 +527,15 @@ def bench_e2e(
                 )
                 profiler.dump_stats(str(out / "pipeline.prof"))
                 pstats.Stats(profiler).sort_stats("cumulative").print_stats(45)
+            elif SAMPLE and repeat == PIPELINE_REPEATS - 1:  # every thread, by phase (thread_sampler.py)
+                from thread_sampler import ThreadSampler
+
+                sampler = ThreadSampler()
+                with sampler.phases_recorded(), sampler.running():
+                    full = e2e_run(frames_dir, work / f"full{repeat}", {"gpu_strict": True, **PIPELINE_SET},
+                                   limit_s=full_limit_s)
+                (out / "samples.txt").write_text(sampler.report() + "\n")
+                log(sampler.report())
             else:
                 full = e2e_run(frames_dir, work / f"full{repeat}", {"gpu_strict": True, **PIPELINE_SET}, limit_s=full_limit_s)
             results.setdefault("pipeline_runs", []).append(full)
@@ -591,12 +601,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pipeline-only", action="store_true", help="e2e: only the whole pipeline, no stage runs")
     parser.add_argument("--pipeline-repeats", type=int, default=1, help="e2e --pipeline-only: runs (median reported)")
     parser.add_argument("--profile", action="store_true", help="e2e --pipeline-only: profile the last run")
+    parser.add_argument("--sample", action="store_true",
+                        help="e2e --pipeline-only: sample every thread's stack during the last run")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="e2e --pipeline-only: config")
     parser.add_argument("--keep-page-cache", action="store_true", help="e2e: do not drop the page cache first")
     parser.add_argument("--quick", action="store_true", help="small sizes, to check the script")
     args = parser.parse_args(argv)
-    global STAGE_REJECTION, PIPELINE_ONLY, PIPELINE_REPEATS, KEEP_PAGE_CACHE, PROFILE
-    KEEP_PAGE_CACHE, PROFILE = args.keep_page_cache, args.profile
+    global STAGE_REJECTION, PIPELINE_ONLY, PIPELINE_REPEATS, KEEP_PAGE_CACHE, PROFILE, SAMPLE
+    KEEP_PAGE_CACHE, PROFILE, SAMPLE = args.keep_page_cache, args.profile, args.sample
     for item in args.set:
         key, _, value = item.partition("=")
         try:
