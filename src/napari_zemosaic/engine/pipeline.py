@@ -539,9 +539,10 @@ def judge_frames(
     if measures_in_run_process(executor):
         reporter.info("scheduler_info_metrics_local")
     measure_config, options = measure_options(executor, config)
-    known = _load_metrics_units(manifest, frames)
-    metrics = yield from measure_frames(frames, measure_config, reporter, known=known, **options)
-    _record_metrics_units(manifest, frames, metrics, known)
+    units = _MetricsUnits(manifest, frames) if manifest is not None else None
+    metrics = yield from measure_frames(frames, measure_config, reporter, units=units, **options)
+    if units is not None:
+        units.record(metrics)
     for info, metric in zip(frames, metrics):
         info.metrics = metric.filter_values()
     decisions = apply_quality_rules(metrics, config)
@@ -556,45 +557,110 @@ def _metrics_signature(manifest: Any, info: FrameInfo) -> str:
     return manifest.signature("metrics", {"frame": info})
 
 
-def _load_metrics_units(manifest: Any, frames: Sequence[FrameInfo]) -> dict[int, Any]:
-    """Frame metrics measured by an earlier run into this OUTPUT and still valid, by frame index."""
-    if manifest is None:
-        return {}
-    from .quality import FrameMetrics, StarList
-    from .resume import load_unit_arrays
+class _MetricsUnits:
+    """The ``metrics`` resume units of one :func:`judge_frames`: a frame's star list in a small
+    ``.npz``, its scalar metrics in the manifest record.
 
-    scalar_fields = {f.name for f in dataclasses.fields(FrameMetrics)} - {"stars"}
-    known: dict[int, Any] = {}
-    for index, info in enumerate(frames):
-        record = manifest.lookup_record("metrics", str(info.path), _metrics_signature(manifest, info))
+    :func:`~.quality.measure_frames` calls :meth:`load` for each frame just before it would send
+    it to its pool (the signature, computed once a frame, overlaps the measurement of the frames
+    sent before); the worker that measures a frame writes its star file (:meth:`star_file`), and
+    :meth:`store` takes note of it as the frame comes back (or writes it here, e.g. for a frame
+    measured by a scheduler's task); :meth:`record` records the units in frame order once the
+    transparency, part of the record, is known.
+    """
+
+    def __init__(self, manifest: Any, frames: Sequence[FrameInfo]) -> None:
+        from collections import Counter
+
+        from .quality import FrameMetrics
+
+        self.manifest = manifest
+        self.frames = frames
+        self.folder = manifest.cache_dir / "units" / "metrics"
+        self.signatures: dict[int, str] = {}
+        self.known: set[int] = set()
+        self.written: dict[int, tuple[Path, str]] = {}  # index -> (star file, its SHA-256)
+        self.paths: dict[int, Path] = {}
+        self.scalar_fields = {f.name for f in dataclasses.fields(FrameMetrics)} - {"stars"}
+        # A manifest that came with no unit at all (a first run into OUTPUT, resume off) has none
+        # to look up: the frames go to the pool at once, their signatures are computed as they
+        # come back (for the record).
+        self.may_reuse = bool(manifest.previous_units)
+        # Frames that share an input path share a unit (its key and file): their star files are
+        # written at record time, in frame order, so that the last record names the file in place.
+        self.shared_keys = {key for key, count in Counter(str(info.path) for info in frames).items() if count > 1}
+
+    def signature(self, index: int) -> str:
+        if index not in self.signatures:
+            self.signatures[index] = _metrics_signature(self.manifest, self.frames[index])
+        return self.signatures[index]
+
+    def star_file(self, index: int) -> Path | None:
+        """Where the worker that measures frame ``index`` writes its star list (one name per input path)."""
+        if str(self.frames[index].path) in self.shared_keys:
+            return None
+        return self._star_path(index)
+
+    def _star_path(self, index: int) -> Path:
+        if index not in self.paths:
+            name = hashlib.sha256(str(self.frames[index].path).encode("utf-8")).hexdigest()[:24]
+            self.paths[index] = self.folder / f"{name}.npz"
+        return self.paths[index]
+
+    def load(self, index: int) -> Any:
+        """The metrics an earlier run into this OUTPUT measured for frame ``index``, if still valid."""
+        from .quality import FrameMetrics, StarList
+        from .resume import load_unit_arrays
+
+        if not self.may_reuse:
+            return None
+        unit_key = str(self.frames[index].path)
+        record = self.manifest.lookup_record("metrics", unit_key, self.signature(index))
         if record is None:
-            continue
+            # An outdated record goes now: its star file is rewritten during the measurement, long
+            # before the new record (a run killed in between must not leave a record whose file
+            # changed under it).
+            self.manifest.forget("metrics", unit_key)
+            return None
         try:
             stars = load_unit_arrays(record.path)
             values = {key: (float("nan") if value is None and key not in ("reason",) else value)
-                      for key, value in record.meta.items() if key in scalar_fields}
-            known[index] = FrameMetrics(**values, stars=StarList(stars["x"], stars["y"], stars["flux"]))
+                      for key, value in record.meta.items() if key in self.scalar_fields}
+            metric = FrameMetrics(**values, stars=StarList(stars["x"], stars["y"], stars["flux"]))
         except (OSError, KeyError, ValueError, TypeError):
-            manifest.forget("metrics", str(info.path))
-    return known
+            self.manifest.forget("metrics", unit_key)
+            return None
+        self.known.add(index)
+        return metric
 
+    def store(self, index: int, metric: Any, star_sha256: str | None = None) -> None:
+        """As a measured frame comes back: note the star file its worker wrote (``star_sha256``),
+        else write it here. Not for an unreadable frame (not a finished unit), nor for frames
+        that share their input path (see ``shared_keys``)."""
+        from .quality import UNRECORDED_REASONS
 
-def _record_metrics_units(manifest: Any, frames: Sequence[FrameInfo], metrics: Sequence[Any], known: dict[int, Any]) -> None:
-    if manifest is None:
-        return
-    from .quality import REASON_NO_VALID_PIXELS, REASON_UNREADABLE
-    from .resume import save_unit_arrays
+        if index in self.known or metric.reason in UNRECORDED_REASONS or str(self.frames[index].path) in self.shared_keys:
+            return
+        self.written[index] = self._write(index, metric) if star_sha256 is None else (self._star_path(index), star_sha256)
+        self.signature(index)  # for the record, while the pool measures the other frames
 
-    folder = manifest.cache_dir / "units" / "metrics"
-    for index, (info, metric) in enumerate(zip(frames, metrics)):
-        if index in known or metric.reason in (REASON_NO_VALID_PIXELS, REASON_UNREADABLE):
-            continue  # an unreadable frame is not a finished unit: the loader says why, every run
-        values = {f.name: getattr(metric, f.name) for f in dataclasses.fields(metric) if f.name != "stars"}
-        name = hashlib.sha256(str(info.path).encode("utf-8")).hexdigest()[:24]
-        path = folder / f"{name}.npz"
-        digest = save_unit_arrays(path, durable=False, x=metric.stars.x, y=metric.stars.y, flux=metric.stars.flux)
-        manifest.record("metrics", str(info.path), _metrics_signature(manifest, info), path, sha256=digest, meta=values)
-    manifest.log_summary("metrics")
+    def _write(self, index: int, metric: Any) -> tuple[Path, str]:
+        from .resume import save_unit_arrays
+
+        path = self._star_path(index)
+        return path, save_unit_arrays(path, durable=False, x=metric.stars.x, y=metric.stars.y, flux=metric.stars.flux)
+
+    def record(self, metrics: Sequence[Any]) -> None:
+        """Record every frame measured by this run (transparency included), in frame order."""
+        from .quality import UNRECORDED_REASONS
+
+        for index, (info, metric) in enumerate(zip(self.frames, metrics)):
+            if index in self.known or metric.reason in UNRECORDED_REASONS:
+                continue  # an unreadable frame is not a finished unit: the loader says why, every run
+            path, digest = self.written.get(index) or self._write(index, metric)
+            values = {f.name: getattr(metric, f.name) for f in dataclasses.fields(metric) if f.name != "stars"}
+            self.manifest.record("metrics", str(info.path), self.signature(index), path, sha256=digest, meta=values)
+        self.manifest.log_summary("metrics")
 
 
 def _quality_filter(run: _Run, frames: list[FrameInfo]) -> Generator[Event, None, list[FrameInfo]]:

@@ -778,18 +778,53 @@ def measure_one(info: Any, pixel_scale: float | None = None) -> FrameMetrics:
 PROCESS_MEASURE_MIN_FRAMES = 48
 
 
-def _measure_light(info: Any, pixel_scale: float | None) -> FrameMetrics:
+def _measure_light(
+    info: Any, pixel_scale: float | None, star_file: Path | None = None
+) -> tuple[FrameMetrics, str | None]:
     """:func:`measure_one` in a worker process, for a FrameInfo sent without its WCS and header
     (pickling those costs the main process milliseconds per frame; the pixel scale, the only
-    thing the metrics take from the WCS, comes computed)."""
-    return measure_one(info, pixel_scale)
+    thing the metrics take from the WCS, comes computed). With ``star_file`` the frame's star
+    list is written there too (see :func:`_write_star_file`). Returns the metrics and the SHA-256
+    of the star file, None where none was written."""
+    metrics = measure_one(info, pixel_scale)
+    return metrics, (None if star_file is None else _write_star_file(star_file, metrics))
+
+
+#: A frame whose metrics carry one of these reasons is not a finished ``metrics`` resume unit
+#: (its pixels could not be read: the loader excludes it with the exact reason, every run).
+UNRECORDED_REASONS = (REASON_NO_VALID_PIXELS, REASON_UNREADABLE)
+
+
+def _write_star_file(path: Path, metrics: FrameMetrics) -> str | None:
+    """Write ``metrics.stars`` as the ``metrics`` resume unit's file (``resume.save_unit_arrays``,
+    x / y / flux); its SHA-256. None, and nothing written, for a frame that is not a unit or when
+    the write fails (the run's process writes it again and reports the error)."""
+    from .resume import save_unit_arrays
+
+    if metrics.reason in UNRECORDED_REASONS:
+        return None
+    try:
+        return save_unit_arrays(path, durable=False, x=metrics.stars.x, y=metrics.stars.y, flux=metrics.stars.flux)
+    except Exception:  # a full disk, a vanished cache: the run's process tries again and says why
+        return None
 
 
 def _measure_executor(
-    frames: Sequence[Any], config: dict[str, Any], measure: Callable[[Any], FrameMetrics]
+    frames: Sequence[Any],
+    config: dict[str, Any],
+    measure: Callable[[Any], FrameMetrics],
+    geometry: _FrameGeometry | None = None,
+    star_file: Callable[[int], Path | None] | None = None,
 ) -> tuple[Any, Callable[[int], Any]]:
-    """A process pool for the default measurement of many frames, else a thread pool."""
+    """A process pool for the default measurement of many frames, else a thread pool.
+
+    ``geometry`` holds the frames' pixel scales, computed once per run of :func:`measure_frames`
+    (the transparency needs them again). ``star_file(index)``: where the default measurement
+    writes the frame's star list (None: nowhere). A future's result is ``(metrics, SHA-256 of
+    the star file or None)``."""
     total = len(frames)
+    geometry = geometry if geometry is not None else _FrameGeometry(frames)
+    star_file = star_file if star_file is not None else (lambda index: None)
     if measure is measure_one and total >= PROCESS_MEASURE_MIN_FRAMES and (os.cpu_count() or 1) >= 4:
         from dataclasses import replace
 
@@ -802,13 +837,16 @@ def _measure_executor(
 
             def submit_to_process(index: int) -> Any:
                 info = frames[index]
-                scale = _pixel_scale(info)
                 light = replace(info, wcs=None, header=None) if hasattr(info, "__dataclass_fields__") else info
-                return pool.submit(_measure_light, light, scale)
+                return pool.submit(_measure_light, light, geometry.scale(index), star_file(index))
 
             return pool, submit_to_process
     threads = ThreadPoolExecutor(max_workers=_worker_count(config, total), thread_name_prefix="zemosaic-quality")
-    return threads, lambda index: threads.submit(measure, frames[index])
+    if measure is measure_one:  # the scale measure_one would compute, once a frame
+        return threads, lambda index: threads.submit(
+            _measure_light, frames[index], geometry.scale(index), star_file(index)
+        )
+    return threads, lambda index: threads.submit(lambda info: (measure(info), None), frames[index])
 
 
 def measure_frames(
@@ -818,12 +856,26 @@ def measure_frames(
     *,
     measure: Callable[[Any], FrameMetrics] = measure_one,
     known: Mapping[int, FrameMetrics] | None = None,
+    units: Any = None,
 ) -> Generator[Any, None, list[FrameMetrics]]:
     """Measure every frame on a pool (processes for many frames, else threads), then the
     transparency of each pointing group.
 
     ``known`` holds metrics measured earlier (a resumed run), by frame index: those frames are
     not measured again, but still take part in their group's transparency.
+
+    ``units`` (the caller's resume units, optional) is asked frame by frame, in frame order,
+    just before the frame would go to the pool (the caller's per-frame work, e.g. a unit
+    signature, overlaps the measurement of the frames sent before):
+
+    * ``units.load(index)``: metrics measured earlier (the frame is not measured), or None;
+    * ``units.star_file(index)``: where the measuring worker writes the frame's star list
+      (:func:`_write_star_file`), or None;
+
+    and, in this thread, as each measured frame comes back (before its transparency is known,
+    while the pool measures the others): ``units.store(index, metrics, star_sha256)``, with the
+    SHA-256 of the star file the worker wrote, or None where it wrote none.
+
     Yields the reporter's events (progress ``P1`` / ``progress_quality`` after each frame);
     returns the metrics in the order of ``frames``.
     """
@@ -831,22 +883,36 @@ def measure_frames(
     results: list[FrameMetrics | None] = [None] * total
     for index, metric in (known or {}).items():
         results[index] = metric
-    todo = [index for index in range(total) if results[index] is None]
-    if todo:
-        pool, submit = _measure_executor(frames, config, measure)
-        try:
-            futures = {submit(index): index for index in todo}
-            for done, future in enumerate(as_completed(futures), start=total - len(todo) + 1):
-                index = futures[future]
-                results[index] = future.result()
-                reporter.progress("P1", done, total, PROGRESS_KEY, name=Path(str(frames[index].path)).name)
-                yield from reporter.pop_pending()
-        finally:
+    geometry = _FrameGeometry(frames)
+    pool: Any = None
+    futures: dict[Any, int] = {}
+    try:
+        for index in range(total):
+            if results[index] is None and units is not None:
+                results[index] = units.load(index)
+            if results[index] is not None:
+                continue
+            if pool is None:
+                pool, submit = _measure_executor(
+                    frames, config, measure, geometry, None if units is None else units.star_file
+                )
+            futures[submit(index)] = index
+        for done, future in enumerate(as_completed(futures), start=total - len(futures) + 1):
+            index = futures[future]
+            metric, star_sha256 = future.result()
+            results[index] = metric
+            if units is not None:
+                units.store(index, metric, star_sha256)
+            geometry.prepare(index, metric.stars)  # what the transparency needs, while the pool works
+            reporter.progress("P1", done, total, PROGRESS_KEY, name=Path(str(frames[index].path)).name)
+            yield from reporter.pop_pending()
+    finally:
+        if pool is not None:
             # Worker processes wind down in the background (joining them costs the run seconds);
             # threads are joined, as before.
             pool.shutdown(wait=not isinstance(pool, ProcessPoolExecutor), cancel_futures=True)
     metrics = [m if m is not None else FrameMetrics() for m in results]
-    assign_transparency(metrics, frames)
+    assign_transparency(metrics, frames, geometry=geometry)
     for item in metrics:
         if item.reason:
             reporter.debug(item.reason, path=item.path, detail=item.detail)
@@ -875,16 +941,19 @@ def _worker_count(config: dict[str, Any], total: int) -> int:
 # ----------------------------------------------------------------------------- transparency
 
 
-def pointing_groups(frames: Sequence[Any], metrics: Sequence[FrameMetrics]) -> list[int]:
+def pointing_groups(
+    frames: Sequence[Any], metrics: Sequence[FrameMetrics], *, geometry: _FrameGeometry | None = None
+) -> list[int]:
     """Group index per frame: centres within half the short side of a field, richest frame first.
 
     Frames without a known centre share one extra group.
     """
     n = len(frames)
+    geometry = geometry if geometry is not None else _FrameGeometry(frames)
     centres = [getattr(info, "centre", None) for info in frames]
     radius_deg = []
-    for info in frames:
-        scale = _pixel_scale(info) or math.nan
+    for index, info in enumerate(frames):
+        scale = geometry.scale(index) or math.nan
         radius_deg.append(0.5 * min(info.shape) * scale / 3600.0)
     order = sorted(range(n), key=lambda i: (-metrics[i].n_stars, i))
     groups = [-1] * n
@@ -903,17 +972,22 @@ def pointing_groups(frames: Sequence[Any], metrics: Sequence[FrameMetrics]) -> l
     return [g if g != -1 else next_group for g in groups]
 
 
-def assign_transparency(metrics: Sequence[FrameMetrics], frames: Sequence[Any] | None = None) -> None:
-    """Fill ``transparency`` and ``group`` of every metric, in place (see the module docstring)."""
+def assign_transparency(
+    metrics: Sequence[FrameMetrics], frames: Sequence[Any] | None = None, *, geometry: _FrameGeometry | None = None
+) -> None:
+    """Fill ``transparency`` and ``group`` of every metric, in place (see the module docstring).
+
+    ``geometry`` (of ``frames``) may hold pixel scales and star vectors computed already."""
     if frames is None:
         groups = [0] * len(metrics)
     else:
-        groups = pointing_groups(frames, metrics)
+        geometry = geometry if geometry is not None else _FrameGeometry(frames)
+        groups = pointing_groups(frames, metrics, geometry=geometry)
     for index, group in enumerate(groups):
         metrics[index].group = group
     for group in sorted(set(groups)):
         members = [i for i, g in enumerate(groups) if g == group]
-        ratios = _matched_ratios(members, metrics, frames) if frames is not None else None
+        ratios = _matched_ratios(members, metrics, frames, geometry) if frames is not None else None
         if ratios is not None:
             method = "matched"
         else:
@@ -930,24 +1004,27 @@ def assign_transparency(metrics: Sequence[FrameMetrics], frames: Sequence[Any] |
                 metrics[i].transparency_method = method
 
 
-def _matched_ratios(members: list[int], metrics: Sequence[FrameMetrics], frames: Sequence[Any]) -> dict[int, float] | None:
+def _matched_ratios(
+    members: list[int], metrics: Sequence[FrameMetrics], frames: Sequence[Any], geometry: _FrameGeometry | None = None
+) -> dict[int, float] | None:
     """Median flux ratio to the group's reference frame, or None if matching is not possible for all."""
     from scipy.spatial import cKDTree
 
+    geometry = geometry if geometry is not None else _FrameGeometry(frames)
     usable = [i for i in members if getattr(frames[i], "wcs", None) is not None and metrics[i].stars.flux.size]
     if len(usable) < len(members) or not usable:
         return None
     reference = max(usable, key=lambda i: (metrics[i].stars.flux.size, -i))
-    ref_vectors = _star_vectors(frames[reference], metrics[reference].stars)
+    ref_vectors = geometry.vectors(reference, metrics[reference].stars)
     if ref_vectors is None:
         return None
     tree = cKDTree(ref_vectors)
     ratios: dict[int, float] = {}
     for i in members:
-        scale = _pixel_scale(frames[i]) or math.nan
+        scale = geometry.scale(i) or math.nan
         fwhm = metrics[i].fwhm_px if math.isfinite(metrics[i].fwhm_px) else 0.0
         radius = math.radians(max(MATCH_RADIUS_PX, fwhm) * scale / 3600.0)
-        vectors = _star_vectors(frames[i], metrics[i].stars)
+        vectors = geometry.vectors(i, metrics[i].stars)
         if vectors is None or not math.isfinite(radius):
             return None
         distance, nearest = tree.query(vectors, k=1, distance_upper_bound=radius)
@@ -970,6 +1047,36 @@ def _star_vectors(info: Any, stars: StarList) -> np.ndarray | None:
         return None
     ra, dec = np.radians(ra), np.radians(dec)
     return np.column_stack([np.cos(dec) * np.cos(ra), np.cos(dec) * np.sin(ra), np.sin(dec)])
+
+
+class _FrameGeometry:
+    """What the measurement and the transparency take from each frame's WCS, computed once a frame:
+    the pixel scale (:func:`_pixel_scale`: astropy copies the WCS for it, ~0.15 ms) and the sky
+    vectors of its stars (:func:`_star_vectors`). The same calls on the same objects as without
+    the memo, so the numbers are the same to the bit. Used from one thread at a time."""
+
+    def __init__(self, frames: Sequence[Any]) -> None:
+        self.frames = frames
+        self._scales: dict[int, float | None] = {}
+        self._vectors: dict[int, tuple[StarList, np.ndarray | None]] = {}
+
+    def scale(self, index: int) -> float | None:
+        if index not in self._scales:
+            self._scales[index] = _pixel_scale(self.frames[index])
+        return self._scales[index]
+
+    def vectors(self, index: int, stars: StarList) -> np.ndarray | None:
+        known = self._vectors.get(index)
+        if known is None or known[0] is not stars:  # memoised for these very stars only
+            known = (stars, _star_vectors(self.frames[index], stars))
+            self._vectors[index] = known
+        return known[1]
+
+    def prepare(self, index: int, stars: StarList) -> None:
+        """Compute ahead what :func:`assign_transparency` will ask for this frame."""
+        self.scale(index)
+        if getattr(self.frames[index], "wcs", None) is not None and stars.flux.size:
+            self.vectors(index, stars)
 
 
 def _unit_vector(ra_deg: float, dec_deg: float) -> np.ndarray:
