@@ -588,6 +588,14 @@ def test_raw_pixel_plan_loads_the_values_of_the_general_read(tmp_path: Path, kin
     loaded = plan.load(np)
     assert not may_hold_nan and loaded.dtype == expected.dtype and loaded.shape == expected.shape
     np.testing.assert_array_equal(loaded, expected)
+    # The loader threads' read (into pinned memory with CuPy, ordinary memory without) decodes the same.
+    from concurrent.futures import ThreadPoolExecutor
+
+    from napari_zemosaic.engine.frames import PrefetchedRaw
+
+    with ThreadPoolExecutor(1) as loader:
+        prefetched = PrefetchedRaw(plan, loader.submit(plan.read_for_device))
+        np.testing.assert_array_equal(prefetched.load(np), expected)
 
 
 def test_raw_pixel_plan_declines_what_needs_the_general_read(tmp_path: Path) -> None:
@@ -611,9 +619,10 @@ def test_raw_pixel_plan_declines_what_needs_the_general_read(tmp_path: Path) -> 
     info = read_frame_info(path)
     plan = raw_pixel_plan(info)
     path.write_bytes(path.read_bytes()[: 2880 * 2])
-    with pytest.raises(FrameError) as caught:
-        plan.read()
-    assert caught.value.reason_key == "frame_excluded_truncated"
+    for read in (plan.read, plan.read_for_device):
+        with pytest.raises(FrameError) as caught:
+            read()
+        assert caught.value.reason_key == "frame_excluded_truncated"
     with pytest.raises(FrameError) as caught:
         raw_pixel_plan(info)
     assert caught.value.reason_key == "frame_excluded_truncated"
@@ -651,3 +660,27 @@ def test_reader_process_frames_give_the_pixels_of_a_direct_read(tmp_path: Path) 
         np.testing.assert_array_equal(mosaic_first.frame_pixels(in_reader, info, config, 3, np), a)
         wrong = (fingerprint[0], fingerprint[1], fingerprint[2], (b"x",) + fingerprint[3][1:])
         assert mosaic_first._prepare_in_reader_process(light, index, 0.01, None, wrong) == mosaic_first.NEEDS_WCS
+
+
+def test_device_cut_of_a_frame_keeps_the_pieces_of_the_host_split() -> None:
+    """mosaic_first._cut_device_pieces (the device thread's cut: views, coverage per block
+    column) keeps exactly the non-empty pieces of the host split; run here on NumPy arrays."""
+    from napari_zemosaic.engine.mosaic_first import PieceStore, ReprojectedFrame, _cut_device_pieces, _split_into_blocks
+
+    rng = np.random.default_rng(62)
+    side, canvas_shape = 64, (300, 330)
+    for bbox in [(10, 200, 20, 300), (0, 64, 0, 128), (60, 70, 60, 70), (200, 300, 250, 330)]:
+        h, w = bbox[1] - bbox[0], bbox[3] - bbox[2]
+        data = rng.normal(size=(3, h, w)).astype(np.float32)
+        data[:, : h // 2, : w // 2] = np.nan
+        data[0, h // 4, w // 4] = 5.0  # a lone finite value in one channel keeps its piece
+        data[:, :, w - 2 :] = np.nan
+        host = PieceStore(None)
+        _split_into_blocks(ReprojectedFrame(0, bbox, data, np.ones(3)), side, host, canvas_shape)
+        cut = _cut_device_pieces(ReprojectedFrame(0, bbox, data, np.ones(3)), side, canvas_shape)
+        assert [piece[0] for piece in cut] == sorted(host._entries)
+        for block, y0, x0, piece in cut:
+            (hy0, hx0, host_piece), = [host._entries[block][0]]
+            assert (y0, x0) == (hy0, hx0)
+            assert np.shares_memory(piece, data)  # a view, not a copy
+            np.testing.assert_array_equal(piece, host_piece)

@@ -259,6 +259,10 @@ def check_control_grid_parity(xp_gpu: Any) -> None:
         for cpu_map, gpu_map in ((cpu_x, gpu_x), (cpu_y, gpu_y)):
             allowed = TOL["control_grid"]["ulps"] * np.spacing(np.abs(cpu_map).astype(dtype))
             assert np.all(np.abs(gpu_map - cpu_map) <= allowed)
+        # The control rows interpolated along x (float64, then cast) are the host's to the bit.
+        host_rows, device_rows = reproject._MapExpander(grid, np, dtype), reproject._MapExpander(grid, xp_gpu, dtype)
+        np.testing.assert_array_equal(gpu.to_host(device_rows.rows_x), host_rows.rows_x)
+        np.testing.assert_array_equal(gpu.to_host(device_rows.rows_y), host_rows.rows_y)
 
 
 def check_sample_parity(xp_gpu: Any) -> None:
@@ -427,6 +431,44 @@ def test_raw_pixels_decode_on_the_device_as_on_the_host(device: int, dtype: str,
     assert device_values.dtype == host.dtype
     np.testing.assert_array_equal(gpu.to_host(device_values), host)
     np.testing.assert_array_equal(host, data)
+    # Read ahead into pinned memory by a loader thread, copied asynchronously on a worker stream.
+    from concurrent.futures import ThreadPoolExecutor
+
+    from napari_zemosaic.engine.frames import PrefetchedRaw
+
+    with ThreadPoolExecutor(1) as loader:
+        prefetched = PrefetchedRaw(plan, loader.submit(plan.read_for_device))
+        stream = cp.cuda.Stream(non_blocking=True)
+        with stream:
+            values = prefetched.load(cp)
+            stream.synchronize()
+    np.testing.assert_array_equal(gpu.to_host(values), host)
+
+
+def test_device_frames_cut_into_the_pieces_of_the_host_split(device: int) -> None:
+    """mosaic_first._cut_device_pieces (views, one sync) keeps exactly the pieces, and values,
+    that the host split keeps (any finite value), for frames straddling block corners."""
+    from napari_zemosaic.engine.mosaic_first import PieceStore, ReprojectedFrame, _cut_device_pieces, _split_into_blocks
+
+    rng = np.random.default_rng(61)
+    side, canvas_shape = 256, (900, 1000)
+    for bbox in [(100, 700, 200, 900), (0, 256, 0, 512), (250, 520, 500, 780), (700, 900, 740, 1000)]:
+        h, w = bbox[1] - bbox[0], bbox[3] - bbox[2]
+        data = rng.normal(size=(3, h, w)).astype(np.float32)
+        data[:, : h // 2, : w // 3] = np.nan  # blocks empty in this corner
+        data[1, h - 1, w - 1] = np.nan
+        data[:, :, -1] = np.nan
+        data[2, 0, w // 2] = 1.0 if h > 1 else np.nan  # one channel, one pixel: still a piece
+        host = PieceStore(None)
+        _split_into_blocks(ReprojectedFrame(0, bbox, data, np.ones(3)), side, host, canvas_shape)
+        device_frame = ReprojectedFrame(0, bbox, cp.asarray(data), np.ones(3))
+        cut = _cut_device_pieces(device_frame, side, canvas_shape)
+        blocks = sorted(host._entries)
+        assert [piece[0] for piece in cut] == blocks
+        for block, y0, x0, piece in cut:
+            (hy0, hx0, host_piece), = [host._entries[block][0]]
+            assert (y0, x0) == (hy0, hx0)
+            np.testing.assert_array_equal(gpu.to_host(piece), host_piece)
 
 
 def test_fused_piece_placement_equals_the_numpy_path_to_the_bit(device: int) -> None:
@@ -823,3 +865,4 @@ def test_feather_map_is_identical_on_the_gpu(device) -> None:
         on_gpu = feather_map(covered, width, cp)
         assert isinstance(on_gpu, np.ndarray) and on_gpu.dtype == np.float32
         np.testing.assert_array_equal(on_gpu, on_cpu)
+

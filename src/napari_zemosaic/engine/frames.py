@@ -1398,34 +1398,72 @@ class RawPixels:
     bitpix: int  # 8 or 16
     flip_sign: bool  # BITPIX 16 with BZERO 32768: uint16 = the int16 bits with the top bit flipped
 
-    def read(self) -> np.ndarray:
-        """The raw big-endian values, shaped."""
+    def read(self, into: np.ndarray | None = None) -> np.ndarray:
+        """The raw big-endian values, shaped; read into ``into`` (e.g. pinned memory) when given."""
         dtype = np.dtype(">i2" if self.bitpix == 16 else "u1")
         count = int(np.prod(self.shape, dtype=np.int64))
+        raw = np.empty(count, dtype=dtype) if into is None else into.reshape(-1).view(dtype)
         try:
             with open(self.path, "rb") as handle:
                 handle.seek(self.offset)
-                raw = np.fromfile(handle, dtype=dtype, count=count)
+                got = handle.readinto(memoryview(raw.view(np.uint8))) // dtype.itemsize
         except OSError as exc:
             raise FrameError(REASON_UNREADABLE, f"{type(exc).__name__}: {exc}", path=self.path) from None
-        if raw.size != count:
-            raise FrameError(REASON_TRUNCATED, f"{raw.size} of {count} pixels in the file", path=self.path)
+        if got != count:
+            raise FrameError(REASON_TRUNCATED, f"{got} of {count} pixels in the file", path=self.path)
         return raw.reshape(self.shape)
 
-    def load(self, xp: Any = np) -> Any:
-        """The decoded pixels on ``xp``: uint16 (BZERO 32768), int16 or uint8, as :func:`_scaled_pixels`."""
-        raw = self.read()
+    def read_for_device(self) -> np.ndarray:
+        """:meth:`read` into page-locked memory (CuPy's pinned pool), whose copy to the device
+        runs asynchronously on the copying thread's stream; ordinary memory without CuPy."""
+        try:
+            import cupyx
+
+            into = cupyx.empty_pinned(self.shape, dtype=np.uint8 if self.bitpix == 8 else np.uint16)
+        except Exception:  # no CuPy or no pinned memory left: an ordinary buffer reads the same
+            into = None
+        return self.read(into)
+
+    def load(self, xp: Any = np, raw: np.ndarray | None = None) -> Any:
+        """The decoded pixels on ``xp``: uint16 (BZERO 32768), int16 or uint8, as :func:`_scaled_pixels`.
+
+        ``raw``: the values :meth:`read` already gave (a prefetch), instead of reading now.
+        """
+        raw = self.read() if raw is None else raw
         if self.bitpix == 8:
             return xp.asarray(raw)
         if getattr(xp, "cuda", None) is None:  # NumPy: exactly the fast paths of _scaled_pixels
             if self.flip_sign:
                 return np.bitwise_xor(raw.view(">u2"), np.uint16(0x8000), dtype=np.uint16)
             return raw.astype(raw.dtype.newbyteorder("="))
-        swapped = xp.asarray(raw.view(np.uint16))  # the file's bytes, read as native uint16
+        swapped = _upload(raw.view(np.uint16), xp)  # the file's bytes, read as native uint16
         swapped = xp.bitwise_or(xp.right_shift(swapped, 8), xp.left_shift(swapped, 8))  # uint16: wraps
         if self.flip_sign:
             return xp.bitwise_xor(swapped, np.uint16(0x8000))
         return swapped.view(xp.int16)
+
+
+@dataclass
+class PrefetchedRaw:
+    """A :class:`RawPixels` whose read was started on a loader thread (:meth:`RawPixels.read_for_device`):
+    the device thread then only copies and decodes (:meth:`load`), the read's wait and its GIL-free
+    I/O happen beside it."""
+
+    plan: RawPixels
+    pending: Any  # concurrent.futures.Future of the raw values
+
+    def load(self, xp: Any = np) -> Any:
+        return self.plan.load(xp, self.pending.result())
+
+
+def _upload(host: np.ndarray, xp: Any) -> Any:
+    """``host`` on ``xp``: on CuPy an asynchronous copy on the current stream (a pinned ``host``
+    must then stay alive until that stream is synchronised, as the device units do)."""
+    if getattr(xp, "cuda", None) is None:
+        return xp.asarray(host)
+    device = xp.empty(host.shape, dtype=host.dtype)
+    device.set(np.ascontiguousarray(host), stream=xp.cuda.get_current_stream())
+    return device
 
 
 def raw_pixel_plan(info: FrameInfo) -> RawPixels | None:

@@ -54,6 +54,9 @@ unchanged. When ``reproject`` runs on the GPU, P3 becomes a two-stage pipeline:
   noise, bilinear/bicubic/Lanczos sampling of the control grid in row chunks sized from
   the GPU budget (``chunk_scale`` shrinks them after an OOM), and the coarse block means
   for photometry. Only the noise and the coarse means (a few kB) come back to the host.
+  Pixels a reader left in the file are read into pinned memory by loader threads while
+  the frame waits for its device thread, whose copy to the device is then asynchronous;
+  with pieces kept on the device the device thread also cuts them into blocks.
 
 Pieces stay in GPU memory when the stack stage is on the GPU too and all pieces fit in
 half the GPU budget (``storage=gpu`` in the plan message); otherwise each reprojected
@@ -87,6 +90,8 @@ from .frames import (
     REASON_UNREADABLE,
     FrameError,
     FrameInfo,
+    PrefetchedRaw,
+    RawPixels,
     _read_raw_image,
     _scaled_pixels,
     _to_chw,
@@ -121,6 +126,8 @@ PROCESS_READERS_MIN_FRAMES = 48
 #: so more threads mostly contend for the GIL: on an H100, 500 frames went through P3 at
 #: 29.8 frames/s with 1 thread and 27.4 with 3 (benchmarks/bench_gpu.py).
 DEFAULT_GPU_THREADS = 1
+#: Threads that read the pixels readers left in their files into pinned memory (P3 on the GPU).
+LOADER_THREADS = 2
 #: Smallest sampling chunk (rows) and stacking strip (rows) a GPU unit may be cut into.
 MIN_SAMPLE_ROWS = 8
 MIN_STACK_ROWS = 8
@@ -137,6 +144,9 @@ class ReprojectedFrame:
     data: Any  # (C, h, w) float32, NaN outside the frame (NumPy, or CuPy on the GPU path)
     noise: np.ndarray  # (C,) robust background sigma of the raw frame
     coarse: CoarsePiece | None = None  # block means for photometry, when computed with the data
+    #: The non-empty per-block pieces ``(block, y0, x0, piece)``, when the device thread cut them
+    #: (views of ``data`` on the device; :func:`_cut_device_pieces`).
+    pieces: list[tuple[tuple[int, int], int, int, Any]] | None = None
 
 
 @dataclass
@@ -203,7 +213,8 @@ class PieceStore:
     """Frame pieces grouped by canvas block, in RAM or spilled to one file per piece.
 
     With ``on_device=True`` (and no spill folder) pieces that arrive as device arrays stay on
-    the device; the caller hands over arrays it owns (copies, not views of a larger frame).
+    the device (views of a frame's device data: the pieces partition it, so it is freed once
+    all the blocks it touches are dropped).
     Anything else is kept as a host copy, as without a GPU.
 
     Spilled pieces live in ``spill_dir/b{row}_{col}/{frame name}.f32`` (plain writes renamed
@@ -370,10 +381,8 @@ def frame_pixels(host: HostFrame, info: FrameInfo, config: dict[str, Any], n_cha
     pixels of a reader: the compact array is what travels to the device (pixels a reader
     left in the file, a :class:`~.frames.RawPixels`, are read here and decoded on ``xp``).
     """
-    from .frames import RawPixels
-
     pixels = host.pixels
-    if isinstance(pixels, RawPixels):
+    if isinstance(pixels, (RawPixels, PrefetchedRaw)):
         pixels = pixels.load(xp)
     try:
         data = _to_chw(xp.asarray(pixels), info.layout, info.shape, xp)
@@ -905,10 +914,13 @@ class MosaicUnits:
 def _split_into_blocks(
     frame: ReprojectedFrame, side: int, store: PieceStore, canvas_shape: tuple[int, int]
 ) -> None:
-    y0, y1, x0, x1 = frame.bbox
-    if not isinstance(frame.data, np.ndarray):
-        _split_device_frame(frame, side, store, canvas_shape)
+    if frame.pieces is None and not isinstance(frame.data, np.ndarray):
+        frame.pieces = _cut_device_pieces(frame, side, canvas_shape)
+    if frame.pieces is not None:
+        for block, sy0, sx0, piece in frame.pieces:
+            store.add(block, frame.index, sy0, sx0, piece)
         return
+    y0, y1, x0, x1 = frame.bbox
     for by, bx in _blocks_touched(frame.bbox, side):
         sy0, sy1 = max(y0, by * side), min(y1, (by + 1) * side, canvas_shape[0])
         sx0, sx1 = max(x0, bx * side), min(x1, (bx + 1) * side, canvas_shape[1])
@@ -917,29 +929,31 @@ def _split_into_blocks(
             store.add((by, bx), frame.index, sy0, sx0, piece)
 
 
-def _split_device_frame(
-    frame: ReprojectedFrame, side: int, store: PieceStore, canvas_shape: tuple[int, int]
-) -> None:
-    """Cut a device frame into owned per-block copies; one host sync decides which are empty.
+def _cut_device_pieces(
+    frame: ReprojectedFrame, side: int, canvas_shape: tuple[int, int]
+) -> list[tuple[tuple[int, int], int, int, Any]]:
+    """A device frame's non-empty per-block pieces, as views of its data, with one host sync.
 
-    The copies run on the calling thread's stream; the host read of the flags waits for
-    them, so the frame's own buffer can be released (and reused by its worker stream) as
-    soon as this returns.
+    Which pieces hold a finite value is read from one coverage reduction per block column
+    (a handful of launches a frame, against three per piece for copies and flags); views
+    instead of copies: the pieces partition the frame's box, so they hold the same memory,
+    which is freed once the last block the frame touches is stacked.
     """
     data = frame.data
     xp = _array_module(data)
     y0, y1, x0, x1 = frame.bbox
-    parts, flags = [], []
-    for by, bx in _blocks_touched(frame.bbox, side):
-        sy0, sy1 = max(y0, by * side), min(y1, (by + 1) * side, canvas_shape[0])
-        sx0, sx1 = max(x0, bx * side), min(x1, (bx + 1) * side, canvas_shape[1])
-        piece = data[:, sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0].copy()
-        parts.append(((by, bx), sy0, sx0, piece))
-        flags.append(xp.isfinite(piece).any())
-    keep = to_host(xp.stack(flags)) if flags else np.zeros(0, dtype=bool)
-    for (block, sy0, sx0, piece), has_data in zip(parts, keep):
-        if has_data:
-            store.add(block, frame.index, sy0, sx0, piece)
+    rows = [(by, max(y0, by * side) - y0, min(y1, (by + 1) * side, canvas_shape[0]) - y0)
+            for by in range(y0 // side, (y1 - 1) // side + 1)]
+    cols = [(bx, max(x0, bx * side) - x0, min(x1, (bx + 1) * side, canvas_shape[1]) - x0)
+            for bx in range(x0 // side, (x1 - 1) // side + 1)]
+    covered = xp.isfinite(data).any(axis=0)  # (h, w): some channel finite
+    per_column = to_host(xp.stack([covered[:, left:right].any(axis=1) for _, left, right in cols]))  # (n_cols, h)
+    pieces = []
+    for by, top, bottom in rows:
+        for column, (bx, left, right) in enumerate(cols):
+            if bottom > top and right > left and per_column[column, top:bottom].any():
+                pieces.append(((by, bx), y0 + top, x0 + left, data[:, top:bottom, left:right]))
+    return pieces
 
 
 def _array_module(array: Any) -> Any:
@@ -1044,7 +1058,8 @@ def mosaic_first(
                 lambda index, key, detail: reject(index, FrameError(key, detail)),
             )
         elif gpu_reproject:
-            yield from _reproject_frames_gpu(frames, indices, bboxes, canvas, ctx, n_channels, on_device, accept, reject)
+            yield from _reproject_frames_gpu(frames, indices, bboxes, canvas, ctx, n_channels, on_device, side, accept,
+                                             reject)
         else:
             yield from _reproject_frames_cpu(frames, indices, canvas, ctx, n_channels, accept, reject)
 
@@ -1147,28 +1162,40 @@ def mosaic_first(
                                  budget_mb=round(budget_bytes / 2**20, 1))
         return said
 
-    with ctx.timed("P5"):
-        for number, (block, pieces) in enumerate(_block_pieces(store, blocks, policy), start=1):
-            if pieces:
-                idx = np.array([p[0] for p in pieces])
-                box = box_of(block)
-                block_norm, block_weights = normalisation.subset(idx), weights[idx]
-                if policy is None:
-                    data, weight, count = stack_block_on_host(
-                        pieces, box, n_channels, block_norm, block_weights, params, on_split=host_split(block)
-                    )
-                else:
-                    data, weight, count = _stack_block_unit(
-                        policy, pieces, box, n_channels, block_norm, block_weights, params, strip_stats,
-                        on_split=host_split(block),
-                    )
-                place(block, data, weight, count)
-                if block in signatures:
-                    units.save_block(block, signatures[block], data, weight, count)
-            del pieces
-            store.drop(block)
-            ctx.reporter.progress("P5", number, len(blocks), "progress_blocks")
-            yield from ctx.drain()
+    # Blocks of an in-memory store are recorded by a writer thread while the next one stacks
+    # (their pieces are not on disk, so the record need not precede the drop).
+    writer = ThreadPoolExecutor(1, thread_name_prefix="zemosaic-units") if units.active and not store.spilled else None
+    saving: list[Future] = []
+    try:
+        with ctx.timed("P5"):
+            for number, (block, pieces) in enumerate(_block_pieces(store, blocks, policy), start=1):
+                if pieces:
+                    idx = np.array([p[0] for p in pieces])
+                    box = box_of(block)
+                    block_norm, block_weights = normalisation.subset(idx), weights[idx]
+                    if policy is None:
+                        data, weight, count = stack_block_on_host(
+                            pieces, box, n_channels, block_norm, block_weights, params, on_split=host_split(block)
+                        )
+                    else:
+                        data, weight, count = _stack_block_unit(
+                            policy, pieces, box, n_channels, block_norm, block_weights, params, strip_stats,
+                            on_split=host_split(block),
+                        )
+                    place(block, data, weight, count)
+                    if block in signatures and writer is not None:
+                        saving.append(writer.submit(units.save_block, block, signatures[block], data, weight, count))
+                    elif block in signatures:
+                        units.save_block(block, signatures[block], data, weight, count)
+                del pieces
+                store.drop(block)
+                ctx.reporter.progress("P5", number, len(blocks), "progress_blocks")
+                yield from ctx.drain()
+            for job in saving:
+                job.result()
+    finally:
+        if writer is not None:
+            writer.shutdown(wait=True, cancel_futures=True)
     if units.active and not label:
         units.manifest.log_summary("block", ctx.reporter)
     if policy is not None:
@@ -1254,6 +1281,7 @@ def _reproject_frames_gpu(
     ctx: RunContext,
     n_channels: int,
     on_device: bool,
+    side: int,
     accept: Callable[[ReprojectedFrame], None],
     reject: Callable[[int, FrameError], None],
 ) -> Generator[Event, None, None]:
@@ -1281,8 +1309,11 @@ def _reproject_frames_gpu(
                 frame = reproject_host_frame(host, info, config, n_channels, xp, budget, prepare, chunk_scale)
                 if not on_device:
                     frame.data = to_host(frame.data)  # waits for this worker's stream
-                elif stream is not None:
-                    stream.synchronize()  # other threads read frame.data next
+                    return frame
+                # Cut here rather than on the run's thread, which would contend for the GIL.
+                frame.pieces = _cut_device_pieces(frame, side, canvas.shape)
+                if stream is not None:
+                    stream.synchronize()  # other threads read the pieces next
                 return frame
 
         def on_cpu(xp: Any = np) -> ReprojectedFrame:
@@ -1298,6 +1329,9 @@ def _reproject_frames_gpu(
     done = 0
     in_flight = n_readers + 2 * device_threads
     device_pool = ThreadPoolExecutor(max_workers=device_threads, thread_name_prefix="zemosaic-gpu")
+    # Pixels the readers left in their files are read into pinned memory by loader threads as
+    # soon as the reader answers, so the device threads only copy (asynchronously) and decode.
+    loaders = ThreadPoolExecutor(max_workers=LOADER_THREADS, thread_name_prefix="zemosaic-load")
     reading: dict[Future, int] = {}
     computing: dict[Future, int] = {}
     queue = iter(todo)
@@ -1326,6 +1360,8 @@ def _reproject_frames_gpu(
                     if host is not None:
                         timing["read_s"] += host.read_s
                         timing["grid_s"] += host.grid_s
+                        if isinstance(host.pixels, RawPixels):
+                            host.pixels = PrefetchedRaw(host.pixels, loaders.submit(host.pixels.read_for_device))
                         computing[device_pool.submit(device_unit, host)] = index
                         continue
                 else:
@@ -1335,7 +1371,7 @@ def _reproject_frames_gpu(
                     except FrameError as exc:
                         reject(index, exc)
                     else:
-                        with policy.device():  # the device pieces are cut on this thread
+                        with policy.device():  # pieces not cut by the device thread are cut here
                             accept(frame)
                         del frame
                 done += 1
@@ -1347,6 +1383,7 @@ def _reproject_frames_gpu(
         raise
     finally:
         device_pool.shutdown(wait=True, cancel_futures=True)
+        loaders.shutdown(wait=True, cancel_futures=True)
         readers.shutdown(wait=True, cancel_futures=True)
         streams.close()
     ctx.reporter.debug(

@@ -194,8 +194,11 @@ class _MapExpander:
         step = grid.step
         self.xp, self.dtype = xp, dtype
         col_cell, col_frac = self._cells(width, step, grid.src_x.shape[1])
-        self.rows_x = self._along_x(grid.src_x, col_cell, col_frac)
-        self.rows_y = self._along_x(grid.src_y, col_cell, col_frac)
+        if xp is np:
+            self.rows_x = self._along_x(grid.src_x, col_cell, col_frac)
+            self.rows_y = self._along_x(grid.src_y, col_cell, col_frac)
+        else:  # on the device: both coordinates at once, the same float64 operations (no host work)
+            self.rows_x, self.rows_y = self._along_x(np.stack([grid.src_x, grid.src_y]), col_cell, col_frac)
         row_cell, row_frac = self._cells(height, step, grid.src_x.shape[0])
         self.row_cell = xp.asarray(row_cell)
         self.row_frac = xp.asarray(row_frac.astype(dtype))
@@ -211,9 +214,13 @@ class _MapExpander:
         return cell, frac
 
     def _along_x(self, values: np.ndarray, col_cell: np.ndarray, col_frac: np.ndarray) -> Any:
-        left, right = values[:, col_cell], values[:, col_cell + 1]
-        rows = left + col_frac[None, :] * (right - left)  # float64 on the host: (ny, w)
-        return self.xp.asarray(rows.astype(self.dtype))
+        """``(…, ny, w)`` rows interpolated along x in float64 (one IEEE operation at a time on
+        either backend, so the same values), then cast to the map's dtype on ``xp``."""
+        xp = self.xp
+        values, col_cell, col_frac = (xp.asarray(a) for a in (values, col_cell, col_frac))
+        left, right = values[..., col_cell], values[..., col_cell + 1]
+        rows = left + col_frac * (right - left)
+        return rows.astype(self.dtype)
 
     def rows(self, r0: int, r1: int) -> tuple[Any, Any]:
         """Dense ``(map_x, map_y)`` for box rows ``r0 … r1 - 1``, each ``(r1 - r0, w)``."""
