@@ -813,3 +813,31 @@ def test_explicit_sds_on_non_seestar_data_runs_the_normal_workflow_on_all_frames
     assert "sds_info_disabled_not_seestar" in _sds_keys(events)
     assert not any(k.startswith("sds_info_batch") for k in _sds_keys(events))
     assert result.report["frames"]["used"] == 3
+
+
+def test_a_batch_failing_while_it_is_finished_on_the_thread_raises_its_sds_error(
+    tiny_night, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Mega-tiles are finished (file, quality) on a thread while the next batch stacks: an error
+    there is still that batch's logged SdsError, and the tiles before it were taken in order."""
+    config = validate_config({"sds_mode": True, "max_memory_mb": 256, "sds_min_batch_size": 1,
+                              "sds_target_batch_size": 1})
+    frames = _ingest(tiny_night / "frames", config)
+    canvas = build_canvas([f.wcs for f in frames], [f.shape for f in frames])
+    real_quality = sds.tile_quality
+    calls: list[int] = []
+
+    def quality_failing_on_the_second_tile(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError("disk gone while finishing")
+        return real_quality(*args, **kwargs)
+
+    monkeypatch.setattr(sds, "tile_quality", quality_failing_on_the_second_tile)
+    reporter = Reporter()
+    with pytest.raises(SdsError) as caught:
+        _drain(sds.run_sds(frames, canvas, _context(config, tmp_path, reporter), 3))
+    assert caught.value.key == "sds_error_batch_exception" and caught.value.params["batch"] == 2
+    assert "disk gone while finishing" in caught.value.params["error"]
+    tiles_said = [e.params["batch"] for e in reporter.log_events if e.key == "sds_info_megatile"]
+    assert tiles_said == [1]

@@ -75,9 +75,11 @@ number shown in the logs) makes that batch's unit raise, to exercise the fallbac
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import math
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generator, Iterable, Mapping, Sequence
@@ -727,10 +729,25 @@ def build_megatile(
 
     ``frames`` are the batch's frames (global indices ``frame_indices``); ``feather_px`` is the
     blending width (:func:`feather_width_px`). Only the coarse copy for photometry stays in memory
-    once the tile is on disk.
+    once the tile is on disk. :func:`stack_megatile` then :func:`finish_megatile`.
     """
+    stacked = yield from stack_megatile(frames, frame_indices, batch, canvas, ctx, n_channels)
+    if isinstance(stacked, MegaTile):
+        return stacked
+    return finish_megatile(stacked, frame_indices, batch, n_channels, out_dir, feather_px, ctx.xp("stack"))
+
+
+def stack_megatile(
+    frames: Sequence["FrameInfo"],
+    frame_indices: Sequence[int],
+    batch: int,
+    canvas: Canvas,
+    ctx: "RunContext",
+    n_channels: int,
+) -> Generator[Event, None, "MegaTile | tuple[CanvasStack, BBox]"]:
+    """The batch stacked on its crop of the canvas (the GPU's part of a mega-tile), with the
+    crop's box; an empty :class:`MegaTile` when the batch has nothing to stack."""
     from .mosaic_first import mosaic_first
-    from .photometry import coarse_piece
 
     inject = ctx.config.get(INJECT_FAILURE_KEY)
     if inject is not None and not isinstance(inject, bool) and _as_int(inject, -1) == batch + 1:
@@ -744,10 +761,27 @@ def build_megatile(
     bbox = (bbox[0] - bbox[0] % PHOTOMETRY_BIN_PX, bbox[1], bbox[2] - bbox[2] % PHOTOMETRY_BIN_PX, bbox[3])
     sub_canvas = crop_canvas(canvas, (slice(bbox[0], bbox[1]), slice(bbox[2], bbox[3])))
     stack = yield from mosaic_first(frames, sub_canvas, ctx, n_channels, label=f"_sds_{batch:04d}")
-    failed = [(int(frame_indices[i]), key, detail) for i, key, detail in stack.frames_failed]
     if not stack.frames_used or not (stack.weight > 0).any():
-        empty.frames_failed = failed
+        empty.frames_failed = [(int(frame_indices[i]), key, detail) for i, key, detail in stack.frames_failed]
         return empty
+    return stack, bbox
+
+
+def finish_megatile(
+    stacked: "tuple[CanvasStack, BBox]",
+    frame_indices: Sequence[int],
+    batch: int,
+    n_channels: int,
+    out_dir: Path,
+    feather_px: float,
+    xp: Any = np,
+) -> MegaTile:
+    """A stacked batch made a mega-tile (the host's part: pure, thread-safe): its file (data,
+    weight, count, feather), checksum, coarse cells, noise, quality and its frames' photometry."""
+    from .photometry import coarse_piece
+
+    stack, bbox = stacked
+    failed = [(int(frame_indices[i]), key, detail) for i, key, detail in stack.frames_failed]
     data = np.where(stack.weight[None] > 0, stack.data, np.nan).astype(np.float32)
     weight = np.where(np.isfinite(data).all(axis=0), stack.weight, 0.0).astype(np.float32)
     path = out_dir / f"megatile_{batch:04d}.f32"
@@ -756,7 +790,7 @@ def build_megatile(
     # process (on a cluster, the one all tiles come back to) need not read the file again.
     digest = hashlib.sha256()
     with open(tmp, "wb") as handle:
-        for plane in (data, weight, stack.count.astype(np.float32), feather_map(weight > 0, feather_px, ctx.xp("stack"))):
+        for plane in (data, weight, stack.count.astype(np.float32), feather_map(weight > 0, feather_px, xp)):
             plane = np.ascontiguousarray(plane, dtype=np.float32)
             digest.update(memoryview(plane).cast("B"))
             plane.tofile(handle)
@@ -1325,28 +1359,22 @@ def run_sds(
             feather_px))
         for number, batch in enumerate(plan.batches, start=1)
     ], phase="P3")
-    for number, batch in enumerate(plan.batches, start=1):
-        batch_frames = [frames[i] for i in batch]
+    def batch_failed(number: int, exc: Exception) -> Generator[Event, None, None]:
+        from .context import RunCancelled
+
+        if isinstance(exc, RunCancelled):
+            raise exc
+        error = f"{type(exc).__name__}: {exc}"
+        reporter.error("sds_error_batch_exception", batch=number, error=error)
+        yield from ctx.drain()
+        raise SdsError("sds_error_batch_exception", batch=number, error=error) from exc
+
+    def accept(number: int, batch_frames: list[Any], batch: Sequence[int], tile: MegaTile) -> Generator[Event, None, None]:
         try:
-            tile = reused.get(number)
-            if remote is not None:  # a task on the run's scheduler (engine/distributed.py), taken in order
-                result = yield from remote.result(number - 1)
-                tile = tile if result == LOCAL else result
-            elif tile is None:
-                tile = yield from build_megatile(
-                    batch_frames, batch, number - 1, canvas, ctx, n_channels, out_dir, feather_px
-                )
             if number not in reused:
                 units.record(batch_frames, batch, tile, out_dir)
         except Exception as exc:
-            from .context import RunCancelled
-
-            if isinstance(exc, RunCancelled):
-                raise
-            error = f"{type(exc).__name__}: {exc}"
-            reporter.error("sds_error_batch_exception", batch=number, error=error)
-            yield from ctx.drain()
-            raise SdsError("sds_error_batch_exception", batch=number, error=error) from exc
+            yield from batch_failed(number, exc)
         failed.extend(tile.frames_failed)
         if tile.path is not None:
             tiles.append(tile)
@@ -1355,6 +1383,53 @@ def run_sds(
                           width=width, height=height)
         reporter.progress("P3", number, len(plan.batches), "progress_batches")
         yield from ctx.drain()
+
+    def finish_here(stacked: Any, batch: Sequence[int], number: int) -> MegaTile:
+        with ctx.policy.device() if ctx.policy is not None else contextlib.nullcontext():
+            return finish_megatile(stacked, batch, number - 1, n_channels, out_dir, feather_px, ctx.xp("stack"))
+
+    # A stacked batch is made a mega-tile (file, checksum, quality: the host's share) on a thread
+    # while the next batch stacks; tiles are still taken in batch order.
+    finishing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zemosaic-megatile") if remote is None else None
+    pending: tuple[int, list[Any], Sequence[int], Future] | None = None
+
+    def take_pending() -> Generator[Event, None, None]:
+        nonlocal pending
+        if pending is None:
+            return
+        number, batch_frames, batch, job = pending
+        pending = None
+        try:
+            tile = job.result()
+        except Exception as exc:
+            yield from batch_failed(number, exc)
+        yield from accept(number, batch_frames, batch, tile)
+
+    try:
+        for number, batch in enumerate(plan.batches, start=1):
+            batch_frames = [frames[i] for i in batch]
+            stacked = None
+            try:
+                tile = reused.get(number)
+                if remote is not None:  # a task on the run's scheduler (engine/distributed.py), taken in order
+                    result = yield from remote.result(number - 1)
+                    tile = tile if result == LOCAL else result
+                elif tile is None:
+                    stacked = yield from stack_megatile(batch_frames, batch, number - 1, canvas, ctx, n_channels)
+                    if isinstance(stacked, MegaTile):
+                        tile, stacked = stacked, None
+            except Exception as exc:
+                yield from batch_failed(number, exc)
+            yield from take_pending()
+            if stacked is not None:
+                assert finishing is not None
+                pending = (number, batch_frames, batch, finishing.submit(finish_here, stacked, batch, number))
+                continue
+            yield from accept(number, batch_frames, batch, tile)
+        yield from take_pending()
+    finally:
+        if finishing is not None:
+            finishing.shutdown(wait=True, cancel_futures=True)
     if units.active:
         for kind in ("megatile", "reproject", "block"):
             units.manifest.log_summary(kind, reporter)
