@@ -534,7 +534,7 @@ def bench_e2e(
                 with sampler.phases_recorded(), sampler.running():
                     full = e2e_run(frames_dir, work / f"full{repeat}", {"gpu_strict": True, **PIPELINE_SET},
                                    limit_s=full_limit_s)
-                (out / "samples.txt").write_text(sampler.report() + "\n")
+                (out / "samples.txt").write_text(sampler.report(top=30) + "\n")
                 log(sampler.report())
             else:
                 full = e2e_run(frames_dir, work / f"full{repeat}", {"gpu_strict": True, **PIPELINE_SET}, limit_s=full_limit_s)

@@ -841,3 +841,40 @@ def test_a_batch_failing_while_it_is_finished_on_the_thread_raises_its_sds_error
     assert "disk gone while finishing" in caught.value.params["error"]
     tiles_said = [e.params["batch"] for e in reporter.log_events if e.key == "sds_info_megatile"]
     assert tiles_said == [1]
+
+
+def test_final_stack_windows_read_on_threads_give_the_serial_loops_bits(
+    tiny_night, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """stack_final_block reads and corrects the mega-tiles' windows on threads and sums them in
+    slot order: the same float32 mosaic, coverage and counts as one serial loop."""
+    config = validate_config({"sds_mode": True, "max_memory_mb": 256, "sds_min_batch_size": 1,
+                              "sds_target_batch_size": 2})
+    frames = _ingest(tiny_night / "frames", config)
+    canvas = build_canvas([f.wcs for f in frames], [f.shape for f in frames])
+    threaded = _drain(sds.run_sds(frames, canvas, _context(config, tmp_path / "threads"), 3))
+    assert len(threaded.report["batches"]) >= 3
+    monkeypatch.setattr(sds, "WINDOW_THREADS", 1)
+    serial = _drain(sds.run_sds(frames, canvas, _context(config, tmp_path / "serial"), 3))
+    for name in ("data", "weight", "count"):
+        np.testing.assert_array_equal(getattr(threaded.stack, name), getattr(serial.stack, name))
+
+
+def test_ordered_map_keeps_the_order_and_a_bounded_backlog() -> None:
+    import threading
+    import time
+
+    running, peak, lock = [0], [0], threading.Lock()
+
+    def slow_square(index: int) -> int:
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.002 * (index % 3))
+        with lock:
+            running[0] -= 1
+        return index * index
+
+    assert list(sds._ordered_map(slow_square, 40, threads=4)) == [i * i for i in range(40)]
+    assert list(sds._ordered_map(slow_square, 5, threads=1)) == [i * i for i in range(5)]
+    assert 1 <= peak[0] <= 4

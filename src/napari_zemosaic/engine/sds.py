@@ -75,14 +75,16 @@ number shown in the logs) makes that batch's unit raise, to exercise the fallbac
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import hashlib
 import math
+import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Generator, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Generator, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -1214,6 +1216,27 @@ def low_coverage_mask(count: np.ndarray, window_px: int, keep_fraction: float) -
     return low & expanded
 
 
+#: Threads that read and correct the mega-tiles' windows of a final-stack block.
+WINDOW_THREADS = 8
+
+
+def _ordered_map(function: Callable[[int], Any], count: int, threads: int | None = None) -> Iterator[Any]:
+    """``function(0), …, function(count - 1)`` in order, computed on up to ``threads`` threads
+    with at most twice as many results waiting (memory stays bounded)."""
+    threads = min(WINDOW_THREADS if threads is None else threads, os.cpu_count() or 1, max(1, count))
+    if threads <= 1:
+        yield from (function(index) for index in range(count))
+        return
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="zemosaic-windows") as pool:
+        waiting: collections.deque[Future] = collections.deque()
+        for index in range(count):
+            waiting.append(pool.submit(function, index))
+            if len(waiting) >= 2 * threads:
+                yield waiting.popleft().result()
+        while waiting:
+            yield waiting.popleft().result()
+
+
 def stack_final_block(
     tiles: Sequence[MegaTile],
     box: BBox,
@@ -1236,7 +1259,9 @@ def stack_final_block(
     pixel_weights = np.zeros((len(tiles), y1 - y0, x1 - x0), dtype=np.float32)
     frame_count = np.zeros((y1 - y0, x1 - x0), dtype=np.float32)
     coverage_sum = np.zeros((y1 - y0, x1 - x0), dtype=np.float32)
-    for slot, tile in enumerate(tiles):
+
+    def window(slot: int) -> tuple[tuple[slice, slice], np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        tile = tiles[slot]
         inner = (max(y0, tile.bbox[0]), min(y1, tile.bbox[1]), max(x0, tile.bbox[2]), min(x1, tile.bbox[3]))
         planes = tile.read_window(inner)
         region = (slice(inner[0] - y0, inner[1] - y0), slice(inner[2] - x0, inner[3] - x0))
@@ -1244,10 +1269,16 @@ def stack_final_block(
         coverage = np.where(covered, planes[n_channels] * weight_scales[slot], 0.0)
         plane = norm.background_plane(slot, inner[0], inner[2], inner[1] - inner[0], inner[3] - inner[2], np)
         corrected = (planes[:n_channels] - plane) / np.asarray(norm.gains[slot], dtype=np.float32)[:, None, None]
-        cube[(slot, slice(None), *region)] = np.where(covered[None], corrected, np.nan)
-        pixel_weights[(slot, *region)] = coverage * planes[n_channels + 2]
+        return (region, np.where(covered[None], corrected, np.nan), coverage * planes[n_channels + 2], coverage,
+                np.where(covered, planes[n_channels + 1], 0.0))
+
+    # Tiles' windows are read and corrected side by side (reads and NumPy release the GIL); the
+    # sums take them in slot order, so the float32 totals are those of one loop.
+    for slot, (region, values, weights, coverage, count) in enumerate(_ordered_map(window, len(tiles))):
+        cube[(slot, slice(None), *region)] = values
+        pixel_weights[(slot, *region)] = weights
         coverage_sum[region] += coverage
-        frame_count[region] += np.where(covered, planes[n_channels + 1], 0.0)
+        frame_count[region] += count
     n_overlap = (pixel_weights > 0).sum(axis=0)
     if xp is not np:
         cube, pixel_weights = xp.asarray(cube), xp.asarray(pixel_weights)
