@@ -534,7 +534,28 @@ class WorkerStreams:
 
 _FUSED_OPTIONS = ("--fmad=false",)
 
-_KAPPA_SIGMA_SOURCE = r"""
+_PREFIX_SUMS_SOURCE = r"""
+// stack._sorted_samples' float64 prefix sums of one sorted column (n values), of the deviations
+// from ``reference`` (the column's middle value) and of their squares: prefix[0] = 0, then one
+// sum per value, row-major like the sorted values.
+__device__ __forceinline__ void zm_prefix_sums(
+    const float* __restrict__ sorted_values, double* __restrict__ prefix, double* __restrict__ prefix_sq,
+    const long long n_cols, const long long col, const int n, const float reference)
+{
+    double sum = 0.0, sum_sq = 0.0;
+    prefix[col] = 0.0;
+    prefix_sq[col] = 0.0;
+    for (int i = 0; i < n; ++i) {
+        const float d = __fsub_rn(sorted_values[(long long)i * n_cols + col], reference);
+        sum = __dadd_rn(sum, (double)d);
+        sum_sq = __dadd_rn(sum_sq, (double)__fmul_rn(d, d));
+        prefix[(long long)(i + 1) * n_cols + col] = sum;
+        prefix_sq[(long long)(i + 1) * n_cols + col] = sum_sq;
+    }
+}
+"""
+
+_KAPPA_SIGMA_SOURCE = _PREFIX_SUMS_SOURCE + r"""
 #define ZM_INF __int_as_float(0x7f800000)
 #define ZM_NAN __longlong_as_double(0x7ff8000000000000ULL)
 
@@ -593,17 +614,7 @@ extern "C" __global__ void zemosaic_kappa_sigma_sorted(
     const int n = counts[col];
     double lower = ZM_NAN, upper = ZM_NAN;
     if (n > 0) {
-        const float reference = S((n - 1) / 2);
-        double sum = 0.0, sum_sq = 0.0;
-        P(0) = 0.0;
-        Q(0) = 0.0;
-        for (int i = 0; i < n; ++i) {
-            const float d = __fsub_rn(S(i), reference);
-            sum = __dadd_rn(sum, (double)d);
-            sum_sq = __dadd_rn(sum_sq, (double)__fmul_rn(d, d));
-            P(i + 1) = sum;
-            Q(i + 1) = sum_sq;
-        }
+        zm_prefix_sums(sorted_values, prefix, prefix_sq, n_cols, col, n, S((n - 1) / 2));
         int start = 0, stop = n;
         for (int it = 0; it < iterations; ++it) {
             const int m = stop - start;
@@ -635,7 +646,7 @@ extern "C" __global__ void zemosaic_kappa_sigma_sorted(
 }
 """
 
-_WINSORIZED_SOURCE = r"""
+_WINSORIZED_SOURCE = _PREFIX_SUMS_SOURCE + r"""
 #define ZM_INF __int_as_float(0x7f800000)
 
 // stack._first_failing on one sorted column: the first k in [lo, hi] where
@@ -684,16 +695,7 @@ extern "C" __global__ void zemosaic_winsorized_sorted(
     if (n >= min_samples) {
         const float reference_f = S((n - 1) / 2);
         const double reference = (double)reference_f;
-        double sum = 0.0, sum_sq = 0.0;
-        P(0) = 0.0;
-        Q(0) = 0.0;
-        for (int i = 0; i < n; ++i) {
-            const float d = __fsub_rn(S(i), reference_f);
-            sum = __dadd_rn(sum, (double)d);
-            sum_sq = __dadd_rn(sum_sq, (double)__fmul_rn(d, d));
-            P(i + 1) = sum;
-            Q(i + 1) = sum_sq;
-        }
+        zm_prefix_sums(sorted_values, prefix, prefix_sq, n_cols, col, n, reference_f);
         int start = 0, stop = n;
         for (int it = 0; it < iterations; ++it) {
             const int m = stop - start;
