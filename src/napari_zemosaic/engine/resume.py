@@ -677,9 +677,12 @@ def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
 def file_identity(path: str | os.PathLike[str]) -> dict[str, Any]:
     """What identifies an input file's content cheaply: resolved path, size, mtime_ns, header hash."""
     resolved = Path(path).resolve()
-    stat = resolved.stat()
+    return _identity_of(str(resolved), resolved.stat())
+
+
+def _identity_of(resolved: str, stat: os.stat_result) -> dict[str, Any]:
     return {
-        "path": str(resolved),
+        "path": resolved,
         "size": int(stat.st_size),
         "mtime_ns": int(stat.st_mtime_ns),
         "header_sha256": fits_header_sha256(resolved),
@@ -726,10 +729,17 @@ class _Canonicaliser:
 
     def __init__(self) -> None:
         self._identities: dict[str, tuple[tuple[int, int, int], dict[str, Any]]] = {}
+        self._resolved: dict[str, str] = {}
         self._lock = threading.Lock()
 
     def identity(self, path: str | os.PathLike[str]) -> dict[str, Any]:
-        resolved = str(Path(path).resolve())
+        key = os.fspath(path)
+        with self._lock:
+            resolved = self._resolved.get(key)
+        if resolved is None:  # resolved once a run: a path's links do not move under a run
+            resolved = str(Path(path).resolve())
+            with self._lock:
+                self._resolved[key] = resolved
         try:
             stat = os.stat(resolved)
         except OSError as exc:  # a vanished input: its signature can never match a recorded one
@@ -739,7 +749,7 @@ class _Canonicaliser:
             known = self._identities.get(resolved)
         if known is not None and known[0] == stamp:
             return known[1]
-        identity = file_identity(resolved)
+        identity = _identity_of(resolved, stat)  # the stat just taken, not a second one
         with self._lock:
             self._identities[resolved] = (stamp, identity)
         return identity
