@@ -553,6 +553,16 @@ __device__ __forceinline__ void zm_prefix_sums(
         prefix_sq[(long long)(i + 1) * n_cols + col] = sum_sq;
     }
 }
+
+// The median of the sorted window [start, stop) of a column, as NumPy's (mean of the two middles).
+__device__ __forceinline__ double zm_window_median(
+    const float* __restrict__ sorted_values, const long long n_cols, const long long col, const int start, const int stop)
+{
+    const int m = stop - start;
+    const double below = (double)sorted_values[(long long)(start + (m - 1) / 2) * n_cols + col];
+    const double above = (double)sorted_values[(long long)(start + m / 2) * n_cols + col];
+    return __dmul_rn(0.5, __dadd_rn(below, above));
+}
 """
 
 _KAPPA_SIGMA_SOURCE = _PREFIX_SUMS_SOURCE + r"""
@@ -618,9 +628,7 @@ extern "C" __global__ void zemosaic_kappa_sigma_sorted(
         int start = 0, stop = n;
         for (int it = 0; it < iterations; ++it) {
             const int m = stop - start;
-            const double below = (double)S(start + (m - 1) / 2);
-            const double above = (double)S(start + m / 2);
-            const double centre = __dmul_rn(0.5, __dadd_rn(below, above));
+            const double centre = zm_window_median(sorted_values, n_cols, col, start, stop);
             const double total = __dsub_rn(P(stop), P(start));
             const double total_sq = __dsub_rn(Q(stop), Q(start));
             const double dm = (double)m;
@@ -699,9 +707,7 @@ extern "C" __global__ void zemosaic_winsorized_sorted(
         int start = 0, stop = n;
         for (int it = 0; it < iterations; ++it) {
             const int m = stop - start;
-            const double below = (double)S(start + (m - 1) / 2);
-            const double above = (double)S(start + m / 2);
-            const double centre = __dmul_rn(0.5, __dadd_rn(below, above));
+            const double centre = zm_window_median(sorted_values, n_cols, col, start, stop);
             double sigma = zm_std(m, __dsub_rn(P(stop), P(start)), __dsub_rn(Q(stop), Q(start)), 1);
             double current = sigma;
             for (int w = 0; w < max_winsor; ++w) {
@@ -1214,6 +1220,28 @@ def _sorted_finite_columns(values: Any, xp: Any) -> tuple[Any, Any, Any, Any] | 
 _COLUMN_BLOCK = 128
 
 
+def _clip_sorted_columns(
+    values: Any, kappa_low: float, kappa_high: float, iterations: int, xp: Any,
+    source: str, kernel: str, out_dtype: Any, extra: tuple[Any, ...] = (),
+) -> tuple[Any, Any] | None:
+    """The shared sort, then one thread per column of ``kernel`` (in ``source``) writing two
+    ``out_dtype`` results per column; ``extra`` are the kernel's arguments after the iteration
+    count. ``None`` where the sort declines (not CuPy, columns too deep)."""
+    columns = _sorted_finite_columns(values, xp)
+    if columns is None:
+        return None
+    sorted_values, counts, prefix, prefix_sq = columns
+    n_cols = int(values.shape[1])
+    first, second = xp.empty(n_cols, dtype=out_dtype), xp.empty(n_cols, dtype=out_dtype)
+    iterate = _fused_function(xp, source, kernel)
+    iterate(
+        (-(-n_cols // _COLUMN_BLOCK),), (_COLUMN_BLOCK,),
+        (sorted_values, counts, np.int64(n_cols), prefix, prefix_sq, np.float64(kappa_low), np.float64(kappa_high),
+         np.int32(min(int(iterations), 2**31 - 1)), *extra, first, second),
+    )
+    return first, second
+
+
 def fused_kappa_sigma_bounds(
     values: Any, kappa_low: float, kappa_high: float, iterations: int, xp: Any
 ) -> tuple[Any, Any] | None:
@@ -1224,20 +1252,8 @@ def fused_kappa_sigma_bounds(
     O(N) small calls. ``None`` when ``xp`` is not CuPy or the columns are too deep for the
     shared-memory sort (:data:`FUSED_SORT_MAX_ROWS`): the caller then runs the xp path.
     """
-    columns = _sorted_finite_columns(values, xp)
-    if columns is None:
-        return None
-    sorted_values, counts, prefix, prefix_sq = columns
-    n_cols = int(values.shape[1])
-    lower = xp.empty(n_cols, dtype=xp.float64)
-    upper = xp.empty(n_cols, dtype=xp.float64)
-    iterate = _fused_function(xp, _KAPPA_SIGMA_SOURCE, "zemosaic_kappa_sigma_sorted")
-    iterate(
-        (-(-n_cols // _COLUMN_BLOCK),), (_COLUMN_BLOCK,),
-        (sorted_values, counts, np.int64(n_cols), prefix, prefix_sq, np.float64(kappa_low), np.float64(kappa_high),
-         np.int32(min(int(iterations), 2**31 - 1)), lower, upper),
-    )
-    return lower, upper
+    return _clip_sorted_columns(values, kappa_low, kappa_high, iterations, xp, _KAPPA_SIGMA_SOURCE,
+                                "zemosaic_kappa_sigma_sorted", xp.float64)
 
 
 def fused_winsorized_range_values(
@@ -1250,25 +1266,13 @@ def fused_winsorized_range_values(
     ``None`` where :func:`fused_kappa_sigma_bounds` declines (not CuPy, too deep): the caller
     then runs the xp path.
     """
-    columns = _sorted_finite_columns(values, xp)
-    if columns is None:
-        return None
     from . import stack
 
-    sorted_values, counts, prefix, prefix_sq = columns
-    n_cols = int(values.shape[1])
-    lowest = xp.empty(n_cols, dtype=xp.float32)
-    highest = xp.empty(n_cols, dtype=xp.float32)
-    iterate = _fused_function(xp, _WINSORIZED_SOURCE, "zemosaic_winsorized_sorted")
-    iterate(
-        (-(-n_cols // _COLUMN_BLOCK),), (_COLUMN_BLOCK,),
-        (sorted_values, counts, np.int64(n_cols), prefix, prefix_sq, np.float64(kappa_low), np.float64(kappa_high),
-         np.int32(min(int(iterations), 2**31 - 1)), np.float64(winsor_sigma),
-         np.float64(stack.winsorized_consistency_factor(winsor_sigma)), np.float64(stack._WINSOR_TOLERANCE),
-         np.float64(stack._WINSOR_COLLAPSED), np.int32(stack._WINSOR_MAX_ITERATIONS),
-         np.int32(stack._MIN_SAMPLES_TO_REJECT), lowest, highest),
-    )
-    return lowest, highest
+    extra = (np.float64(winsor_sigma), np.float64(stack.winsorized_consistency_factor(winsor_sigma)),
+             np.float64(stack._WINSOR_TOLERANCE), np.float64(stack._WINSOR_COLLAPSED),
+             np.int32(stack._WINSOR_MAX_ITERATIONS), np.int32(stack._MIN_SAMPLES_TO_REJECT))
+    return _clip_sorted_columns(values, kappa_low, kappa_high, iterations, xp, _WINSORIZED_SOURCE,
+                                "zemosaic_winsorized_sorted", xp.float32, extra)
 
 
 # ----------------------------------------------------------------------------- chunk planning
