@@ -105,6 +105,11 @@ OPTIONS: dict[str, Option] = {
     "quality_min_star_fraction": Option(0.5, "Reject a frame with fewer stars than this fraction of the median of its pointing; 0 = rule off.", "float", minimum=0.0, maximum=1.0),
     "quality_min_transparency_fraction": Option(0.7, "Reject a frame whose star flux, relative to its pointing, is below this fraction of the session median; 0 = rule off.", "float", minimum=0.0, maximum=1.0),
     "quality_max_background_ratio": Option(1.5, "Reject a frame whose sky background exceeds this multiple of the session median (dawn, Moon, dew); 0 = rule off.", "float", minimum=0.0),
+    "quality_beside_reprojection": _choice(
+        "auto",
+        "Measure frame quality (P2) on a thread while Mosaic-First resamples every frame (P3); auto = when the GPU resamples.",
+        "auto", "on", "off",
+    ),
     "quality_reject_trails": Option(False, "Also reject frames crossed by a satellite/aircraft trail (off: pixel rejection removes the trail).", "bool"),
     # --- outputs -----------------------------------------------------------------------------
     "preview_max_side": Option(4096, "Long side of the PNG preview in pixels.", "int", minimum=64),

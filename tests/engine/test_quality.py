@@ -483,6 +483,60 @@ def test_quality_rejection_switch_in_the_pipeline(night, tmp_path):
     assert len(on.report["frames"]["metrics"]) == len(truth.frames)
 
 
+def test_quality_measured_beside_reprojection_gives_the_same_mosaic(night, tmp_path):
+    """P2 on a thread while Mosaic-First resamples every frame (P3), the rejected frames dropped
+    after P3: the same mosaic, to the bit, and the same report as measuring first."""
+    from napari_zemosaic.engine.pipeline import run
+    from napari_zemosaic.events import ProgressEvent
+
+    truth, _, _, _ = night
+    base = {"max_memory_mb": 512, "workflow": "mosaic_first"}
+    results, quality_progress = {}, {}
+    for setting in ("off", "on"):
+        events: list = []
+        results[setting] = run(truth.frames_dir, tmp_path / setting, {**base, "quality_beside_reprojection": setting},
+                               on_event=events.append)
+        quality_progress[setting] = [e for e in events if isinstance(e, ProgressEvent) and e.key == q.PROGRESS_KEY]
+    off, on = results["off"], results["on"]
+    np.testing.assert_array_equal(on.data, off.data)
+    np.testing.assert_array_equal(on.coverage, off.coverage)
+    assert on.canvas.shape == off.canvas.shape
+    assert on.canvas.wcs.to_header_string() == off.canvas.wcs.to_header_string()
+    rejected = {truth.frame_paths[i].name for i in (truth.cloudy_frame, truth.blurred_frame, truth.elongated_frame)}
+    for result in (off, on):
+        assert {Path(e["path"]).name for e in result.report["frames"]["excluded"]} == rejected
+        assert result.report["frames"]["used"] == len(truth.frames) - 3
+        assert len(result.report["frames"]["metrics"]) == len(truth.frames)
+        assert [f.path.name for f in result.frames] == [p.name for p in truth.frame_paths if p.name not in rejected]
+    assert on.report["frames"]["normalisation"] == off.report["frames"]["normalisation"]
+    # The thread's progress reaches the consumer through the run's generator, every frame once.
+    assert len(quality_progress["on"]) == len(quality_progress["off"]) == len(truth.frames)
+    assert "P2" in on.report["timings_s"] and "P3" in on.report["timings_s"]
+
+
+def test_quality_beside_reprojection_stops_its_thread_when_the_run_is_cancelled(night, tmp_path):
+    """A cancel during P3 stops the measuring thread too: nothing left running, report ``cancelled``."""
+    import json
+    import threading
+
+    from napari_zemosaic.engine.context import RunCancelled
+    from napari_zemosaic.engine.pipeline import iter_run
+    from napari_zemosaic.events import ProgressEvent
+
+    truth, _, _, _ = night
+    cancel = threading.Event()
+    generator = iter_run(truth.frames_dir, tmp_path / "out", {"max_memory_mb": 512, "workflow": "mosaic_first",
+                         "quality_beside_reprojection": "on"}, cancel_event=cancel)
+    with pytest.raises(RunCancelled):
+        for event in generator:
+            if isinstance(event, ProgressEvent) and event.phase == "P3":
+                cancel.set()
+    assert not [t for t in threading.enumerate() if t.name == "zemosaic-quality"]
+    report = json.loads((tmp_path / "out" / "run_report.json").read_text())
+    assert report["status"] == "cancelled"
+    assert not (tmp_path / "out" / "mosaic_science.fits").exists()
+
+
 def test_noise_fwhm_weighting_favours_sharp_frames_in_the_stack(tmp_path):
     """``noise_fwhm`` weights reach Mosaic-First: the blurred frame counts for less than with ``noise_variance``."""
     from napari_zemosaic.config import validate_config

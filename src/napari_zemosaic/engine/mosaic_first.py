@@ -77,7 +77,7 @@ import time
 from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Generator, Iterator, Sequence
+from typing import Any, Callable, Generator, Iterator, Protocol, Sequence
 
 import numpy as np
 
@@ -133,6 +133,14 @@ MIN_SAMPLE_ROWS = 8
 MIN_STACK_ROWS = 8
 #: Share of the GPU budget that the reprojected pieces may occupy to stay on the device.
 DEVICE_STORE_SHARE = 0.5
+
+
+class FrameVerdicts(Protocol):
+    """Quality verdicts reached while P3 runs (see ``pipeline._QualityBeside``)."""
+
+    def rejected(self, frames: Sequence[FrameInfo]) -> Generator[Event, None, set[int]]:
+        """Indices into ``frames`` to drop; yields the run's events while it waits."""
+        ...
 
 
 @dataclass
@@ -293,6 +301,13 @@ class PieceStore:
 
     def frame_indices(self, block: tuple[int, int]) -> list[int]:
         return sorted(self._entries.get(block, {}))
+
+    def drop_frame(self, frame_index: int) -> None:
+        """Forget a frame's pieces (one the quality rules rejected after it was resampled).
+
+        Spilled files stay until their block is dropped: a resumed run may adopt them."""
+        for entries in self._entries.values():
+            entries.pop(frame_index, None)
 
     def drop(self, block: tuple[int, int]) -> None:
         self._entries.pop(block, None)
@@ -966,9 +981,18 @@ def _array_module(array: Any) -> Any:
 
 
 def mosaic_first(
-    frames: Sequence[FrameInfo], canvas: Canvas, ctx: RunContext, n_channels: int = 3, label: str = ""
+    frames: Sequence[FrameInfo],
+    canvas: Canvas,
+    ctx: RunContext,
+    n_channels: int = 3,
+    label: str = "",
+    verdicts: FrameVerdicts | None = None,
 ) -> Generator[Event, None, CanvasStack]:
-    """Stack ``frames`` onto ``canvas`` (see the module docstring). Yields events; returns the stack."""
+    """Stack ``frames`` onto ``canvas`` (see the module docstring). Yields events; returns the stack.
+
+    ``verdicts``: quality verdicts still being reached while P3 resamples every frame; the
+    frames they reject are dropped after P3, before the photometric solve.
+    """
     config = ctx.config
     policy = ctx.policy
     budget = ctx.budget_bytes
@@ -1068,6 +1092,15 @@ def mosaic_first(
     if units.active and not label:  # nested calls (SDS batches, classic tiles): their workflow says it
         units.manifest.log_summary("reproject", ctx.reporter)
 
+    if verdicts is not None:
+        rejected = yield from verdicts.rejected(frames)
+        for index in rejected:
+            coarse.pop(index, None)
+            noises.pop(index, None)
+            missing_pieces.pop(index, None)
+            store.drop_frame(index)
+        failed = [entry for entry in failed if entry[0] not in rejected]
+
     coarse_shape = (-(-canvas.shape[0] // PHOTOMETRY_BIN_PX), -(-canvas.shape[1] // PHOTOMETRY_BIN_PX))
     used = sorted(coarse)
     # --- P4.5: photometric normalisation of the frames --------------------------------------
@@ -1095,7 +1128,10 @@ def mosaic_first(
         noise_all[index] = noises[index]
     normalisation.iterations, normalisation.converged = norm_used.iterations, norm_used.converged
     fwhm = np.array([info.metrics.get("fwhm_px", np.nan) for info in frames], dtype=np.float64)
-    weights = _frame_weights(config, noise_all, normalisation, fwhm)
+    # Normalised over the stacked frames only, so frames that failed or were rejected do not scale them.
+    weights = np.ones(len(frames), dtype=np.float32)
+    if used:
+        weights[used] = _frame_weights(config, noise_all[used], normalisation.subset(used), fwhm[used])
 
     # --- P5: stack block by block ----------------------------------------------------------
     height, width = canvas.shape

@@ -440,21 +440,10 @@ def _run_body(run: _Run, include: Iterable[str | Path] | None) -> Generator[Even
     if not ingested.usable:
         raise UserError("run_error_no_usable_frames", found=len(ingested.found), excluded=len(ingested.excluded))
 
-    # P2 ------------------------------------------------------------------------------
-    with ctx.timed("P2"):
-        ingested.usable = yield from _quality_filter(run, ingested.usable)
-    if not ingested.usable:
-        raise UserError("run_error_no_usable_frames", found=len(ingested.found), excluded=len(frames_report["excluded"]))
-    with ctx.timed("P2"):
-        workflow, fallbacks = choose_workflow(config["workflow"], config, ingested)
-        for fallback in fallbacks:
-            reporter.warning(fallback["reason_key"], workflow=fallback["from"], to=fallback["to"])
-        run.report["fallbacks"].extend(fallbacks)
-        run.report["workflow_used"] = workflow
-        reporter.info("run_info_workflow", workflow=workflow, frames=len(ingested.usable))
-    yield from ctx.drain()
-
     # P4: the global canvas ------------------------------------------------------------
+    # Laid out from every frame the header pass kept, so quality verdicts never move it: P3 may
+    # then resample frames while P2 still measures them, and a changed quality rule keeps the
+    # resampled frames of a resumed run. The autocrop trims what only rejected frames covered.
     frames = ingested.usable
     with ctx.timed("P4"):
         canvas = build_canvas(
@@ -465,10 +454,22 @@ def _run_body(run: _Run, include: Iterable[str | Path] | None) -> Generator[Even
         )
         reporter.info("canvas_info_built", width=canvas.shape[1], height=canvas.shape[0])
     yield from ctx.drain()
-
-    # P3 / P4.5 / P5: stacking ------------------------------------------------------------
     n_channels = output_channels(frames)
-    stacked = yield from _stack_with_workflow(run, frames, canvas, n_channels)
+
+    # P2, then P3 / P4.5 / P5: stacking -------------------------------------------------
+    if _quality_alongside_reprojection(run, ingested):
+        stacked = yield from _mosaic_first_beside_quality(run, ingested, canvas, n_channels)
+    else:
+        with ctx.timed("P2"):
+            ingested.usable = yield from _quality_filter(run, ingested.usable)
+        if not ingested.usable:
+            raise UserError(
+                "run_error_no_usable_frames", found=len(ingested.found), excluded=len(frames_report["excluded"])
+            )
+        _choose_and_report_workflow(run, ingested)
+        yield from ctx.drain()
+        frames = ingested.usable
+        stacked = yield from _stack_with_workflow(run, frames, canvas, n_channels)
     for index, key, detail in stacked.frames_failed:
         frames_report["excluded"].append(ExcludedFrame(str(frames[index].path), key, detail).to_dict())
     used_frames = [frames[i] for i in stacked.frames_used]
@@ -663,14 +664,18 @@ class _MetricsUnits:
         self.manifest.log_summary("metrics")
 
 
-def _quality_filter(run: _Run, frames: list[FrameInfo]) -> Generator[Event, None, list[FrameInfo]]:
+def _quality_filter(
+    run: _Run, frames: list[FrameInfo], reporter: Any = None
+) -> Generator[Event, None, list[FrameInfo]]:
     """Measure every frame (stars, FWHM, elongation, background, transparency) and apply the rules.
 
     Rejected frames are listed with the rule, the value and the threshold; nothing is deleted.
+    ``reporter``: the run's by default (a :class:`_QuietReporter` when this runs on a thread).
     """
     from .quality import excluded_entries
 
-    ctx, config, reporter = run.ctx, run.config, run.ctx.reporter
+    ctx, config = run.ctx, run.config
+    reporter = reporter if reporter is not None else ctx.reporter
     metrics, decisions = yield from judge_frames(frames, config, reporter, ctx.executor, ctx.manifest)
     run.report["frames"]["metrics"] = [
         {**metric.to_dict(), "decision": decision.to_dict()} for metric, decision in zip(metrics, decisions)
@@ -682,8 +687,123 @@ def _quality_filter(run: _Run, frames: list[FrameInfo]) -> Generator[Event, None
         reporter.warning(entry["reason_key"], path=entry["path"], **entry.get("params", {}))
     run.report["frames"]["excluded"].extend(rejected)
     reporter.info("quality_info_rejected", rejected=len(rejected), frames=len(frames))
-    yield from ctx.drain()
+    yield from reporter.pop_pending()
+    ctx.check_cancelled()
     return [info for info, decision in zip(frames, decisions) if decision.accepted]
+
+
+def _choose_and_report_workflow(run: _Run, ingested: IngestResult) -> str:
+    with run.ctx.timed("P2"):
+        workflow, fallbacks = choose_workflow(run.config["workflow"], run.config, ingested)
+        for fallback in fallbacks:
+            run.ctx.reporter.warning(fallback["reason_key"], workflow=fallback["from"], to=fallback["to"])
+        run.report["fallbacks"].extend(fallbacks)
+        run.report["workflow_used"] = workflow
+        run.ctx.reporter.info("run_info_workflow", workflow=workflow, frames=len(ingested.usable))
+    return workflow
+
+
+def _quality_alongside_reprojection(run: _Run, ingested: IngestResult) -> bool:
+    """Whether P2 measures on a thread while Mosaic-First resamples every frame (P3).
+
+    Only when the workflow is Mosaic-First whatever P2 rejects (a subset of Seestar frames is
+    still Seestar), frames run in this process (no scheduler), and, with ``auto``, the GPU
+    resamples: the measurement then has the host's cores while the device resamples.
+    """
+    setting = run.config.get("quality_beside_reprojection", "auto")
+    if setting == "off" or run.ctx.executor is not None:
+        return False
+    if choose_workflow(run.config["workflow"], run.config, ingested)[0] != "mosaic_first":
+        return False
+    if setting == "on":
+        return True
+    policy = run.ctx.policy
+    return policy is not None and policy.uses_gpu("reproject")
+
+
+class _QuietReporter:
+    """The run's reporter for a generator driven on a thread: it logs and reports progress as
+    usual, but leaves the events for the run's own generator to yield, in one stream."""
+
+    def __init__(self, reporter: Reporter) -> None:
+        self._reporter = reporter
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._reporter, name)
+
+    def pop_pending(self) -> list[Event]:
+        return []
+
+
+class _QualityBeside:
+    """P2 (:func:`_quality_filter`) driven on a thread; :meth:`rejected` waits for its verdicts.
+
+    Mosaic-First calls :meth:`rejected` after resampling every frame (``verdicts``), drops the
+    frames it names and stacks the others, as if P2 had run first. :meth:`close` stops the
+    measurement at its next frame (a failed or cancelled run).
+    """
+
+    def __init__(self, run: _Run, ingested: IngestResult) -> None:
+        self._run, self._ingested = run, ingested
+        self._frames = list(ingested.usable)
+        self._stop = threading.Event()
+        self._accepted: list[FrameInfo] | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._measure, name="zemosaic-quality", daemon=True)
+        self._thread.start()
+
+    def _measure(self) -> None:
+        ctx = self._run.ctx
+        measuring = _quality_filter(self._run, self._frames, _QuietReporter(ctx.reporter))
+        try:
+            with ctx.timed("P2"):
+                while True:
+                    if self._stop.is_set() or ctx.cancel_event.is_set():
+                        measuring.close()
+                        return
+                    try:
+                        next(measuring)
+                    except StopIteration as stop:
+                        self._accepted = stop.value
+                        return
+        except BaseException as exc:  # raised in the run's thread by rejected()
+            self._error = exc
+
+    def rejected(self, frames: Sequence[FrameInfo]) -> Generator[Event, None, set[int]]:
+        """Indices into ``frames`` (the frames given to P3) that P2 rejected; yields events meanwhile.
+
+        Raises what P2 raised, and ``run_error_no_usable_frames`` when it rejected every frame."""
+        ctx = self._run.ctx
+        while self._thread.is_alive():
+            self._thread.join(0.05)
+            yield from ctx.drain()
+        yield from ctx.drain()
+        if self._error is not None:
+            raise self._error
+        assert self._accepted is not None
+        self._ingested.usable = self._accepted
+        if not self._accepted:
+            raise UserError("run_error_no_usable_frames", found=len(self._ingested.found),
+                            excluded=len(self._run.report["frames"]["excluded"]))
+        kept = {id(info) for info in self._accepted}
+        return {index for index, info in enumerate(frames) if id(info) not in kept}
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _mosaic_first_beside_quality(
+    run: _Run, ingested: IngestResult, canvas: Canvas, n_channels: int
+) -> Generator[Event, None, CanvasStack]:
+    """Mosaic-First over every frame the header pass kept, with P2 measuring on a thread."""
+    quality = _QualityBeside(run, ingested)
+    try:
+        _choose_and_report_workflow(run, ingested)
+        yield from run.ctx.drain()
+        return (yield from mosaic_first(list(ingested.usable), canvas, run.ctx, n_channels, verdicts=quality))
+    finally:
+        quality.close()
 
 
 def _stack_with_workflow(

@@ -1201,7 +1201,7 @@ def fwhm_factors(fwhm: np.ndarray) -> np.ndarray:
     fwhm = np.asarray(fwhm, dtype=np.float64)
     finite = np.isfinite(fwhm) & (fwhm > 0)
     if not finite.any():
-        return np.ones(len(metrics))
+        return np.ones(len(fwhm))
     typical = float(np.median(fwhm[finite]))
     factor = np.where(finite, (typical / np.where(finite, fwhm, 1.0)) ** 2, 1.0)
     return factor / factor.mean()
