@@ -553,6 +553,145 @@ def test_fused_bilinear_sampling_equals_the_numpy_path_to_the_bit(device: int, w
     np.testing.assert_allclose(gpu.to_host(out)[both], cpu_out[both], rtol=1e-6, atol=1e-3)
 
 
+DEBAYER_SHAPES = [(2, 2), (2, 3), (3, 2), (7, 9), (64, 96), (65, 97)]
+
+
+@pytest.mark.parametrize("pattern", ["RGGB", "BGGR", "GRBG", "GBRG"])
+@pytest.mark.parametrize("shape", DEBAYER_SHAPES, ids=[f"{h}x{w}" for h, w in DEBAYER_SHAPES])
+def test_fused_debayer_equals_the_numpy_path_to_the_bit(device: int, pattern: str, shape: tuple[int, int]) -> None:
+    """debayer.debayer_bilinear on CuPy (one kernel, gpu.fused_debayer_bilinear) gives NumPy's cube
+    exactly: every pattern, odd sizes, the reflected borders, NaN and ±inf pixels."""
+    debayer = pytest.importorskip("napari_zemosaic.engine.debayer")
+    rng = np.random.default_rng(81)
+    cfa = (SKY + NOISE_SIGMA * rng.standard_normal(shape)).astype(np.float32)
+    if cfa.size >= 16:
+        picks = rng.choice(cfa.size, 6, replace=False)
+        cfa.flat[picks[:2]] = np.nan
+        cfa.flat[picks[2:4]] = np.inf
+        cfa.flat[picks[4:]] = -np.inf
+        cfa[0, -1] = np.nan  # on the reflected border
+    cpu = debayer.debayer_bilinear(cfa, pattern, np)
+    direct = gpu.fused_debayer_bilinear(cp.asarray(cfa), pattern, cp)
+    assert direct is not None and direct.dtype == cp.float32 and direct.shape == (3, *shape)
+    np.testing.assert_array_equal(gpu.to_host(direct), cpu)
+    np.testing.assert_array_equal(gpu.to_host(debayer.debayer_bilinear(cp.asarray(cfa), pattern, cp)), cpu)
+    # A strided view and an integer CFA reach the same kernel through the float32 C-order copy.
+    np.testing.assert_array_equal(gpu.to_host(debayer.debayer_bilinear(cp.asarray(cfa)[:, ::-1], pattern, cp)),
+                                  debayer.debayer_bilinear(cfa[:, ::-1], pattern, np))
+    raw = np.clip(np.nan_to_num(cfa, nan=0.0, posinf=65535.0, neginf=0.0), 0, 65535).astype(np.uint16)
+    np.testing.assert_array_equal(gpu.to_host(debayer.debayer_bilinear(cp.asarray(raw), pattern.lower(), cp)),
+                                  debayer.debayer_bilinear(raw, pattern, np))
+    generic = gpu.to_host(debayer.debayer_bilinear(cp.asarray(cfa), pattern, cp, fused=False))
+    finite = np.isfinite(cpu)
+    assert np.array_equal(np.isfinite(generic), finite)
+    np.testing.assert_allclose(generic[finite], cpu[finite], rtol=1e-6)
+
+
+def test_fused_debayer_declines_what_it_does_not_cover(device: int) -> None:
+    plane = cp.zeros((8, 8), dtype=cp.float32)
+    assert gpu.fused_debayer_bilinear(np.zeros((8, 8), np.float32), "RGGB", np) is None
+    assert gpu.fused_debayer_bilinear(plane.astype(cp.float64), "RGGB", cp) is None
+    assert gpu.fused_debayer_bilinear(plane[:, ::2], "RGGB", cp) is None
+    assert gpu.fused_debayer_bilinear(plane[None], "RGGB", cp) is None
+    assert gpu.fused_debayer_bilinear(plane, "RGBG", cp) is None
+    assert gpu.fused_debayer_bilinear(plane[:1], "RGGB", cp) is None
+
+
+def _grid_case(case: str) -> tuple[np.ndarray, Any]:
+    """A frame (C, H, W) with NaN pixels and a real control grid over a box that runs past the
+    frame's edges (so part of the map is off the frame)."""
+    reproject = pytest.importorskip("napari_zemosaic.engine.reproject")
+    if case == "seestar":
+        data, grid, _, _, _ = _reprojection_case()
+        return data, grid
+    rng = np.random.default_rng(91)
+    shape = (301, 419)
+    data = np.stack([star_field(shape, 60, rng) * r for r in RESPONSE]).astype(np.float32)
+    if case == "nan":
+        data[:, 100:120, 200:260] = np.nan
+        data[1, 5, 7] = np.nan
+        data[2, -1, :] = np.nan  # the bottom border row
+    if case == "mono":
+        data = data[:1]
+    frame_wcs = tan_wcs(150.0, 20.0, shape, 2.4, 23.0)
+    canvas_shape = (520, 610)
+    canvas_wcs = tan_wcs(150.02, 20.01, canvas_shape, 2.0, 0.0)
+    grid = reproject.compute_control_grid(frame_wcs, shape, canvas_wcs, (37, 503, 11, 597), tol_px=0.001,
+                                          initial_step=16)
+    return data, grid
+
+
+@pytest.mark.parametrize("case", ["plain", "nan", "mono", "seestar"])
+def test_fused_map_and_bilinear_sampling_equal_the_numpy_path_to_the_bit(device: int, case: str) -> None:
+    """reproject.sample_rows on CuPy (one kernel computing the map from the expander's control rows,
+    gpu.fused_bilinear_grid_into) gives NumPy's expand_control_grid + _bilinear_into values and
+    footprint exactly, whatever the row chunks; so does the dense-map path on CuPy."""
+    reproject = pytest.importorskip("napari_zemosaic.engine.reproject")
+    data, grid = _grid_case(case)
+    height, width = grid.shape
+    map_x, map_y = reproject.expand_control_grid(grid, np)
+    cpu_source = reproject._prepare_source(data, np)
+    cpu_out = np.empty((data.shape[0], height, width), dtype=np.float32)
+    cpu_fp = np.empty((height, width), dtype=np.float32)
+    reproject._bilinear_into(cpu_source, map_x, map_y, cpu_out, cpu_fp, np)
+    assert 0.05 < np.isnan(cpu_out[0]).mean() < 0.95  # both inside and off the frame
+    if case == "nan":
+        assert (cpu_fp == 0).sum() > (~reproject._inside(map_x, map_y, data.shape[2], data.shape[1])).sum()
+    source = reproject._prepare_source(cp.asarray(data), cp)
+    expander = reproject._MapExpander(grid, cp)
+    assert grid.src_x.shape[0] > 2
+    for chunks in ([height], [1, 2, 3, height], [7] * (height // 7 + 1), [64] * (height // 64 + 1)):
+        out = cp.full((data.shape[0], height, width), 7.0, dtype=cp.float32)
+        footprint = cp.full((height, width), 7.0, dtype=cp.float32)
+        r0 = 0
+        for rows in chunks:
+            r1 = min(r0 + rows, height)
+            if r1 > r0:
+                assert expander.sample_bilinear_into(source, r0, r1, out[:, r0:r1], footprint[r0:r1])
+            r0 = r1
+        assert r0 == height
+        np.testing.assert_array_equal(gpu.to_host(out), cpu_out)
+        np.testing.assert_array_equal(gpu.to_host(footprint), cpu_fp)
+    # The public helper, fused and not (rows() + fused_bilinear_into): the same bits.
+    for fused in (True, False):
+        out = cp.empty((data.shape[0], height, width), dtype=cp.float32)
+        footprint = cp.empty((height, width), dtype=cp.float32)
+        step = 97
+        for r0 in range(0, height, step):
+            r1 = min(r0 + step, height)
+            reproject.sample_rows(expander, source, "bilinear", r0, r1, out[:, r0:r1], footprint[r0:r1], cp,
+                                  fused=fused)
+        np.testing.assert_array_equal(gpu.to_host(out), cpu_out)
+        np.testing.assert_array_equal(gpu.to_host(footprint), cpu_fp)
+
+
+def test_fused_map_sampling_declines_and_reproject_frame_agrees(device: int) -> None:
+    """The grid kernel declines what it does not cover (NumPy, a float64 map, a bad output layout),
+    and reproject.reproject_frame (which samples through sample_rows) gives NumPy's bits."""
+    reproject = pytest.importorskip("napari_zemosaic.engine.reproject")
+    data, grid = _grid_case("nan")
+    height, width = grid.shape
+    source = reproject._prepare_source(cp.asarray(data), cp)
+    out = cp.empty((data.shape[0], height, width), dtype=cp.float32)
+    footprint = cp.empty((height, width), dtype=cp.float32)
+    assert not reproject._MapExpander(grid, np).sample_bilinear_into(source, 0, height, out, footprint)
+    assert not reproject._MapExpander(grid, cp, np.float64).sample_bilinear_into(source, 0, height, out, footprint)
+    expander = reproject._MapExpander(grid, cp)
+    assert not expander.sample_bilinear_into(source, 0, height, out[:, :, ::2], footprint)
+    assert not expander.sample_bilinear_into(source, 0, height + 1, out, footprint)
+    assert not expander.sample_bilinear_into(source, 0, height - 1, out, footprint)  # shapes disagree
+    # A canvas larger than the frame: edges, NaN pixels and uncovered canvas all in one call.
+    frame_shape = (int(data.shape[1]), int(data.shape[2]))
+    frame_wcs = tan_wcs(150.0, 20.0, frame_shape, 2.4, 23.0)
+    canvas_shape = (520, 610)
+    canvas_wcs = tan_wcs(150.02, 20.01, canvas_shape, 2.0, 0.0)
+    cpu = reproject.reproject_frame(data, frame_wcs, canvas_wcs, canvas_shape, xp=np)
+    on_gpu = reproject.reproject_frame(cp.asarray(data), frame_wcs, canvas_wcs, canvas_shape, xp=cp)
+    assert cpu is not None and on_gpu is not None and cpu[0] == on_gpu[0]
+    np.testing.assert_array_equal(gpu.to_host(on_gpu[1]), cpu[1])
+    np.testing.assert_array_equal(gpu.to_host(on_gpu[2]), cpu[2])
+
+
 def fused_kappa_sigma_cube(rng: np.random.Generator, n_frames: int, columns: int) -> np.ndarray:
     """(N, 1, 1, columns) samples made to stress kappa-sigma: outliers, NaN, ±inf, ties, constants."""
     cube = (SKY + NOISE_SIGMA * rng.standard_normal((n_frames, columns))).astype(np.float32)

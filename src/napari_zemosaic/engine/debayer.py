@@ -112,14 +112,20 @@ def _mean_of(weight: float, *views: Any) -> Any:
     return total
 
 
-def debayer_bilinear(cfa: Any, pattern: str, xp: Any) -> Any:
+def debayer_bilinear(cfa: Any, pattern: str, xp: Any, *, fused: bool = True) -> Any:
     """Bilinear demosaic of a (H, W) CFA plane into a (3, H, W) float32 RGB cube.
 
     Known sites keep their value exactly; edges are handled by reflective padding.
+    On the GPU (``fused``, the default) one CUDA kernel (:func:`.gpu.fused_debayer_bilinear`)
+    computes the same values to the bit, without the padded copy and the ~20 strided calls.
     """
     _require_cfa(cfa)
     name = normalize_pattern(pattern)
     plane = xp.asarray(cfa, dtype=xp.float32)
+    if fused and getattr(xp, "cuda", None) is not None:  # CuPy
+        rgb = _fused_gpu().fused_debayer_bilinear(xp.ascontiguousarray(plane), name, xp)
+        if rgb is not None:
+            return rgb
     shape = (int(plane.shape[0]), int(plane.shape[1]))
     padded = xp.pad(plane, 1, mode="reflect")
     rgb = xp.empty((3,) + shape, dtype=xp.float32)

@@ -856,6 +856,38 @@ extern "C" __global__ void zemosaic_hot_fix(
         atomicAdd(n_fixed, 1ULL);
     }
 }
+
+// debayer.debayer_bilinear, one pixel's three channels: its own colour copied, the others the
+// pairwise means (a + b) x 0.5 and ((a + b) + (c + d)) x 0.25 in float32, reflect-padded by one.
+// c00..c11: channel (0 R, 1 G, 2 B) of the phases (0, 0), (0, 1), (1, 0), (1, 1).
+extern "C" __global__ void zemosaic_debayer_bilinear(
+    const float* __restrict__ plane, const int h, const int w,
+    const int c00, const int c01, const int c10, const int c11, float* __restrict__ rgb)
+{
+    const long long total = (long long)h * w;
+    for (long long k = (long long)blockIdx.x * blockDim.x + threadIdx.x; k < total; k += (long long)gridDim.x * blockDim.x) {
+        const int y = (int)(k / w), x = (int)(k % w);
+        const int dy = y & 1, dx = x & 1;
+        const int colour = dy ? (dx ? c11 : c10) : (dx ? c01 : c00);
+        const long long r0 = (long long)y * w;
+        const long long ru = (long long)zm_reflect(y - 1, h) * w, rd = (long long)zm_reflect(y + 1, h) * w;
+        const int xl = zm_reflect(x - 1, w), xr = zm_reflect(x + 1, w);
+        const float left = plane[r0 + xl], right = plane[r0 + xr], up = plane[ru + x], down = plane[rd + x];
+        rgb[colour * total + k] = plane[k];
+        if (colour == 1) {
+            // The other site of this row of the cell says which colour runs along the row.
+            const int row_colour = dy ? (dx ? c10 : c11) : (dx ? c00 : c01);
+            rgb[row_colour * total + k] = __fmul_rn(__fadd_rn(left, right), 0.5f);
+            rgb[(2 - row_colour) * total + k] = __fmul_rn(__fadd_rn(up, down), 0.5f);
+        } else {
+            const float cross = __fadd_rn(__fadd_rn(left, right), __fadd_rn(up, down));
+            const float diagonal = __fadd_rn(__fadd_rn(plane[ru + xl], plane[ru + xr]),
+                                             __fadd_rn(plane[rd + xl], plane[rd + xr]));
+            rgb[total + k] = __fmul_rn(cross, 0.25f);
+            rgb[(2 - colour) * total + k] = __fmul_rn(diagonal, 0.25f);
+        }
+    }
+}
 """
 
 
@@ -909,6 +941,27 @@ def fused_hot_pixel_fix(
         np.float32(isolation_floor), corrected, fixed,
     ), block=128)
     return corrected, int(fixed.get()[0])
+
+
+_BAYER_CHANNELS = {"R": 0, "G": 1, "B": 2}
+_BAYER_PATTERNS = ("RGGB", "BGGR", "GRBG", "GBRG")
+
+
+def fused_debayer_bilinear(plane: Any, pattern_name: str, xp: Any) -> Any | None:
+    """``debayer.debayer_bilinear`` in one kernel: the (3, H, W) float32 RGB cube of a (H, W) float32
+    C-contiguous CFA plane, the same values to the bit; ``None`` when not on CuPy or the plane is
+    not laid out so (the caller then runs the xp path)."""
+    if not is_device_module(xp) or plane.ndim != 2 or plane.dtype != xp.float32 or not plane.flags.c_contiguous:
+        return None
+    name = str(pattern_name).strip().upper()
+    height, width = (int(v) for v in plane.shape)
+    if name not in _BAYER_PATTERNS or height < 2 or width < 2:
+        return None
+    rgb = xp.empty((3, height, width), dtype=xp.float32)
+    _launch_1d(_fused_function(xp, _HOT_PIXEL_SOURCE, "zemosaic_debayer_bilinear"), height * width, (
+        plane, np.int32(height), np.int32(width), *(np.int32(_BAYER_CHANNELS[colour]) for colour in name), rgb,
+    ))
+    return rgb
 
 
 _CLIPPED_MAD_SOURCE = r"""
@@ -1104,8 +1157,8 @@ def fused_place_pieces(
 
 
 _BILINEAR_SOURCE = r"""
-// reproject._bilinear_into for every pixel of a row chunk: the inside test, the clamped cell,
-// the four float32 weights and the gathers summed in NumPy's order, the NaN-mask rule.
+// reproject._bilinear_into for one pixel of a row chunk: the inside test, the clamped cell, the
+// four float32 weights and the gathers summed in NumPy's order, the NaN-mask rule.
 __device__ __forceinline__ float zm_gather(const float* p, long long tl, long long tr, long long bl, long long br,
                                            float w00, float w01, float w10, float w11)
 {
@@ -1113,36 +1166,74 @@ __device__ __forceinline__ float zm_gather(const float* p, long long tl, long lo
                      __fmul_rn(w11, p[br]));
 }
 
+__device__ __forceinline__ void zm_bilinear_pixel(
+    const float* __restrict__ flat, const long long plane, const int channels, const float* __restrict__ bad,
+    const int has_bad, const int height, const int width, const float x, const float y, const long long k,
+    float* __restrict__ out, const long long out_stride, float* __restrict__ footprint)
+{
+    const float nan = __int_as_float(0x7fc00000);
+    const bool inside = (x >= -0.5f) && (x <= (float)width - 0.5f) && (y >= -0.5f) && (y <= (float)height - 0.5f);
+    const float xc = fminf(fmaxf(inside ? x : 0.0f, 0.0f), (float)(width - 1));
+    const float yc = fminf(fmaxf(inside ? y : 0.0f, 0.0f), (float)(height - 1));
+    const float cx = fminf(floorf(xc), (float)(width - 2 > 0 ? width - 2 : 0));
+    const float cy = fminf(floorf(yc), (float)(height - 2 > 0 ? height - 2 : 0));
+    const float fx = __fsub_rn(xc, cx), fy = __fsub_rn(yc, cy);
+    const float gx = __fsub_rn(1.0f, fx), gy = __fsub_rn(1.0f, fy);
+    const float w00 = __fmul_rn(gx, gy), w01 = __fmul_rn(fx, gy), w10 = __fmul_rn(gx, fy), w11 = __fmul_rn(fx, fy);
+    const long long tl = (long long)cy * width + (long long)cx;
+    const long long tr = tl + (width > 1 ? 1 : 0);
+    const long long bl = tl + (height > 1 ? width : 0);
+    const long long br = bl + (width > 1 ? 1 : 0);
+    bool valid = inside;
+    if (has_bad) valid = valid && (zm_gather(bad, tl, tr, bl, br, w00, w01, w10, w11) <= 0.0f);
+    for (int c = 0; c < channels; ++c) {
+        out[c * out_stride + k] = valid ? zm_gather(flat + c * plane, tl, tr, bl, br, w00, w01, w10, w11) : nan;
+    }
+    footprint[k] = valid ? 1.0f : 0.0f;
+}
+
+// Sampling at a dense map (map_x, map_y), n pixels.
 extern "C" __global__ void zemosaic_bilinear(
     const float* __restrict__ flat, const long long plane, const int channels, const float* __restrict__ bad,
     const int has_bad, const int height, const int width, const float* __restrict__ map_x,
     const float* __restrict__ map_y, const long long n, float* __restrict__ out, const long long out_stride,
     float* __restrict__ footprint)
 {
-    const float nan = __int_as_float(0x7fc00000);
     for (long long k = (long long)blockIdx.x * blockDim.x + threadIdx.x; k < n; k += (long long)gridDim.x * blockDim.x) {
-        const float x = map_x[k], y = map_y[k];
-        const bool inside = (x >= -0.5f) && (x <= (float)width - 0.5f) && (y >= -0.5f) && (y <= (float)height - 0.5f);
-        const float xc = fminf(fmaxf(inside ? x : 0.0f, 0.0f), (float)(width - 1));
-        const float yc = fminf(fmaxf(inside ? y : 0.0f, 0.0f), (float)(height - 1));
-        const float cx = fminf(floorf(xc), (float)(width - 2 > 0 ? width - 2 : 0));
-        const float cy = fminf(floorf(yc), (float)(height - 2 > 0 ? height - 2 : 0));
-        const float fx = __fsub_rn(xc, cx), fy = __fsub_rn(yc, cy);
-        const float gx = __fsub_rn(1.0f, fx), gy = __fsub_rn(1.0f, fy);
-        const float w00 = __fmul_rn(gx, gy), w01 = __fmul_rn(fx, gy), w10 = __fmul_rn(gx, fy), w11 = __fmul_rn(fx, fy);
-        const long long tl = (long long)cy * width + (long long)cx;
-        const long long tr = tl + (width > 1 ? 1 : 0);
-        const long long bl = tl + (height > 1 ? width : 0);
-        const long long br = bl + (width > 1 ? 1 : 0);
-        bool valid = inside;
-        if (has_bad) valid = valid && (zm_gather(bad, tl, tr, bl, br, w00, w01, w10, w11) <= 0.0f);
-        for (int c = 0; c < channels; ++c) {
-            out[c * out_stride + k] = valid ? zm_gather(flat + c * plane, tl, tr, bl, br, w00, w01, w10, w11) : nan;
-        }
-        footprint[k] = valid ? 1.0f : 0.0f;
+        zm_bilinear_pixel(flat, plane, channels, bad, has_bad, height, width, map_x[k], map_y[k], k, out, out_stride,
+                          footprint);
+    }
+}
+
+// Sampling at the map of reproject._MapExpander.rows(r0, r0 + n / cols), computed here from the
+// expander's control rows (float32 rows + frac x step, one rounding each) instead of read from
+// a dense map.
+extern "C" __global__ void zemosaic_bilinear_grid(
+    const float* __restrict__ flat, const long long plane, const int channels, const float* __restrict__ bad,
+    const int has_bad, const int height, const int width, const float* __restrict__ rows_x,
+    const float* __restrict__ rows_y, const float* __restrict__ step_x, const float* __restrict__ step_y,
+    const long long* __restrict__ row_cell, const float* __restrict__ row_frac, const long long r0, const int cols,
+    const long long n, float* __restrict__ out, const long long out_stride, float* __restrict__ footprint)
+{
+    for (long long k = (long long)blockIdx.x * blockDim.x + threadIdx.x; k < n; k += (long long)gridDim.x * blockDim.x) {
+        const long long row = r0 + k / cols;
+        const long long at = row_cell[row] * cols + k % cols;
+        const float frac = row_frac[row];
+        const float x = __fadd_rn(rows_x[at], __fmul_rn(frac, step_x[at]));
+        const float y = __fadd_rn(rows_y[at], __fmul_rn(frac, step_y[at]));
+        zm_bilinear_pixel(flat, plane, channels, bad, has_bad, height, width, x, y, k, out, out_stride, footprint);
     }
 }
 """
+
+
+def _bilinear_output_fits(out: Any, footprint: Any, channels: int, rows: int, cols: int, xp: Any) -> bool:
+    """Whether ``out`` (C, rows, cols) float32 has C-contiguous planes (any plane stride) and
+    ``footprint`` is (rows, cols): the layout the bilinear kernels write."""
+    if out.dtype != xp.float32 or out.ndim != 3 or tuple(out.shape) != (channels, rows, cols):
+        return False
+    item = out.itemsize
+    return out.strides[2] == item and out.strides[1] == cols * item and tuple(footprint.shape) == (rows, cols)
 
 
 def fused_bilinear_into(flat: Any, bad: Any | None, height: int, width: int, x: Any, y: Any, out: Any,
@@ -1152,19 +1243,52 @@ def fused_bilinear_into(flat: Any, bad: Any | None, height: int, width: int, x: 
     if not is_device_module(xp):
         return False
     arrays = [flat, x, y, footprint] + ([] if bad is None else [bad])
-    if any(a.dtype != xp.float32 or not a.flags.c_contiguous for a in arrays) or out.dtype != xp.float32:
+    if any(a.dtype != xp.float32 or not a.flags.c_contiguous for a in arrays):
         return False
     channels = int(flat.shape[0])
     rows, cols = (int(v) for v in x.shape)
-    if out.ndim != 3 or tuple(out.shape[1:]) != (rows, cols) or int(out.shape[0]) != channels:
-        return False
-    item = out.itemsize
-    if out.strides[2] != item or out.strides[1] != cols * item or tuple(footprint.shape) != (rows, cols):
+    if not _bilinear_output_fits(out, footprint, channels, rows, cols, xp):
         return False
     n = rows * cols
     _launch_1d(_fused_function(xp, _BILINEAR_SOURCE, "zemosaic_bilinear"), n, (
         flat, np.int64(flat.shape[1]), np.int32(channels), flat if bad is None else bad, np.int32(bad is not None),
-        np.int32(height), np.int32(width), x, y, np.int64(n), out, np.int64(out.strides[0] // item), footprint,
+        np.int32(height), np.int32(width), x, y, np.int64(n), out, np.int64(out.strides[0] // out.itemsize), footprint,
+    ))
+    return True
+
+
+def fused_bilinear_grid_into(
+    flat: Any, bad: Any | None, height: int, width: int, rows_x: Any, rows_y: Any, step_x: Any, step_y: Any,
+    row_cell: Any, row_frac: Any, r0: int, r1: int, out: Any, footprint: Any, xp: Any,
+) -> bool:
+    """``reproject._MapExpander.rows(r0, r1)`` then :func:`fused_bilinear_into` in one kernel that
+    never makes the dense map, the same values to the bit. ``rows_x``/``rows_y`` (ny, w) and
+    ``step_x``/``step_y`` (ny - 1, w) float32, ``row_cell`` (h,) int and ``row_frac`` (h,) float32
+    are the expander's arrays. False (nothing written) when not on CuPy or the arrays are not
+    laid out as the kernel reads them (the caller then runs the dense path)."""
+    if not is_device_module(xp):
+        return False
+    arrays = [flat, rows_x, rows_y, step_x, step_y, row_frac, footprint] + ([] if bad is None else [bad])
+    if any(a.dtype != xp.float32 or not a.flags.c_contiguous for a in arrays):
+        return False
+    n_points, cols = (int(v) for v in rows_x.shape)
+    if tuple(rows_y.shape) != (n_points, cols) or any(tuple(a.shape) != (n_points - 1, cols) for a in (step_x, step_y)):
+        return False
+    r0, r1 = int(r0), int(r1)
+    if row_cell.ndim != 1 or row_frac.ndim != 1 or not 0 <= r0 <= r1 <= min(int(row_cell.size), int(row_frac.size)):
+        return False
+    channels = int(flat.shape[0])
+    if not _bilinear_output_fits(out, footprint, channels, r1 - r0, cols, xp):
+        return False
+    n = (r1 - r0) * cols
+    if n == 0:
+        return True
+    # A no-op when the cells already are contiguous int64 (the usual case).
+    row_cell = xp.ascontiguousarray(row_cell, dtype=xp.int64)
+    _launch_1d(_fused_function(xp, _BILINEAR_SOURCE, "zemosaic_bilinear_grid"), n, (
+        flat, np.int64(flat.shape[1]), np.int32(channels), flat if bad is None else bad, np.int32(bad is not None),
+        np.int32(height), np.int32(width), rows_x, rows_y, step_x, step_y, row_cell, row_frac,
+        np.int64(r0), np.int32(cols), np.int64(n), out, np.int64(out.strides[0] // out.itemsize), footprint,
     ))
     return True
 
@@ -1858,7 +1982,9 @@ __all__ = [
     "ensure_cupy_pool_initialized",
     "free_cupy_memory_pools",
     "FUSED_SORT_MAX_ROWS",
+    "fused_bilinear_grid_into",
     "fused_bilinear_into",
+    "fused_debayer_bilinear",
     "fused_clipped_mad_sigmas",
     "fused_hot_pixel_fix",
     "fused_hot_pixel_residuals",

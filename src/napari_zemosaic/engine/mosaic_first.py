@@ -108,9 +108,9 @@ from .reproject import (
     _MapExpander,
     _prepare_source,
     _rows_per_chunk,
-    _sample_into,
     compute_control_grid,
     reproject_frame,
+    sample_rows,
 )
 from .stack import StackParams, noise_weights, stack_cube
 
@@ -432,8 +432,7 @@ def sample_control_grid(data: Any, grid: ControlGrid, method: str, xp: Any, rows
     rows = max(1, int(rows_per_chunk))
     for r0 in range(0, height, rows):
         r1 = min(r0 + rows, height)
-        map_x, map_y = expander.rows(r0, r1)
-        _sample_into(source, map_x, map_y, method, out[:, r0:r1], footprint[r0:r1], xp)
+        sample_rows(expander, source, method, r0, r1, out[:, r0:r1], footprint[r0:r1], xp)
     return out, footprint
 
 

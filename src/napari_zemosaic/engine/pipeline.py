@@ -14,6 +14,7 @@ import dataclasses
 import datetime as _dt
 import errno
 import hashlib
+import os
 import shutil
 import threading
 import time
@@ -42,6 +43,8 @@ from .outputs import (
 )
 
 WORKFLOWS_AVAILABLE = ("mosaic_first", "sds", "classic")
+#: Cores the quality measurement leaves to the resampling when both run at once.
+CORES_LEFT_TO_RESAMPLING = 4
 
 
 @dataclass
@@ -665,18 +668,20 @@ class _MetricsUnits:
 
 
 def _quality_filter(
-    run: _Run, frames: list[FrameInfo], reporter: Any = None
+    run: _Run, frames: list[FrameInfo], reporter: Any = None, workers: int = 0
 ) -> Generator[Event, None, list[FrameInfo]]:
     """Measure every frame (stars, FWHM, elongation, background, transparency) and apply the rules.
 
     Rejected frames are listed with the rule, the value and the threshold; nothing is deleted.
-    ``reporter``: the run's by default (a :class:`_QuietReporter` when this runs on a thread).
+    ``reporter``: the run's by default (a :class:`_QuietReporter` when this runs on a thread);
+    ``workers`` > 0 sizes the measuring pool when the config leaves it automatic.
     """
     from .quality import excluded_entries
 
     ctx, config = run.ctx, run.config
     reporter = reporter if reporter is not None else ctx.reporter
-    metrics, decisions = yield from judge_frames(frames, config, reporter, ctx.executor, ctx.manifest)
+    measure_config = {**config, "num_workers": workers} if workers > 0 and not config.get("num_workers") else config
+    metrics, decisions = yield from judge_frames(frames, measure_config, reporter, ctx.executor, ctx.manifest)
     run.report["frames"]["metrics"] = [
         {**metric.to_dict(), "decision": decision.to_dict()} for metric, decision in zip(metrics, decisions)
     ]
@@ -754,7 +759,11 @@ class _QualityBeside:
 
     def _measure(self) -> None:
         ctx = self._run.ctx
-        measuring = _quality_filter(self._run, self._frames, _QuietReporter(ctx.reporter))
+        # Fewer measuring processes than cores: the device thread, its loaders and the grid
+        # readers need cores of their own, or the resampling they feed slows down more than
+        # the measurement gains (measured on one H100 host of 16 cores).
+        workers = max(1, (os.cpu_count() or 1) - CORES_LEFT_TO_RESAMPLING)
+        measuring = _quality_filter(self._run, self._frames, _QuietReporter(ctx.reporter), workers)
         try:
             with ctx.timed("P2"):
                 while True:

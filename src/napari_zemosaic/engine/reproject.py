@@ -22,7 +22,8 @@ SIP inverse is iterative. The mapping is, however, very smooth, so:
    indices and weights are computed once per output pixel (float32) and applied to
    every channel with flat ``take`` on precomputed flat indices. On NumPy the output is
    processed in row chunks that stay in cache, with map expansion fused into the same
-   loop so the full-size map is never materialised.
+   loop so the full-size map is never materialised. On the GPU, bilinear sampling computes
+   the map inside its CUDA kernel from the expander's control rows (:func:`sample_rows`).
 
 Pixel convention (identical to ``reproject.reproject_interp``): pixel centres at
 integer coordinates; a frame of shape ``(H, W)`` covers ``x ∈ [-0.5, W - 0.5]``; source
@@ -198,7 +199,9 @@ class _MapExpander:
             self.rows_x = self._along_x(grid.src_x, col_cell, col_frac)
             self.rows_y = self._along_x(grid.src_y, col_cell, col_frac)
         else:  # on the device: both coordinates at once, the same float64 operations (no host work)
-            self.rows_x, self.rows_y = self._along_x(np.stack([grid.src_x, grid.src_y]), col_cell, col_frac)
+            rows_x, rows_y = self._along_x(np.stack([grid.src_x, grid.src_y]), col_cell, col_frac)
+            # C order (the gather may leave another), as the fused sampling kernel reads them.
+            self.rows_x, self.rows_y = xp.ascontiguousarray(rows_x), xp.ascontiguousarray(rows_y)
         row_cell, row_frac = self._cells(height, step, grid.src_x.shape[0])
         self.row_cell = xp.asarray(row_cell)
         self.row_frac = xp.asarray(row_frac.astype(dtype))
@@ -224,10 +227,24 @@ class _MapExpander:
 
     def rows(self, r0: int, r1: int) -> tuple[Any, Any]:
         """Dense ``(map_x, map_y)`` for box rows ``r0 … r1 - 1``, each ``(r1 - r0, w)``."""
-        xp = self.xp
         cell = self.row_cell[r0:r1]
         frac = self.row_frac[r0:r1][:, None]
         return self.rows_x[cell] + frac * self.step_x[cell], self.rows_y[cell] + frac * self.step_y[cell]
+
+    def sample_bilinear_into(self, source: _Source, r0: int, r1: int, out: Any, footprint: Any) -> bool:
+        """Bilinear samples of box rows ``r0 … r1 - 1`` into ``out`` (C, r1 - r0, w) and ``footprint``,
+        the map computed inside one CUDA kernel (:func:`.gpu.fused_bilinear_grid_into`): the values
+        of :meth:`rows` + :func:`_bilinear_into` to the bit, without the dense map. False (nothing
+        written) when not on CuPy or the arrays do not fit the kernel."""
+        xp = self.xp
+        if xp is np:
+            return False
+        from .gpu import fused_bilinear_grid_into
+
+        return fused_bilinear_grid_into(
+            source.flat, source.bad, source.height, source.width, self.rows_x, self.rows_y, self.step_x,
+            self.step_y, self.row_cell, self.row_frac, r0, r1, out, footprint, xp,
+        )
 
 
 def expand_control_grid(grid: ControlGrid, xp: Any = np, dtype: Any = np.float32) -> tuple[Any, Any]:
@@ -398,6 +415,22 @@ def _sample_into(source: _Source, x: Any, y: Any, method: str, out: Any, footpri
         _kernel_into(source, x, y, method, out, footprint, xp)
 
 
+def sample_rows(
+    expander: _MapExpander, source: _Source, method: str, r0: int, r1: int, out: Any, footprint: Any, xp: Any,
+    *, fused: bool = True,
+) -> None:
+    """Samples of box rows ``r0 … r1 - 1`` into ``out`` (C, r1 - r0, w) and ``footprint`` (r1 - r0, w).
+
+    Bilinear on the GPU (``fused``): map and sampling in one kernel
+    (:meth:`_MapExpander.sample_bilinear_into`); otherwise the dense map of the rows, then
+    :func:`_sample_into`. Both give the same values.
+    """
+    if fused and method == "bilinear" and expander.sample_bilinear_into(source, r0, r1, out, footprint):
+        return
+    map_x, map_y = expander.rows(r0, r1)
+    _sample_into(source, map_x, map_y, method, out, footprint, xp)
+
+
 def _check_method(method: str) -> None:
     if method not in METHODS:
         raise ValueError(f"unknown resampling method {method!r}; expected one of {METHODS}")
@@ -461,6 +494,5 @@ def reproject_frame(
     rows = _rows_per_chunk(width, xp, height)
     for r0 in range(0, height, rows):
         r1 = min(r0 + rows, height)
-        map_x, map_y = expander.rows(r0, r1)
-        _sample_into(source, map_x, map_y, method, out[:, r0:r1], footprint[r0:r1], xp)
+        sample_rows(expander, source, method, r0, r1, out[:, r0:r1], footprint[r0:r1], xp)
     return bbox, out, footprint
