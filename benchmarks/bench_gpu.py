@@ -23,15 +23,17 @@ Writes ``gpu_bench.json`` (and a log) to ``--out``; prints a short table last.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import os
 import platform
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -45,6 +47,7 @@ PIPELINE_REPEATS = 1
 KEEP_PAGE_CACHE = False  # --keep-page-cache: the stage runs start from a warm page cache
 PROFILE = False  # --profile: cProfile of the main thread during the last --pipeline-only run
 SAMPLE = False  # --sample: every thread's stacks sampled during the last --pipeline-only run
+STEP_TIMES = False  # --step-times: the device unit's steps timed during the last --pipeline-only run
 PIPELINE_SET: dict[str, Any] = {}  # --set KEY=VALUE: config of the --pipeline-only runs (JSON values)
 
 
@@ -506,6 +509,46 @@ def e2e_run(
     }
 
 
+#: Functions of engine/mosaic_first.py timed by --step-times (called through its module globals).
+TIMED_STEPS = ("reproject_host_frame", "frame_pixels", "correct_hot_pixels", "debayer_bilinear",
+               "estimate_background_noise", "sample_control_grid", "coarse_piece", "_cut_device_pieces", "accept_frame")
+
+
+@contextlib.contextmanager
+def _step_timers() -> Iterator[dict[str, list[float]]]:
+    """Wrap :data:`TIMED_STEPS` with wall-clock accumulators for the duration of the block.
+
+    Nested steps count in both (``reproject_host_frame`` holds most others); ``accept_frame`` is the
+    run's thread filing a finished frame (``mosaic_first._split_into_blocks``)."""
+    from napari_zemosaic.engine import mosaic_first
+
+    totals: dict[str, list[float]] = {}
+    originals = {}
+    names = {"accept_frame": "_split_into_blocks"}
+    lock = threading.Lock()
+    for label in TIMED_STEPS:
+        name = names.get(label, label)
+        function = getattr(mosaic_first, name)
+        originals[name] = function
+
+        def timed(*args: Any, _function: Any = function, _label: str = label, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return _function(*args, **kwargs)
+            finally:
+                with lock:
+                    entry = totals.setdefault(_label, [0.0, 0])
+                    entry[0] += time.perf_counter() - start
+                    entry[1] += 1
+
+        setattr(mosaic_first, name, timed)
+    try:
+        yield totals
+    finally:
+        for name, function in originals.items():
+            setattr(mosaic_first, name, function)
+
+
 def bench_e2e(
     frames_dir: Path, work: Path, n_frames: int, cpu_frames: int, thread_counts: list[int], full_limit_s: float,
     out: Path,
@@ -527,6 +570,12 @@ def bench_e2e(
                 )
                 profiler.dump_stats(str(out / "pipeline.prof"))
                 pstats.Stats(profiler).sort_stats("cumulative").print_stats(45)
+            elif STEP_TIMES and repeat == PIPELINE_REPEATS - 1:  # wall time of the device unit's steps
+                with _step_timers() as steps:
+                    full = e2e_run(frames_dir, work / f"full{repeat}", {"gpu_strict": True, **PIPELINE_SET},
+                                   limit_s=full_limit_s)
+                full["step_times_s"] = steps
+                log("device unit steps (s, calls): " + ", ".join(f"{k} {v[0]:.3f}/{v[1]}" for k, v in steps.items()))
             elif SAMPLE and repeat == PIPELINE_REPEATS - 1:  # every thread, by phase (thread_sampler.py)
                 from thread_sampler import ThreadSampler
 
@@ -601,14 +650,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pipeline-only", action="store_true", help="e2e: only the whole pipeline, no stage runs")
     parser.add_argument("--pipeline-repeats", type=int, default=1, help="e2e --pipeline-only: runs (median reported)")
     parser.add_argument("--profile", action="store_true", help="e2e --pipeline-only: profile the last run")
+    parser.add_argument("--step-times", action="store_true",
+                        help="e2e --pipeline-only: wall time of the device unit's steps in the last run")
     parser.add_argument("--sample", action="store_true",
                         help="e2e --pipeline-only: sample every thread's stack during the last run")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="e2e --pipeline-only: config")
     parser.add_argument("--keep-page-cache", action="store_true", help="e2e: do not drop the page cache first")
     parser.add_argument("--quick", action="store_true", help="small sizes, to check the script")
     args = parser.parse_args(argv)
-    global STAGE_REJECTION, PIPELINE_ONLY, PIPELINE_REPEATS, KEEP_PAGE_CACHE, PROFILE, SAMPLE
-    KEEP_PAGE_CACHE, PROFILE, SAMPLE = args.keep_page_cache, args.profile, args.sample
+    global STAGE_REJECTION, PIPELINE_ONLY, PIPELINE_REPEATS, KEEP_PAGE_CACHE, PROFILE, SAMPLE, STEP_TIMES
+    KEEP_PAGE_CACHE, PROFILE, SAMPLE, STEP_TIMES = args.keep_page_cache, args.profile, args.sample, args.step_times
     for item in args.set:
         key, _, value = item.partition("=")
         try:

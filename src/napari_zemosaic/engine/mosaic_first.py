@@ -416,15 +416,17 @@ def frame_pixels(host: HostFrame, info: FrameInfo, config: dict[str, Any], n_cha
     return data
 
 
-def sample_control_grid(data: Any, grid: ControlGrid, method: str, xp: Any, rows_per_chunk: int) -> tuple[Any, Any]:
+def sample_control_grid(
+    data: Any, grid: ControlGrid, method: str, xp: Any, rows_per_chunk: int, may_hold_nan: bool = True
+) -> tuple[Any, Any]:
     """Resample ``data`` (C, H, W) over the grid's bounding box, ``rows_per_chunk`` rows at a time.
 
     The loop of :func:`.reproject.reproject_frame` with the chunk size chosen by the caller
     (from the GPU budget); every output pixel is computed independently, so the chunking
-    never changes a value.
+    never changes a value. ``may_hold_nan=False``: ``data`` is known to hold no NaN.
     """
     _check_method(method)
-    source = _prepare_source(data, xp)
+    source = _prepare_source(data, xp, may_hold_nan)
     expander = _MapExpander(grid, xp)
     height, width = grid.shape
     out = xp.empty((source.flat.shape[0], height, width), dtype=xp.float32)
@@ -475,17 +477,22 @@ def reproject_host_frame(
     budget_bytes: int | None = None,
     prepare: Callable[[], Any] | None = None,
     chunk_scale: float = 1.0,
+    host_stats: bool = True,
 ) -> ReprojectedFrame:
     """One pass of a read frame on ``xp``: pixels, noise, sampling, coarse block means.
 
     ``budget_bytes`` sizes the sampling chunks (``None``: the module default of
     :mod:`.reproject` for ``xp``); ``chunk_scale`` < 1 (after an OOM) shrinks them further.
     ``prepare`` replaces :func:`frame_pixels` (the GPU path runs it as its own ``debayer``
-    unit). ``data`` stays on ``xp``; noise and coarse means are host arrays.
+    unit). ``data`` stays on ``xp``; noise and coarse means are host arrays, or, with
+    ``host_stats=False``, stay on ``xp`` too (:func:`_stats_to_host` brings them over later,
+    so that the device thread waits for the device once per frame).
     """
     data = prepare() if prepare is not None else frame_pixels(host, info, config, n_channels, xp)
     data = to_device(data, xp)
-    noise = np.asarray(to_host(estimate_background_noise(data, xp)), dtype=np.float64)
+    noise = estimate_background_noise(data, xp)
+    if host_stats:
+        noise = np.asarray(to_host(noise), dtype=np.float64)
     height, width = host.grid.shape
     if budget_bytes is None:
         rows = _rows_per_chunk(width, xp, height)
@@ -494,12 +501,20 @@ def reproject_host_frame(
         free_for_chunks = int(budget_bytes) - _reproject_fixed_bytes(info, host.grid, n_channels)
         rows = plan_chunks(height, per_row, free_for_chunks, min_items=MIN_SAMPLE_ROWS)
     rows = _scaled_rows(rows, height, chunk_scale, MIN_SAMPLE_ROWS)
-    out, _footprint = sample_control_grid(data, host.grid, config["resample_method"], xp, rows)
+    out, _footprint = sample_control_grid(data, host.grid, config["resample_method"], xp, rows, host.may_hold_nan)
     del data, _footprint
     bbox = tuple(int(v) for v in host.grid.bbox)
-    piece = coarse_piece(out, bbox, PHOTOMETRY_BIN_PX)
-    coarse = CoarsePiece(piece.y0, piece.x0, np.asarray(to_host(piece.data), dtype=np.float32))
-    return ReprojectedFrame(host.index, bbox, out, noise, coarse)  # type: ignore[arg-type]
+    coarse = coarse_piece(out, bbox, PHOTOMETRY_BIN_PX)
+    frame = ReprojectedFrame(host.index, bbox, out, noise, coarse)  # type: ignore[arg-type]
+    return _stats_to_host(frame) if host_stats else frame
+
+
+def _stats_to_host(frame: ReprojectedFrame) -> ReprojectedFrame:
+    """The frame with its noise (float64) and coarse means (float32) as host arrays."""
+    frame.noise = np.asarray(to_host(frame.noise), dtype=np.float64)
+    if frame.coarse is not None:
+        frame.coarse = CoarsePiece(frame.coarse.y0, frame.coarse.x0, np.asarray(to_host(frame.coarse.data), dtype=np.float32))
+    return frame
 
 
 def stack_block(
@@ -1201,28 +1216,32 @@ def mosaic_first(
     # (their pieces are not on disk, so the record need not precede the drop).
     writer = ThreadPoolExecutor(1, thread_name_prefix="zemosaic-units") if units.active and not store.spilled else None
     saving: list[Future] = []
+    def stack_one(block: tuple[int, int], pieces: list[tuple[int, int, int, Any]], concurrent: int
+                  ) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], dict[str, int]] | None:
+        if not pieces:
+            return None
+        idx = np.array([p[0] for p in pieces])
+        block_norm, block_weights = normalisation.subset(idx), weights[idx]
+        stats: dict[str, int] = {}
+        if policy is None:
+            return stack_block_on_host(pieces, box_of(block), n_channels, block_norm, block_weights, params,
+                                       on_split=host_split(block)), stats
+        return _stack_block_unit(policy, pieces, box_of(block), n_channels, block_norm, block_weights, params, stats,
+                                 on_split=host_split(block), concurrent=concurrent), stats
+
     try:
         with ctx.timed("P5"):
-            for number, (block, pieces) in enumerate(_block_pieces(store, blocks, policy), start=1):
-                if pieces:
-                    idx = np.array([p[0] for p in pieces])
-                    box = box_of(block)
-                    block_norm, block_weights = normalisation.subset(idx), weights[idx]
-                    if policy is None:
-                        data, weight, count = stack_block_on_host(
-                            pieces, box, n_channels, block_norm, block_weights, params, on_split=host_split(block)
-                        )
-                    else:
-                        data, weight, count = _stack_block_unit(
-                            policy, pieces, box, n_channels, block_norm, block_weights, params, strip_stats,
-                            on_split=host_split(block),
-                        )
+            stacked_blocks = _stack_blocks_in_order(store, blocks, policy, stack_one)
+            for number, (block, outcome) in enumerate(stacked_blocks, start=1):
+                if outcome is not None:
+                    (data, weight, count), stats = outcome
+                    for key, value in stats.items():
+                        strip_stats[key] = strip_stats.get(key, 0) + value
                     place(block, data, weight, count)
                     if block in signatures and writer is not None:
                         saving.append(writer.submit(units.save_block, block, signatures[block], data, weight, count))
                     elif block in signatures:
                         units.save_block(block, signatures[block], data, weight, count)
-                del pieces
                 store.drop(block)
                 ctx.reporter.progress("P5", number, len(blocks), "progress_blocks")
                 yield from ctx.drain()
@@ -1341,15 +1360,16 @@ def _reproject_frames_gpu(
                 prepare = lambda: policy.run_stage(  # noqa: E731 - nested unit of the debayer stage
                     "debayer", lambda xp, chunk_scale: prepare_on(xp), prepare_on
                 )
-                frame = reproject_host_frame(host, info, config, n_channels, xp, budget, prepare, chunk_scale)
+                frame = reproject_host_frame(host, info, config, n_channels, xp, budget, prepare, chunk_scale,
+                                             host_stats=False)
                 if not on_device:
                     frame.data = to_host(frame.data)  # waits for this worker's stream
-                    return frame
+                    return _stats_to_host(frame)
                 # Cut here rather than on the run's thread, which would contend for the GIL.
-                frame.pieces = _cut_device_pieces(frame, side, canvas.shape)
+                frame.pieces = _cut_device_pieces(frame, side, canvas.shape)  # waits for the stream
                 if stream is not None:
                     stream.synchronize()  # other threads read the pieces next
-                return frame
+                return _stats_to_host(frame)
 
         def on_cpu(xp: Any = np) -> ReprojectedFrame:
             return reproject_host_frame(host, info, config, n_channels, np)
@@ -1459,6 +1479,49 @@ def _block_pieces(
             yield block, pieces
 
 
+#: Blocks stacked at once on the GPU (threads): one thread's launches overlap the other's wait
+#: for its results.
+P5_GPU_THREADS = 2
+
+
+def _stack_blocks_in_order(
+    store: PieceStore,
+    blocks: list[tuple[int, int]],
+    policy: Any,
+    stack_one: Callable[[tuple[int, int], list[tuple[int, int, int, Any]], int], Any],
+) -> Iterator[tuple[tuple[int, int], Any]]:
+    """``(block, stack_one(block, pieces, concurrent))`` in block order.
+
+    Blocks whose pieces are in memory (host or device) are stacked :data:`P5_GPU_THREADS` at a
+    time on threads when the GPU stacks (each planning with its share of the device budget);
+    otherwise one after the other, a spilled store's pieces read one block ahead.
+    """
+    threaded = policy is not None and policy.uses_gpu("stack") and not store.spilled and len(blocks) > 1
+    if not threaded:
+        for block, pieces in _block_pieces(store, blocks, policy):
+            yield block, stack_one(block, pieces, 1)
+        return
+    streams = WorkerStreams(policy.xp_for("stack"))
+
+    def on_thread(block: tuple[int, int]) -> Any:
+        with policy.device(), streams.scope():
+            return stack_one(block, store.pieces(block), P5_GPU_THREADS)
+
+    pool = ThreadPoolExecutor(max_workers=P5_GPU_THREADS, thread_name_prefix="zemosaic-stack")
+    try:
+        pending = [pool.submit(on_thread, block) for block in blocks[:P5_GPU_THREADS]]
+        for position, block in enumerate(blocks):
+            outcome = pending[position].result()
+            upcoming = position + P5_GPU_THREADS
+            if upcoming < len(blocks):
+                pending.append(pool.submit(on_thread, blocks[upcoming]))
+            pending[position] = None  # type: ignore[call-overload]
+            yield block, outcome
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        streams.close()
+
+
 def _stack_block_unit(
     policy: Any,
     pieces: Sequence[tuple[int, int, int, Any]],
@@ -1469,12 +1532,14 @@ def _stack_block_unit(
     params: StackParams,
     stats: dict[str, int] | None = None,
     on_split: Callable[[int], None] | None = None,
+    concurrent: int = 1,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One block stack through the policy: GPU strips sized from the budget, or the CPU
-    (:func:`stack_block_on_host`: strips too when the host runs out of memory)."""
+    """One block stack through the policy: GPU strips sized from the budget (its share when
+    ``concurrent`` blocks stack at once), or the CPU (:func:`stack_block_on_host`: strips too
+    when the host runs out of memory)."""
 
     def on_gpu(xp: Any, chunk_scale: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        budget = policy.gpu_budget_bytes()
+        budget = policy.gpu_budget_bytes(concurrent)
         attempt: dict[str, int] = {}
         result = stack_block_in_strips(
             pieces, box, n_channels, normalisation, weights, params, xp, budget, chunk_scale, attempt

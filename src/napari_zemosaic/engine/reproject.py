@@ -287,12 +287,16 @@ class _Source:
     width: int
 
 
-def _prepare_source(data: Any, xp: Any) -> _Source:
+def _prepare_source(data: Any, xp: Any, may_hold_nan: bool = True) -> _Source:
+    """``may_hold_nan=False``: the caller knows every value is a number (frames decoded from
+    integers), so the NaN test, a host sync on the GPU, is skipped."""
     data = xp.asarray(data, dtype=xp.float32)
     if data.ndim == 2:
         data = data[None]
     channels, height, width = data.shape
     flat = data.reshape(channels, height * width)
+    if not may_hold_nan:
+        return _Source(flat, None, height, width)
     nan = xp.isnan(flat)
     if bool(xp.any(nan)):
         bad = xp.any(nan, axis=0).astype(xp.float32)
