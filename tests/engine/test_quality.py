@@ -581,3 +581,12 @@ def test_process_pool_measurement_equals_the_thread_pool(night, monkeypatch):
     for ours, theirs in zip(in_processes, metrics):
         np.testing.assert_array_equal(ours.stars.flux, theirs.stars.flux)
     assert sum(isinstance(e, ProgressEvent) for e in events) >= len(infos)
+
+
+def test_measuring_processes_run_below_the_run_priority():
+    """Measuring processes are throughput work: the run's threads get a core before them."""
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, initializer=q._lower_worker_priority) as pool:
+        assert pool.submit(os.nice, 0).result() == min(19, os.nice(0) + q.MEASURE_WORKER_NICENESS)

@@ -809,6 +809,18 @@ def _write_star_file(path: Path, metrics: FrameMetrics) -> str | None:
         return None
 
 
+#: Niceness added to the measuring processes: they are throughput work, while the run's own
+#: threads (feeding the GPU, drawing the viewer) must not queue for a core behind them.
+MEASURE_WORKER_NICENESS = 5
+
+
+def _lower_worker_priority() -> None:
+    try:
+        os.nice(MEASURE_WORKER_NICENESS)
+    except (AttributeError, OSError):  # no os.nice (Windows) or not allowed: run at the usual priority
+        pass
+
+
 def _measure_executor(
     frames: Sequence[Any],
     config: dict[str, Any],
@@ -833,7 +845,8 @@ def _measure_executor(
         if _main_module_is_importable():
             requested = int(config.get("num_workers", 0) or 0)
             workers = max(1, min(requested if requested > 0 else (os.cpu_count() or 1), total))
-            pool = ProcessPoolExecutor(max_workers=workers, mp_context=_process_context())
+            pool = ProcessPoolExecutor(max_workers=workers, mp_context=_process_context(),
+                                       initializer=_lower_worker_priority)
 
             def submit_to_process(index: int) -> Any:
                 info = frames[index]
