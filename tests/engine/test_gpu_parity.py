@@ -367,6 +367,12 @@ def test_fused_hot_pixel_kernels_equal_the_numpy_path_to_the_bit(device: int, ca
     generic, n_generic = debayer.correct_hot_pixels(cp.asarray(cfa), pattern, 8.0, cp, fused=False)
     assert n_fused == n_cpu
     np.testing.assert_array_equal(gpu.to_host(fused), cpu)
+    # Not asking for the count (no copy back): the same plane, and None for the count; NumPy
+    # ignores the keyword.
+    quiet, n_quiet = debayer.correct_hot_pixels(cp.asarray(cfa), pattern, 8.0, cp, count_fixed=False)
+    assert n_quiet is None
+    np.testing.assert_array_equal(gpu.to_host(quiet), cpu)
+    assert debayer.correct_hot_pixels(cfa, pattern, 8.0, np, count_fixed=False)[1] == n_cpu
     assert abs(n_generic - n_cpu) <= TOL["hot_pixels"]["mask_mismatch_fraction"] * cfa.size
     if case != "nan_patches":
         assert n_cpu > 0
@@ -385,7 +391,7 @@ def test_fused_hot_pixel_kernels_equal_the_numpy_path_to_the_bit(device: int, ca
 
 @pytest.mark.parametrize("case", ["stars", "nan_and_inf", "integers", "tiny"])
 def test_fused_background_noise_equals_the_numpy_path_to_the_bit(device: int, case: str) -> None:
-    """estimate_background_noise on CuPy (gpu.fused_clipped_mad_sigmas: one sort, one kernel)
+    """estimate_background_noise on CuPy (gpu.fused_clipped_mad_sigmas: one kernel, no sort)
     returns NumPy's per-channel sigmas exactly."""
     frames = pytest.importorskip("napari_zemosaic.engine.frames")
     rng = np.random.default_rng(31)
@@ -501,27 +507,188 @@ def test_fused_piece_placement_equals_the_numpy_path_to_the_bit(device: int) -> 
     np.testing.assert_allclose(generic[finite], cpu[finite], rtol=1e-6, atol=1e-3)
 
 
-def test_fused_median_mad_equals_numpy_medians(device: int) -> None:
-    """gpu.fused_median_mad: numpy.median of the finite values and of their absolute deviations."""
+def _ulp_run(start: float, count: int) -> np.ndarray:
+    """``count`` consecutive float32 values from ``start``: keys that differ only in their low bits."""
+    first = np.array([start], np.float32).view(np.int32)[0]
+    return (first + np.arange(count, dtype=np.int32)).view(np.float32)
+
+
+def _with_non_finite(values: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """``values`` with NaN, +inf and -inf mixed in at random places (none of them counted)."""
+    mixed = np.concatenate([values, np.array([np.nan, np.inf, -np.inf, np.nan, -np.inf], np.float32)])
+    return mixed[rng.permutation(mixed.size)].astype(np.float32)
+
+
+def _median_mad_rows(case: str) -> list[np.ndarray]:
+    """Rows for gpu.fused_median_mad, each case aimed at one edge of the radix selection."""
     rng = np.random.default_rng(61)
-    rows = [
-        rng.standard_normal(20_001).astype(np.float32),
-        np.round(rng.standard_normal(40_000) * 3).astype(np.float32),  # ties everywhere
-        np.array([5.0], np.float32),
-        np.array([np.nan, np.inf, -np.inf], np.float32),  # nothing finite
-        np.concatenate([rng.standard_normal(999), [np.nan, np.inf, -np.inf, -np.inf]]).astype(np.float32),
-        np.zeros(10, np.float32),  # MAD 0
+    f32 = np.float32
+    if case == "mixed":
+        return [
+            rng.standard_normal(20_001).astype(f32),
+            np.round(rng.standard_normal(40_000) * 3).astype(f32),  # ties everywhere
+            np.array([5.0], f32),
+            np.array([np.nan, np.inf, -np.inf], f32),  # nothing finite
+            _with_non_finite(rng.standard_normal(999).astype(f32), rng),
+            np.zeros(10, f32),  # MAD 0
+        ]
+    if case == "few_finite":  # 0, 1, 2, 7, 8, 9 finite values, negative ones too, among non-finite ones
+        return [_with_non_finite((rng.standard_normal(k) * 5 - 2).astype(f32), rng) for k in (0, 1, 2, 7, 8, 9)]
+    if case == "ties_and_zeros":
+        zeros = np.zeros(1000, f32)
+        zeros[::2] = -0.0
+        mixed_zeros = np.concatenate([zeros[:501], rng.standard_normal(400).astype(f32)])
+        return [
+            np.full(1000, 3.0, f32),  # all equal, even count
+            np.full(1001, -2.5, f32),  # all equal, odd count
+            zeros,
+            mixed_zeros[rng.permutation(mixed_zeros.size)],
+            np.array([-0.0, 0.0], f32),
+            np.array([-1.0, 1.0], f32),  # the middle pair under different first-pass bins
+            rng.integers(-3, 4, 50_001).astype(f32),
+            np.repeat(rng.standard_normal(300).astype(f32), 70),
+        ]
+    if case == "low_bits":
+        # No subnormals: the host's and the device's float32 arithmetic round them differently
+        # (a middle pair of 1e-45 and 2e-45 averages to 1e-45 in NumPy, 0 on one H100), and no
+        # frame holds values near 1e-38.
+        gap = _ulp_run(1.0, 2048)
+        return [
+            _ulp_run(1.0, 5000)[rng.permutation(5000)],  # middle pair in one last-pass bin
+            _ulp_run(-3.0, 4000)[rng.permutation(4000)],
+            np.concatenate([gap[:1000], gap[1030:2030]])[rng.permutation(2000)],  # middle pair across last-pass bins
+            _ulp_run(1.0, 2),
+            np.array([1.0, 2.0], f32),
+            np.array([3e38, 3e38, 3.3e38, -3e38], f32),  # the middle sum overflows to inf, as in NumPy
+        ]
+    # "sizes": rows of very different lengths in one launch
+    return [
+        (rng.standard_normal(100_000) * 10 + 1000).astype(f32),
+        np.array([7.0], f32),
+        _with_non_finite(rng.standard_normal(20_000).astype(f32), rng),
+        (rng.standard_normal(100_001) * 10).astype(f32),
+        rng.standard_cauchy(30_000).astype(f32),
     ]
-    stats = gpu.fused_median_mad([cp.asarray(row) for row in rows], cp)
-    for row, (count, centre, mad) in zip(rows, stats):
-        finite = row[np.isfinite(row)]
-        assert count == finite.size
-        if finite.size == 0:
-            assert np.isnan(centre) and np.isnan(mad)
-            continue
-        want_centre = np.median(finite)
-        assert centre == float(want_centre)
-        assert mad == float(np.median(np.abs(finite - want_centre)))
+
+
+@pytest.mark.parametrize("case", ["mixed", "few_finite", "ties_and_zeros", "low_bits", "sizes"])
+def test_fused_median_mad_equals_numpy_medians(device: int, case: str) -> None:
+    """gpu.fused_median_mad (radix selection, no sort): numpy.median of the finite values and of
+    their absolute deviations, for every row of a launch of 1, 2, 3 or all the rows."""
+    rows = _median_mad_rows(case)
+    wanted = []
+    with np.errstate(over="ignore", invalid="ignore"):
+        for row in rows:
+            finite = row[np.isfinite(row)]
+            centre = np.median(finite) if finite.size else np.float32(np.nan)
+            wanted.append((finite.size, centre, np.median(np.abs(finite - centre)) if finite.size else np.nan))
+    for group in (1, 2, 3, len(rows)):
+        for start in range(0, len(rows), group):
+            stats = gpu.fused_median_mad([cp.asarray(row) for row in rows[start : start + group]], cp)
+            for (count, centre, mad), (want_count, want_centre, want_mad) in zip(stats, wanted[start : start + group]):
+                assert count == want_count
+                if want_count == 0:
+                    assert np.isnan(centre) and np.isnan(mad)
+                    continue
+                # Equal as floats (so to the bit but for the sign of a zero median, which NumPy's
+                # partition may take from either zero).
+                assert centre == float(want_centre), (case, start, centre, want_centre)
+                assert mad == float(want_mad), (case, start, mad, want_mad)
+
+
+def _clipping_stop(values: np.ndarray, clip: float = 3.0, iterations: int = 5) -> str:
+    """Which of frames._clipped_mad_sigma's rules ends its loop on ``values`` (same steps)."""
+    values = values[np.isfinite(values)]
+    for _ in range(iterations):
+        if values.size < 8:
+            return "too_few"
+        deviation = np.abs(values - np.median(values))
+        sigma = 1.4826 * float(np.median(deviation))
+        if not sigma > 0:
+            return "sigma_not_positive"
+        keep = deviation <= clip * sigma
+        if bool(keep.all()):
+            return "nothing_clipped"
+        values = values[keep]
+    return "iterations"
+
+
+#: 33 values whose clipping keeps, in its third iteration, a set that clipping all the finite
+#: values around the current median would not give (a value dropped before is inside the new
+#: limit): the kernel must clip the kept values, not the row.
+_CLIP_OF_A_CLIP = np.array([
+    -1.1207694, 0.93704396, 0.46068567, 0.016529793, -42.332958, -0.68672007, 1.9489837, -0.67290789,
+    -3.1953788, 4.5358891, 0.063062266, -7.8123546, 0.0088519361, 4.0561471, 8.3111353, -2.5826423,
+    -1.5134026, 0.86345196, -1.5524620, -0.23695786, -0.85727602, -0.53612310, -0.27447769, 23.042044,
+    0.026575761, 1.4868902, -1.1684223, 0.097106107, 0.092837580, -0.77673125, -0.83852488, 9.7274685,
+    -3.9354324,
+], np.float32)
+
+
+def _clipped_rows(case: str) -> tuple[list[np.ndarray], str | None]:
+    """Rows for gpu.fused_clipped_mad_sigmas and the stop rule each one reaches (clip 3, 5 iterations)."""
+    rng = np.random.default_rng(71)
+    f32 = np.float32
+    if case == "too_few_at_once":
+        return [_with_non_finite(rng.standard_normal(7).astype(f32), rng)], "too_few"
+    if case == "too_few_after_a_clip":
+        return [np.concatenate([rng.standard_normal(7), [100.0, 200.0]]).astype(f32)], "too_few"
+    if case == "sigma_zero":
+        flat = np.full(50, 2.0, f32)
+        flat[:20] = rng.standard_normal(20)
+        return [flat], "sigma_not_positive"
+    if case == "nothing_clipped":
+        return [np.clip(rng.standard_normal(1000), -2, 2).astype(f32)], "nothing_clipped"
+    if case == "all_iterations":
+        return [rng.standard_cauchy(50_000).astype(f32)], "iterations"
+    if case == "clip_of_a_clip":
+        return [_CLIP_OF_A_CLIP], None
+    if case == "value_on_the_limit":
+        # Median 0 and MAD 2, so the first limit is fl32(3 x 1.4826 x 2); one value sits exactly on
+        # it (kept: |v - median| <= limit) and decides the second iteration's sigma.
+        on_limit = np.repeat(np.arange(-4, 5, dtype=f32), [7, 6, 9, 4, 3, 8, 5, 5, 5])
+        return [np.concatenate([on_limit, [f32(3.0 * 1.4826 * 2.0), 100.0]]).astype(f32)], None
+    if case == "ties_zeros_low_bits":
+        zeros = np.zeros(30_000, f32)
+        zeros[::2] = -0.0
+        zeros[:100] = rng.standard_normal(100)
+        tail = _ulp_run(7.0, 40_000)
+        tail[-3000:] += 1
+        stars = np.round(rng.standard_normal(60_000) * 4).astype(f32)
+        stars[::41] += 200
+        return [zeros, tail[rng.permutation(tail.size)], stars], None
+    # "sizes": rows of very different finite counts in one (NaN-padded) table
+    long_row = (rng.standard_normal(100_000) * 10).astype(f32)
+    long_row[::37] += 300
+    long_row[::1001] = -np.inf
+    return [long_row, _with_non_finite(rng.standard_normal(20_000).astype(f32), rng),
+            _with_non_finite(rng.standard_normal(9).astype(f32), rng)], None
+
+
+@pytest.mark.parametrize("case", ["too_few_at_once", "too_few_after_a_clip", "sigma_zero", "nothing_clipped",
+                                  "all_iterations", "clip_of_a_clip", "value_on_the_limit", "ties_zeros_low_bits",
+                                  "sizes"])
+def test_fused_clipped_mad_sigmas_equal_numpy_to_the_bit(device: int, case: str) -> None:
+    """gpu.fused_clipped_mad_sigmas (radix selection, no sort) gives frames._clipped_mad_sigma's
+    sigma exactly: each stop rule, NaN/inf, ties, zeros of both signs, low-bit differences, rows
+    of very different finite counts, a value exactly on the limit, launches of 1 to 3 rows, other
+    clips and iteration counts."""
+    frames = pytest.importorskip("napari_zemosaic.engine.frames")
+    rows, stop = _clipped_rows(case)
+    if stop is not None:
+        assert all(_clipping_stop(row) == stop for row in rows)
+    if case == "value_on_the_limit":
+        deviation = np.abs(rows[0] - np.median(rows[0]))
+        assert np.float32(3.0 * 1.4826 * float(np.median(deviation))) in deviation
+    table = np.full((len(rows), max(row.size for row in rows)), np.nan, np.float32)
+    for index, row in enumerate(rows):
+        table[index, : row.size] = row
+    for clip, iterations in ((3.0, 5), (3.0, 1), (3.0, 0), (1.0, 5), (2.5, 20)):
+        want = np.array([frames._clipped_mad_sigma(row, np, clip, iterations) for row in table])
+        for count in range(1, len(rows) + 1):
+            sigmas = gpu.fused_clipped_mad_sigmas(cp.asarray(table[:count]), clip, iterations, cp)
+            assert sigmas.dtype == cp.float64 and sigmas.shape == (count,)
+            np.testing.assert_array_equal(gpu.to_host(sigmas), want[:count])
 
 
 @pytest.mark.parametrize("with_nan", [False, True])
@@ -928,7 +1095,9 @@ def test_full_demo_run_on_the_gpu_matches_the_cpu_run(demo_cpu_and_gpu) -> None:
     units = compute["gpu"]["units_by_stage"]
     used = cpu.report["frames"]["used"]
     assert gpu_run.report["frames"]["used"] == used >= len(truth.frames) - 2  # the quality filter may drop one
-    assert units["reproject"]["gpu"] == used and units["reproject"]["cpu"] == 0
+    # P2 measures while the GPU resamples, so the frames P2 rejects were resampled too (then dropped).
+    rejected = sum(e["reason_key"].startswith("frame_excluded_quality") for e in gpu_run.report["frames"]["excluded"])
+    assert units["reproject"]["gpu"] == used + rejected and units["reproject"]["cpu"] == 0
     assert units["stack"]["gpu"] >= 1 and units["stack"]["cpu"] == 0
 
     # Star fluxes: the same to 0.1 % in every channel.

@@ -204,8 +204,11 @@ def _robust_sigmas_on_gpu(by_colour: dict[str, list[Any]], xp: Any) -> dict[str,
     """:func:`_robust_sigma` of each colour's residuals, its two medians from one fused kernel
     (:func:`.gpu.fused_median_mad`); a colour whose MAD is 0 takes the xp function itself."""
     colours = list(by_colour)
-    joined = [xp.concatenate(by_colour[colour]) for colour in colours]
+    # The kernel reads each colour's values where they lie: only a colour of several phases is joined.
+    joined = [parts[0] if len(parts) == 1 else xp.concatenate(parts) for parts in (by_colour[c] for c in colours)]
     stats = _fused_gpu().fused_median_mad(joined, xp)
+    if stats is None:  # rows the kernel does not take
+        return {colour: _robust_sigma(values, xp) for colour, values in zip(colours, joined)}
     noise: dict[str, float] = {}
     for colour, values, (count, centre, mad) in zip(colours, joined, stats):
         if count == 0:
@@ -239,7 +242,9 @@ def _phase_table(noise: dict[str, float], name: str, xp: Any) -> Any:
     return xp.asarray([[noise[name[0]], noise[name[1]]], [noise[name[2]], noise[name[3]]]], dtype=xp.float32)
 
 
-def correct_hot_pixels(cfa: Any, pattern: str, sigma: float, xp: Any, *, fused: bool = True) -> tuple[Any, int]:
+def correct_hot_pixels(
+    cfa: Any, pattern: str, sigma: float, xp: Any, *, fused: bool = True, count_fixed: bool = True
+) -> tuple[Any, int | None]:
     """Replace isolated hot pixels of a (H, W) CFA plane by their same-colour neighbour median.
 
     Returns ``(corrected, n_fixed)``; ``corrected`` is a new float32 array (the input is
@@ -248,6 +253,9 @@ def correct_hot_pixels(cfa: Any, pattern: str, sigma: float, xp: Any, *, fused: 
     On the GPU (``fused``, the default) the three stages are three CUDA kernels
     (:func:`.gpu.fused_hot_pixel_residuals`, :func:`.gpu.fused_hot_pixel_fix`) that compute the
     same function to the bit; the per-colour noise is the same :func:`_robust_sigma` call.
+    There the count is a copy from the device that waits for the kernels: with
+    ``count_fixed=False`` it is not asked for and ``n_fixed`` is ``None``. Every other path
+    returns the count whatever ``count_fixed`` says (it costs nothing more there).
     """
     _require_cfa(cfa)
     name = normalize_pattern(pattern)
@@ -264,9 +272,10 @@ def correct_hot_pixels(cfa: Any, pattern: str, sigma: float, xp: Any, *, fused: 
                 by_colour[name[2 * dy + dx]].append(part)
             noise = _robust_sigmas_on_gpu(by_colour, xp)
             if any(value != value for value in noise.values()):
-                return plane.copy(), 0
+                return plane.copy(), (0 if count_fixed else None)
             return _fused_gpu().fused_hot_pixel_fix(
-                plane, [noise[colour] for colour in name], float(sigma), ISOLATION_FRACTION, ISOLATION_FLOOR, xp
+                plane, [noise[colour] for colour in name], float(sigma), ISOLATION_FRACTION, ISOLATION_FLOOR, xp,
+                count_fixed=count_fixed,
             )
     corrected = plane.copy()
     pad = 2

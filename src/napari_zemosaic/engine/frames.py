@@ -1563,7 +1563,8 @@ def estimate_background_noise(data: Any, xp: Any = np, max_samples: int = 100_00
     phase of a debayered image is sampled (interpolated sites are less noisy).
 
     On the GPU (``fused``, the default) every channel's clipping loop runs in one CUDA kernel
-    over the sorted sample (:func:`.gpu.fused_clipped_mad_sigmas`), with the same result.
+    that selects the medians without sorting (:func:`.gpu.fused_clipped_mad_sigmas`), with the
+    same result and no wait on the host.
     """
     n_channels, height, width = (int(size) for size in data.shape)
     step = max(1, int(math.ceil(math.sqrt(height * width / max_samples))))

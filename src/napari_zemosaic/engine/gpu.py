@@ -823,37 +823,38 @@ extern "C" __global__ void zemosaic_hot_excess(
     }
 }
 
-// debayer.correct_hot_pixels stages 2 and 3 on the candidates: exact median, z, isolation;
-// a hot pixel gets its median in `corrected` and is counted.
+// debayer.correct_hot_pixels stages 2 and 3, one thread per pixel: a candidate (excess > sigma, the
+// pixels NumPy's path gathers with flatnonzero) gets its exact median, z and isolation test; a hot
+// pixel gets its median in `corrected` and is counted.
 extern "C" __global__ void zemosaic_hot_fix(
     const float* __restrict__ plane, const float* __restrict__ excess, const int h, const int w,
-    const long long* __restrict__ candidates, const long long n_candidates, const float* __restrict__ noise,
-    const float sigma, const float isolation_fraction, const float isolation_floor,
+    const float* __restrict__ noise, const float sigma, const float isolation_fraction, const float isolation_floor,
     float* __restrict__ corrected, unsigned long long* __restrict__ n_fixed)
 {
-    const long long c = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= n_candidates) return;
-    const long long k = candidates[c];
-    const int y = (int)(k / w), x = (int)(k % w);
-    const float median = zm_same_colour_median(plane, y, x, h, w);
-    const float z = __fdiv_rn(__fsub_rn(plane[k], median), noise[((y & 1) << 1) | (x & 1)]);
-    if (!(z > sigma)) return;
-    // Second largest excess of the 8 immediate neighbours, NaN sorting last (as numpy.sort).
-    float first = -ZM_INFINITY, second = -ZM_INFINITY;
-    int nans = 0;
-    for (int oy = -1; oy <= 1; ++oy) {
-        for (int ox = -1; ox <= 1; ++ox) {
-            if (oy == 0 && ox == 0) continue;
-            const float e = excess[(long long)zm_reflect(y + oy, h) * w + zm_reflect(x + ox, w)];
-            if (isnan(e)) { ++nans; continue; }
-            if (e > first) { second = first; first = e; } else if (e > second) { second = e; }
+    const long long total = (long long)h * w;
+    for (long long k = (long long)blockIdx.x * blockDim.x + threadIdx.x; k < total; k += (long long)gridDim.x * blockDim.x) {
+        if (!(excess[k] > sigma)) continue;
+        const int y = (int)(k / w), x = (int)(k % w);
+        const float median = zm_same_colour_median(plane, y, x, h, w);
+        const float z = __fdiv_rn(__fsub_rn(plane[k], median), noise[((y & 1) << 1) | (x & 1)]);
+        if (!(z > sigma)) continue;
+        // Second largest excess of the 8 immediate neighbours, NaN sorting last (as numpy.sort).
+        float first = -ZM_INFINITY, second = -ZM_INFINITY;
+        int nans = 0;
+        for (int oy = -1; oy <= 1; ++oy) {
+            for (int ox = -1; ox <= 1; ++ox) {
+                if (oy == 0 && ox == 0) continue;
+                const float e = excess[(long long)zm_reflect(y + oy, h) * w + zm_reflect(x + ox, w)];
+                if (isnan(e)) { ++nans; continue; }
+                if (e > first) { second = first; first = e; } else if (e > second) { second = e; }
+            }
         }
-    }
-    const float support = nans >= 2 ? __int_as_float(0x7fc00000) : (nans == 1 ? first : second);
-    const float limit = zm_max(__fmul_rn(isolation_fraction, z), isolation_floor);
-    if (support < limit) {
-        corrected[k] = median;
-        atomicAdd(n_fixed, 1ULL);
+        const float support = nans >= 2 ? __int_as_float(0x7fc00000) : (nans == 1 ? first : second);
+        const float limit = zm_max(__fmul_rn(isolation_fraction, z), isolation_floor);
+        if (support < limit) {
+            corrected[k] = median;
+            atomicAdd(n_fixed, 1ULL);
+        }
     }
 }
 
@@ -917,9 +918,13 @@ def fused_hot_pixel_residuals(plane: Any, step: int, xp: Any) -> list[Any] | Non
 
 
 def fused_hot_pixel_fix(
-    plane: Any, noise_by_phase: Sequence[float], sigma: float, isolation_fraction: float, isolation_floor: float, xp: Any
-) -> tuple[Any, int]:
-    """Stages 1–3 of ``debayer.correct_hot_pixels`` in three kernels: ``(corrected, n_fixed)``.
+    plane: Any, noise_by_phase: Sequence[float], sigma: float, isolation_fraction: float, isolation_floor: float,
+    xp: Any, *, count_fixed: bool = True,
+) -> tuple[Any, int | None]:
+    """Stages 1–3 of ``debayer.correct_hot_pixels`` in two kernels over the whole plane (no
+    candidate list, so nothing waits on the host): ``(corrected, n_fixed)``. ``n_fixed`` is
+    ``None`` when ``count_fixed`` is false: reading it back is a device→host copy that waits
+    for the kernels.
 
     ``noise_by_phase``: the four phases' noise (row-major over the Bayer cell), Python floats.
     """
@@ -931,16 +936,12 @@ def fused_hot_pixel_fix(
     _launch_1d(_fused_function(xp, _HOT_PIXEL_SOURCE, "zemosaic_hot_excess"), height * width,
                (plane, np.int32(height), np.int32(width), inverse, excess))
     corrected = plane.copy()
-    candidates = xp.flatnonzero(excess > np.float32(sigma))
-    if int(candidates.size) == 0:
-        return corrected, 0
     fixed = xp.zeros(1, dtype=xp.uint64)
-    _launch_1d(_fused_function(xp, _HOT_PIXEL_SOURCE, "zemosaic_hot_fix"), int(candidates.size), (
-        plane, excess, np.int32(height), np.int32(width), candidates.astype(xp.int64, copy=False),
-        np.int64(candidates.size), noise, np.float32(sigma), np.float32(isolation_fraction),
+    _launch_1d(_fused_function(xp, _HOT_PIXEL_SOURCE, "zemosaic_hot_fix"), height * width, (
+        plane, excess, np.int32(height), np.int32(width), noise, np.float32(sigma), np.float32(isolation_fraction),
         np.float32(isolation_floor), corrected, fixed,
-    ), block=128)
-    return corrected, int(fixed.get()[0])
+    ))
+    return corrected, (int(fixed.get()[0]) if count_fixed else None)
 
 
 _BAYER_CHANNELS = {"R": 0, "G": 1, "B": 2}
@@ -964,137 +965,315 @@ def fused_debayer_bilinear(plane: Any, pattern_name: str, xp: Any) -> Any | None
     return rgb
 
 
-_CLIPPED_MAD_SOURCE = r"""
-#define ZM_INFINITY __int_as_float(0x7f800000)
-// frames._clipped_mad_sigma on each sorted row (NaN last) of `sorted_rows` (one thread per row):
-// the finite values, median, 1.4826 x MAD, keep |v - median| <= clip x sigma, repeat. On sorted
-// values the kept set is an index range and each median is read (or selected from the two
-// monotone halves of the deviations) in O(log n), with NumPy's float32 rounding.
+_SELECT_SOURCE = r"""
+// Exact order statistics of the rows of debayer._robust_sigma and frames._clipped_mad_sigma without
+// sorting: one thread block (blockDim.x == ZM_THREADS) per row, radix select on order-preserving
+// uint32 keys of the float32 values. Each pass sweeps the row once, counts in a shared-memory
+// histogram the keys still in the running (bits 31-21, then 20-10 under the bin found so far,
+// then 9-0) and locates the bin of the wanted rank with a block-wide prefix sum; three passes
+// give the key itself. Selecting on keys compares values exactly as a sort does (-0 before +0),
+// so the medians are numpy.median's values.
+#define ZM_THREADS 1024
+#define ZM_WARPS (ZM_THREADS / 32)  // 32: one warp scans the warps' sums in zm_block_scan
+// Keys of -FLT_MAX and FLT_MAX: a value is finite exactly when its key lies in between.
+#define ZM_KEY_LOWEST 0x00800000u
+#define ZM_KEY_HIGHEST 0xff7fffffu
+#define ZM_NONE 0xffffffffu
+
+// |v - m| as NumPy rounds it: float32 subtraction, then the absolute value.
 __device__ __forceinline__ float zm_dev(float v, float m) { return fabsf(__fsub_rn(v, m)); }
 
 // Median of a float32 multiset as numpy.median: the middle value, or fl32(fl32(a + b) / 2).
 __device__ __forceinline__ float zm_mid(float a, float b, bool even) { return even ? __fdiv_rn(__fadd_rn(a, b), 2.0f) : a; }
 
-// k-th smallest (0-based) deviation of v[lo..hi) from m, with p = first index with v >= m:
-// left deviations dev(v[p-1-j]) and right ones dev(v[p+i]) are both non-decreasing.
-__device__ float zm_kth_deviation(const float* v, long long lo, long long hi, long long p, float m, long long k)
+// Order-preserving key: a before b in a float sort exactly when key(a) < key(b).
+__device__ __forceinline__ unsigned int zm_key(float f)
 {
-    const long long na = hi - p, nb = p - lo;  // A: right side, B: left side
-    long long a = k + 1 - nb > 0 ? k + 1 - nb : 0;
-    long long b = k + 1 < na ? k + 1 : na;
-    while (a < b) {
-        const long long i = (a + b) >> 1, j = k + 1 - i;
-        if (j > 0 && i < na && zm_dev(v[p - j], m) > zm_dev(v[p + i], m)) a = i + 1; else b = i;
-    }
-    const long long i = a, j = k + 1 - a;
-    const float from_a = i > 0 ? zm_dev(v[p + i - 1], m) : -ZM_INFINITY;
-    const float from_b = j > 0 ? zm_dev(v[p - j], m) : -ZM_INFINITY;
-    return fmaxf(from_a, from_b);
+    const unsigned int u = __float_as_uint(f);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
-extern "C" __global__ void zemosaic_clipped_mad_sigma(
-    const float* __restrict__ sorted_rows, const int n_rows, const long long n, const double clip,
+__device__ __forceinline__ float zm_value(unsigned int key)
+{
+    return __uint_as_float((key & 0x80000000u) ? (key & 0x7fffffffu) : ~key);
+}
+
+// The elements of a row that take part in a selection, and what they are ranked by.
+struct ZmSelection {
+    unsigned int low, high;           // values whose keys lie in [low, high] ...
+    bool clipped;                     // ... and, if clipped, zm_dev(v, clip_centre) <= clip_limit
+    float clip_centre, clip_limit;
+    bool deviation;                   // ranked by the value, or by zm_dev(v, centre)
+    float centre;
+};
+
+struct ZmScratch {
+    unsigned int hist[2048];
+    unsigned int warp_sums[ZM_WARPS];
+    unsigned int bin, rank, in_bin, low, high, next;
+};
+
+// One sweep of the row: hist[b] = how many taking-part elements have key bits [shift, shift + bits)
+// equal to b and the bits above equal to `prefix` (all of them when shift + bits == 32). With
+// `bounds`, s->low / s->high get the lowest and highest value key taking part.
+__device__ void zm_histogram(const float* __restrict__ v, const long long n, const ZmSelection sel,
+                             const int shift, const int bits, const unsigned int prefix, const bool bounds,
+                             ZmScratch* s)
+{
+    if (bounds) {
+        __syncthreads();  // every thread has read the last selection's bounds
+        if (threadIdx.x == 0) { s->low = ZM_NONE; s->high = 0u; }
+    }
+    // The last pass's counts were all read before the barrier that ended its zm_locate.
+    for (int b = threadIdx.x; b < (1 << bits); b += ZM_THREADS) s->hist[b] = 0u;
+    __syncthreads();
+    const unsigned int mask = (1u << bits) - 1u;
+    const bool below_prefix = shift + bits < 32;
+    unsigned int low = ZM_NONE, high = 0u, run_bin = 0u, run = 0u;
+    for (long long i = threadIdx.x; i < n; i += ZM_THREADS) {
+        const float x = v[i];
+        const unsigned int kx = zm_key(x);
+        if (kx < sel.low || kx > sel.high) continue;
+        if (sel.clipped && !(zm_dev(x, sel.clip_centre) <= sel.clip_limit)) continue;
+        low = kx < low ? kx : low;
+        high = kx > high ? kx : high;
+        const unsigned int key = sel.deviation ? zm_key(zm_dev(x, sel.centre)) : kx;
+        if (below_prefix && (key >> (shift + bits)) != prefix) continue;
+        const unsigned int b = (key >> shift) & mask;
+        // Ties come in runs (integer data, flat rows): one shared atomic per run, not per element.
+        if (b != run_bin) {
+            if (run > 0u) atomicAdd(&s->hist[run_bin], run);
+            run_bin = b;
+            run = 0u;
+        }
+        ++run;
+    }
+    if (run > 0u) atomicAdd(&s->hist[run_bin], run);
+    if (bounds && low <= high) {
+        atomicMin(&s->low, low);
+        atomicMax(&s->high, high);
+    }
+    __syncthreads();
+}
+
+// Inclusive prefix sum of one count per thread over the block; *total gets the block's sum.
+__device__ __forceinline__ unsigned int zm_block_scan(unsigned int x, unsigned int* total, ZmScratch* s)
+{
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    for (int d = 1; d < 32; d <<= 1) {
+        const unsigned int y = __shfl_up_sync(0xffffffffu, x, d);
+        if (lane >= d) x += y;
+    }
+    if (lane == 31) s->warp_sums[warp] = x;
+    __syncthreads();
+    unsigned int w = s->warp_sums[lane];
+    for (int d = 1; d < 32; d <<= 1) {
+        const unsigned int y = __shfl_up_sync(0xffffffffu, w, d);
+        if (lane >= d) w += y;
+    }
+    const unsigned int before = __shfl_sync(0xffffffffu, w, (warp + 31) & 31);
+    *total = __shfl_sync(0xffffffffu, w, 31);
+    return warp > 0 ? x + before : x;
+}
+
+// After zm_histogram over `bins` bins: the bin holding the rank-th smallest counted key (rank
+// ZM_NONE: the lower middle one, (count - 1) / 2) in s->bin, its rank among the keys of that bin
+// in s->rank and their number in s->in_bin. Returns how many keys were counted.
+__device__ unsigned int zm_locate(const int bins, unsigned int rank, ZmScratch* s)
+{
+    const int per_thread = bins / ZM_THREADS;
+    const int first = threadIdx.x * per_thread;
+    unsigned int own = 0u;
+    for (int j = 0; j < per_thread; ++j) own += s->hist[first + j];
+    unsigned int total;
+    const unsigned int through = zm_block_scan(own, &total, s);
+    if (rank == ZM_NONE) rank = total > 0u ? (total - 1u) / 2u : 0u;
+    if (rank >= through - own && rank < through) {
+        unsigned int r = rank - (through - own);
+        int b = first;
+        while (r >= s->hist[b]) { r -= s->hist[b]; ++b; }
+        s->bin = b;
+        s->rank = r;
+        s->in_bin = s->hist[b];
+    }
+    __syncthreads();
+    return total;
+}
+
+// Smallest key above `key` among the taking-part elements (one more sweep).
+__device__ unsigned int zm_smallest_above(const float* __restrict__ v, const long long n, const ZmSelection sel,
+                                          const unsigned int key, ZmScratch* s)
+{
+    __syncthreads();  // every thread has read s->next
+    if (threadIdx.x == 0) s->next = ZM_NONE;
+    __syncthreads();
+    unsigned int best = ZM_NONE;
+    for (long long i = threadIdx.x; i < n; i += ZM_THREADS) {
+        const float x = v[i];
+        const unsigned int kx = zm_key(x);
+        if (kx < sel.low || kx > sel.high) continue;
+        const unsigned int k = sel.deviation ? zm_key(zm_dev(x, sel.centre)) : kx;
+        if (k > key && k < best) best = k;
+    }
+    atomicMin(&s->next, best);
+    __syncthreads();
+    return s->next;
+}
+
+// The keys of ranks (m - 1) / 2 and m / 2 of the m taking-part elements (the same key when m is
+// odd): the pair numpy.median averages. Returns m; stops after the first pass, keys unset, when
+// m < min_count or m == stop_count. *low / *high: the lowest and highest value key taking part,
+// so that [*low, *high] alone selects the same elements afterwards (a clip keeps an interval of
+// the values: fl32(v - m) is monotone in v).
+__device__ unsigned int zm_middle_keys(const float* __restrict__ v, const long long n, const ZmSelection sel,
+                                       const unsigned int min_count, const unsigned int stop_count, ZmScratch* s,
+                                       unsigned int* first_key, unsigned int* second_key,
+                                       unsigned int* low, unsigned int* high)
+{
+    zm_histogram(v, n, sel, 21, 11, 0u, true, s);
+    const unsigned int m = zm_locate(2048, ZM_NONE, s);
+    *low = s->low;
+    *high = s->high;
+    if (m < min_count || m == stop_count) return m;
+    ZmSelection kept = sel;
+    kept.low = *low;
+    kept.high = *high;
+    kept.clipped = false;
+    unsigned int prefix = s->bin, rank = s->rank;
+    zm_histogram(v, n, kept, 10, 11, prefix, false, s);
+    zm_locate(2048, rank, s);
+    prefix = (prefix << 11) | s->bin;
+    rank = s->rank;
+    zm_histogram(v, n, kept, 0, 10, prefix, false, s);
+    zm_locate(1024, rank, s);
+    const unsigned int bin = s->bin;
+    const unsigned int key = (prefix << 10) | bin;
+    *first_key = key;
+    *second_key = key;
+    if ((m & 1u) == 0u && s->rank + 1u >= s->in_bin) {
+        // Rank m / 2 holds a larger key: the next non-empty bin of the last pass, else (it lies
+        // under another prefix) the smallest larger key of the row.
+        if (threadIdx.x == 0) s->next = ZM_NONE;
+        __syncthreads();
+        const unsigned int own_bin = threadIdx.x;
+        if (own_bin > bin && s->hist[own_bin] > 0u) atomicMin(&s->next, own_bin);
+        __syncthreads();
+        const unsigned int next_bin = s->next;
+        *second_key = next_bin != ZM_NONE ? (prefix << 10) | next_bin : zm_smallest_above(v, n, kept, key, s);
+    }
+    return m;
+}
+
+// debayer._robust_sigma's two medians of each row: out[row] = (finite count, median, median absolute
+// deviation), the medians as numpy.median computes them in float32 (NaN, NaN without a finite value).
+// rows[2 r], rows[2 r + 1]: address and length of row r (float32, contiguous).
+extern "C" __global__ void __launch_bounds__(ZM_THREADS) zemosaic_median_mad_rows(
+    const long long* __restrict__ rows, double* __restrict__ out)
+{
+    __shared__ ZmScratch s;
+    const float* v = (const float*)rows[2 * blockIdx.x];
+    const long long n = rows[2 * blockIdx.x + 1];
+    const ZmSelection finite = {ZM_KEY_LOWEST, ZM_KEY_HIGHEST, false, 0.0f, 0.0f, false, 0.0f};
+    unsigned int first, second, low, high;
+    const unsigned int size = zm_middle_keys(v, n, finite, 1u, ZM_NONE, &s, &first, &second, &low, &high);
+    double centre = __longlong_as_double(0x7ff8000000000000ULL), mad = centre;
+    if (size > 0u) {
+        const bool even = (size & 1u) == 0u;
+        const float median = zm_mid(zm_value(first), zm_value(second), even);
+        const ZmSelection deviations = {low, high, false, 0.0f, 0.0f, true, median};
+        zm_middle_keys(v, n, deviations, 1u, ZM_NONE, &s, &first, &second, &low, &high);
+        centre = (double)median;
+        mad = (double)zm_mid(zm_value(first), zm_value(second), even);
+    }
+    if (threadIdx.x == 0) {
+        out[3 * blockIdx.x] = (double)size;
+        out[3 * blockIdx.x + 1] = centre;
+        out[3 * blockIdx.x + 2] = mad;
+    }
+}
+
+// frames._clipped_mad_sigma of each row (row r at rows + r x row_stride, n values): the finite
+// values, median, sigma = 1.4826 x MAD, keep |v - median| <= fl32(clip x sigma), repeat. The kept
+// values of an iteration are those of the previous one inside the new clip (the first pass of the
+// next median counts them); NumPy's stops: fewer than 8 values, sigma not > 0, nothing clipped.
+extern "C" __global__ void __launch_bounds__(ZM_THREADS) zemosaic_clipped_mad_sigma(
+    const float* __restrict__ rows, const long long row_stride, const long long n, const double clip,
     const int iterations, double* __restrict__ sigma_out)
 {
-    const int row = blockIdx.x * blockDim.x + threadIdx.x;
-    if (row >= n_rows) return;
-    const float* v = sorted_rows + (long long)row * n;
-    // Finite range: -inf sorts first, then the finite values, +inf, NaN.
-    long long a = 0, b = n;
-    while (a < b) { const long long c = (a + b) >> 1; if (v[c] == -ZM_INFINITY) a = c + 1; else b = c; }
-    long long lo = a;
-    a = lo; b = n;
-    while (a < b) { const long long c = (a + b) >> 1; if (v[c] < ZM_INFINITY) a = c + 1; else b = c; }
-    long long hi = a;
+    __shared__ ZmScratch s;
+    const float* v = rows + (long long)blockIdx.x * row_stride;
+    ZmSelection values = {ZM_KEY_LOWEST, ZM_KEY_HIGHEST, false, 0.0f, 0.0f, false, 0.0f};
     double sigma = __longlong_as_double(0x7ff8000000000000ULL);
+    unsigned int previous = ZM_NONE;
     for (int it = 0; it < iterations; ++it) {
-        const long long size = hi - lo;
-        if (size < 8) break;
-        const bool even = (size & 1) == 0;
-        const float median = zm_mid(v[lo + (size - 1) / 2], v[lo + size / 2], even);
-        a = lo; b = hi;  // p: first index with v >= median
-        while (a < b) { const long long c = (a + b) >> 1; if (v[c] < median) a = c + 1; else b = c; }
-        const long long p = a;
-        const float mad = zm_mid(zm_kth_deviation(v, lo, hi, p, median, (size - 1) / 2),
-                                 zm_kth_deviation(v, lo, hi, p, median, size / 2), even);
-        sigma = __dmul_rn(1.4826, (double)mad);
+        unsigned int first, second, low, high, dev_low, dev_high;
+        const unsigned int size = zm_middle_keys(v, n, values, 8u, previous, &s, &first, &second, &low, &high);
+        if (size < 8u || size == previous) break;
+        const bool even = (size & 1u) == 0u;
+        const float median = zm_mid(zm_value(first), zm_value(second), even);
+        const ZmSelection deviations = {low, high, false, 0.0f, 0.0f, true, median};
+        zm_middle_keys(v, n, deviations, 1u, ZM_NONE, &s, &first, &second, &dev_low, &dev_high);
+        sigma = __dmul_rn(1.4826, (double)zm_mid(zm_value(first), zm_value(second), even));
         if (!(sigma > 0.0)) break;
         const float limit = __double2float_rn(__dmul_rn(clip, sigma));
-        // New range: drop the left values with v < median and dev > limit, and the right ones with v > median and dev > limit.
-        a = lo; b = p;
-        while (a < b) { const long long c = (a + b) >> 1; if (zm_dev(v[c], median) > limit) a = c + 1; else b = c; }
-        const long long new_lo = a;
-        a = p; b = hi;
-        while (a < b) { const long long c = (a + b) >> 1; if (!(zm_dev(v[c], median) > limit)) a = c + 1; else b = c; }
-        const long long new_hi = a;
-        if (new_lo == lo && new_hi == hi) break;
-        lo = new_lo;
-        hi = new_hi;
+        values = {low, high, true, median, limit, false, 0.0f};
+        previous = size;
     }
-    sigma_out[row] = sigma;
-}
-
-// debayer._robust_sigma's two medians on each sorted row: out[row] = (finite count, median,
-// median absolute deviation), the medians as numpy.median computes them in float32.
-extern "C" __global__ void zemosaic_median_mad_rows(
-    const float* __restrict__ sorted_rows, const int n_rows, const long long n, double* __restrict__ out)
-{
-    const int row = blockIdx.x * blockDim.x + threadIdx.x;
-    if (row >= n_rows) return;
-    const float* v = sorted_rows + (long long)row * n;
-    long long a = 0, b = n;
-    while (a < b) { const long long c = (a + b) >> 1; if (v[c] == -ZM_INFINITY) a = c + 1; else b = c; }
-    const long long lo = a;
-    a = lo; b = n;
-    while (a < b) { const long long c = (a + b) >> 1; if (v[c] < ZM_INFINITY) a = c + 1; else b = c; }
-    const long long hi = a;
-    const long long size = hi - lo;
-    double centre = __longlong_as_double(0x7ff8000000000000ULL), mad = centre;
-    if (size > 0) {
-        const bool even = (size & 1) == 0;
-        const float median = zm_mid(v[lo + (size - 1) / 2], v[lo + size / 2], even);
-        a = lo; b = hi;
-        while (a < b) { const long long c = (a + b) >> 1; if (v[c] < median) a = c + 1; else b = c; }
-        const long long p = a;
-        centre = (double)median;
-        mad = (double)zm_mid(zm_kth_deviation(v, lo, hi, p, median, (size - 1) / 2),
-                             zm_kth_deviation(v, lo, hi, p, median, size / 2), even);
-    }
-    out[3 * row] = (double)size;
-    out[3 * row + 1] = centre;
-    out[3 * row + 2] = mad;
+    if (threadIdx.x == 0) sigma_out[blockIdx.x] = sigma;
 }
 """
+
+#: Threads per block of the selection kernels (ZM_THREADS in :data:`_SELECT_SOURCE`).
+_SELECT_THREADS = 1024
+#: Longest row the selection kernels take: their counts are uint32 (ZM_NONE excluded).
+_SELECT_MAX_VALUES = 2**31 - 1
+
+
+def _float32_row(row: Any, xp: Any) -> Any:
+    """``row`` as a contiguous 1-D float32 device array (itself when it already is one)."""
+    row = row.ravel()
+    if row.dtype == xp.float32 and row.flags.c_contiguous:
+        return row
+    return xp.ascontiguousarray(row, dtype=xp.float32)
 
 
 def fused_median_mad(rows: Sequence[Any], xp: Any) -> list[tuple[int, float, float]] | None:
     """``(finite count, median, MAD)`` of each 1-D float32 device array, as ``numpy.median`` gives
-    them (float32 values as Python floats): one padded sort, one kernel, one copy to the host.
-    ``None`` when not on CuPy."""
+    them (float32 values as Python floats; NaN, NaN for a row without a finite value): one kernel
+    reading the rows in place (a table of their addresses), one copy to the host. ``None`` when not
+    on CuPy or a row is longer than :data:`_SELECT_MAX_VALUES`."""
     if not is_device_module(xp) or not rows:
         return None
-    length = max(1, max(int(row.size) for row in rows))
-    table = xp.full((len(rows), length), xp.nan, dtype=xp.float32)  # NaN sorts last: not counted
-    for index, row in enumerate(rows):
-        table[index, : int(row.size)] = row
-    table.sort(axis=-1)
+    rows = [_float32_row(row, xp) for row in rows]  # referenced until the copy below has waited for the kernel
+    if any(int(row.size) > _SELECT_MAX_VALUES for row in rows):
+        return None
+    table = xp.asarray(np.array([[int(row.data.ptr), int(row.size)] for row in rows], dtype=np.int64))
     out = xp.empty((len(rows), 3), dtype=xp.float64)
-    function = _fused_function(xp, _CLIPPED_MAD_SOURCE, "zemosaic_median_mad_rows")
-    function((max(1, -(-len(rows) // 32)),), (32,), (table, np.int32(len(rows)), np.int64(length), out))
+    function = _fused_function(xp, _SELECT_SOURCE, "zemosaic_median_mad_rows")
+    function((len(rows),), (_SELECT_THREADS,), (table, out))
     return [(int(count), float(centre), float(mad)) for count, centre, mad in out.get()]
 
 
 def fused_clipped_mad_sigmas(rows: Any, clip: float, iterations: int, xp: Any) -> Any | None:
-    """``frames._clipped_mad_sigma`` of each row of ``rows`` (R, n) float32 on the GPU: one sort
-    and one kernel for all rows; float64 (R,) on the device. ``None`` when not on CuPy."""
+    """``frames._clipped_mad_sigma`` of each row of ``rows`` (R, n) float32 on the GPU: one kernel,
+    one block per row; float64 (R,) on the device, nothing waited for. ``None`` when not on CuPy
+    or the rows are longer than :data:`_SELECT_MAX_VALUES`."""
     if not is_device_module(xp) or rows.ndim != 2 or rows.dtype != xp.float32:
         return None
-    ordered = xp.sort(xp.ascontiguousarray(rows), axis=-1)
-    n_rows, n = (int(v) for v in ordered.shape)
+    n_rows, n = (int(v) for v in rows.shape)
+    if n > _SELECT_MAX_VALUES:
+        return None
     sigmas = xp.empty(n_rows, dtype=xp.float64)
-    function = _fused_function(xp, _CLIPPED_MAD_SOURCE, "zemosaic_clipped_mad_sigma")
-    function((max(1, -(-n_rows // 32)),), (32,),
-             (ordered, np.int32(n_rows), np.int64(n), np.float64(clip), np.int32(iterations), sigmas))
+    if n_rows == 0:
+        return sigmas
+    itemsize = rows.itemsize
+    if rows.strides[1] != itemsize or rows.strides[0] % itemsize or rows.strides[0] < 0:
+        rows = xp.ascontiguousarray(rows)
+    row_stride = int(rows.strides[0]) // itemsize
+    function = _fused_function(xp, _SELECT_SOURCE, "zemosaic_clipped_mad_sigma")
+    function((n_rows,), (_SELECT_THREADS,),
+             (rows, np.int64(row_stride), np.int64(n), np.float64(clip), np.int32(min(int(iterations), 2**31 - 1)),
+              sigmas))
     return sigmas
 
 

@@ -409,7 +409,9 @@ def frame_pixels(host: HostFrame, info: FrameInfo, config: dict[str, Any], n_cha
     if info.layout == "cfa" and info.bayer_pattern:
         plane = data[0]
         if bool(config["hot_pixel_correction"]):
-            plane, _fixed = correct_hot_pixels(plane, info.bayer_pattern, float(config["hot_pixel_sigma"]), xp)
+            plane, _fixed = correct_hot_pixels(  # the count would cost a host sync
+                plane, info.bayer_pattern, float(config["hot_pixel_sigma"]), xp, count_fixed=False
+            )
         data = debayer_bilinear(plane, info.bayer_pattern, xp)
     if data.shape[0] != n_channels:  # a mono frame in a colour mosaic: same signal in R, G and B
         data = xp.repeat(data[:1], n_channels, axis=0)
@@ -1327,6 +1329,21 @@ def _reproject_frames_cpu(
             raise
 
 
+#: The interpreter's thread switch interval while device threads feed the GPU. A device thread
+#: gives the GIL up at each wait for the device and must then not queue for Python's default
+#: 5 ms slice behind a thread running Python (P2's result handling, the run's loop, loaders).
+P3_SWITCH_INTERVAL_S = 0.0005
+
+
+def _shorten_gil_slices(seconds: float) -> Callable[[], None]:
+    """``sys.setswitchinterval(seconds)`` unless already shorter; returns what restores the previous value."""
+    previous = sys.getswitchinterval()
+    if previous <= seconds:
+        return lambda: None
+    sys.setswitchinterval(seconds)
+    return lambda: sys.setswitchinterval(previous)
+
+
 def _reproject_frames_gpu(
     frames: Sequence[FrameInfo],
     todo: list[int],
@@ -1383,6 +1400,7 @@ def _reproject_frames_gpu(
 
     done = 0
     in_flight = n_readers + 2 * device_threads
+    restore_slices = _shorten_gil_slices(P3_SWITCH_INTERVAL_S)
     device_pool = ThreadPoolExecutor(max_workers=device_threads, thread_name_prefix="zemosaic-gpu")
     # Pixels the readers left in their files are read into pinned memory by loader threads as
     # soon as the reader answers, so the device threads only copy (asynchronously) and decode.
@@ -1441,6 +1459,7 @@ def _reproject_frames_gpu(
         loaders.shutdown(wait=True, cancel_futures=True)
         readers.shutdown(wait=True, cancel_futures=True)
         streams.close()
+        restore_slices()
     ctx.reporter.debug(
         "mf_debug_gpu_p3",
         frames=len(todo),
