@@ -819,8 +819,11 @@ def test_fused_map_and_bilinear_sampling_equal_the_numpy_path_to_the_bit(device:
         assert r0 == height
         np.testing.assert_array_equal(gpu.to_host(out), cpu_out)
         np.testing.assert_array_equal(gpu.to_host(footprint), cpu_fp)
-    # The public helper, fused and not (rows() + fused_bilinear_into): the same bits.
-    for fused in (True, False):
+    # The kernel computed the control rows itself (gpu.fused_bilinear_control_into): none was made.
+    assert expander._arrays is None
+    # The public helper, fused and not (rows() + fused_bilinear_into), then the kernel reading the
+    # expanded rows (gpu.fused_bilinear_grid_into): the same bits.
+    for fused in (True, False, True):
         out = cp.empty((data.shape[0], height, width), dtype=cp.float32)
         footprint = cp.empty((height, width), dtype=cp.float32)
         step = 97

@@ -1403,7 +1403,82 @@ extern "C" __global__ void zemosaic_bilinear_grid(
         zm_bilinear_pixel(flat, plane, channels, bad, has_bad, height, width, x, y, k, out, out_stride, footprint);
     }
 }
+
+// reproject._MapExpander's cell and fraction of a box offset: min(offset // step, points - 2) and
+// (offset - cell * step) / step in float64.
+__device__ __forceinline__ long long zm_cell(const long long offset, const long long step, const long long points,
+                                             double* frac)
+{
+    long long cell = offset / step;
+    if (cell > points - 2) cell = points - 2;
+    *frac = __ddiv_rn((double)(offset - cell * step), (double)step);
+    return cell;
+}
+
+// reproject._MapExpander._along_x at one column: left + frac * (right - left) in float64, cast to float32.
+__device__ __forceinline__ float zm_along_x(const double* grid, const long long row, const long long nx,
+                                            const long long cell, const double frac)
+{
+    const double left = grid[row * nx + cell], right = grid[row * nx + cell + 1];
+    return __double2float_rn(__dadd_rn(left, __dmul_rn(frac, __dsub_rn(right, left))));
+}
+
+// zemosaic_bilinear_grid with the expander's control rows, cells and fractions computed here too,
+// from the control grid itself (float64 (ny, nx) per coordinate): no expander array is made.
+extern "C" __global__ void zemosaic_bilinear_control(
+    const float* __restrict__ flat, const long long plane, const int channels, const float* __restrict__ bad,
+    const int has_bad, const int height, const int width, const double* __restrict__ grid_x,
+    const double* __restrict__ grid_y, const long long ny, const long long nx, const long long step,
+    const long long r0, const int cols, const long long n, float* __restrict__ out, const long long out_stride,
+    float* __restrict__ footprint)
+{
+    for (long long k = (long long)blockIdx.x * blockDim.x + threadIdx.x; k < n; k += (long long)gridDim.x * blockDim.x) {
+        double row_frac64, col_frac;
+        const long long cy = zm_cell(r0 + k / cols, step, ny, &row_frac64);
+        const long long cx = zm_cell(k % cols, step, nx, &col_frac);
+        const float frac = __double2float_rn(row_frac64);
+        const float x0 = zm_along_x(grid_x, cy, nx, cx, col_frac), x1 = zm_along_x(grid_x, cy + 1, nx, cx, col_frac);
+        const float y0 = zm_along_x(grid_y, cy, nx, cx, col_frac), y1 = zm_along_x(grid_y, cy + 1, nx, cx, col_frac);
+        const float x = __fadd_rn(x0, __fmul_rn(frac, __fsub_rn(x1, x0)));
+        const float y = __fadd_rn(y0, __fmul_rn(frac, __fsub_rn(y1, y0)));
+        zm_bilinear_pixel(flat, plane, channels, bad, has_bad, height, width, x, y, k, out, out_stride, footprint);
+    }
+}
 """
+
+
+def fused_bilinear_control_into(
+    flat: Any, bad: Any | None, height: int, width: int, grid_xy: Any, step: int, box_shape: tuple[int, int],
+    r0: int, r1: int, out: Any, footprint: Any, xp: Any,
+) -> bool:
+    """:func:`fused_bilinear_grid_into` computing the expander's arrays in the kernel as well, from
+    ``grid_xy`` (2, ny, nx) float64 on the device (the control grid's source x and y) with its
+    ``step`` over a box of ``box_shape``: the same values to the bit. False (nothing written) when
+    not on CuPy or the arrays are not laid out as the kernel reads them."""
+    if not is_device_module(xp):
+        return False
+    arrays = [flat, footprint] + ([] if bad is None else [bad])
+    if any(a.dtype != xp.float32 or not a.flags.c_contiguous for a in arrays):
+        return False
+    if grid_xy.dtype != xp.float64 or grid_xy.ndim != 3 or grid_xy.shape[0] != 2 or not grid_xy.flags.c_contiguous:
+        return False
+    _, ny, nx = (int(v) for v in grid_xy.shape)
+    height_box, cols = (int(v) for v in box_shape)
+    r0, r1 = int(r0), int(r1)
+    if ny < 2 or nx < 2 or int(step) < 1 or not 0 <= r0 <= r1 <= height_box:
+        return False
+    channels = int(flat.shape[0])
+    if not _bilinear_output_fits(out, footprint, channels, r1 - r0, cols, xp):
+        return False
+    n = (r1 - r0) * cols
+    if n == 0:
+        return True
+    _launch_1d(_fused_function(xp, _BILINEAR_SOURCE, "zemosaic_bilinear_control"), n, (
+        flat, np.int64(flat.shape[1]), np.int32(channels), flat if bad is None else bad, np.int32(bad is not None),
+        np.int32(height), np.int32(width), grid_xy[0], grid_xy[1], np.int64(ny), np.int64(nx), np.int64(step),
+        np.int64(r0), np.int32(cols), np.int64(n), out, np.int64(out.strides[0] // out.itemsize), footprint,
+    ))
+    return True
 
 
 def _bilinear_output_fits(out: Any, footprint: Any, channels: int, rows: int, cols: int, xp: Any) -> bool:
@@ -2161,6 +2236,7 @@ __all__ = [
     "ensure_cupy_pool_initialized",
     "free_cupy_memory_pools",
     "FUSED_SORT_MAX_ROWS",
+    "fused_bilinear_control_into",
     "fused_bilinear_grid_into",
     "fused_bilinear_into",
     "fused_debayer_bilinear",

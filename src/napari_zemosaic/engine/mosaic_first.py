@@ -1233,7 +1233,9 @@ def mosaic_first(
 
     try:
         with ctx.timed("P5"):
-            stacked_blocks = _stack_blocks_in_order(store, blocks, policy, stack_one)
+            # Nested runs (SDS batches, classic tiles) stack one block at a time: their few blocks do
+            # not pay for new threads and streams each call (whose pools would strand memory).
+            stacked_blocks = _stack_blocks_in_order(store, blocks, policy, stack_one, threaded=not label)
             for number, (block, outcome) in enumerate(stacked_blocks, start=1):
                 if outcome is not None:
                     (data, weight, count), stats = outcome
@@ -1508,6 +1510,7 @@ def _stack_blocks_in_order(
     blocks: list[tuple[int, int]],
     policy: Any,
     stack_one: Callable[[tuple[int, int], list[tuple[int, int, int, Any]], int], Any],
+    threaded: bool = True,
 ) -> Iterator[tuple[tuple[int, int], Any]]:
     """``(block, stack_one(block, pieces, concurrent))`` in block order.
 
@@ -1515,7 +1518,7 @@ def _stack_blocks_in_order(
     time on threads when the GPU stacks (each planning with its share of the device budget);
     otherwise one after the other, a spilled store's pieces read one block ahead.
     """
-    threaded = policy is not None and policy.uses_gpu("stack") and not store.spilled and len(blocks) > 1
+    threaded = threaded and policy is not None and policy.uses_gpu("stack") and not store.spilled and len(blocks) > 1
     if not threaded:
         for block, pieces in _block_pieces(store, blocks, policy):
             yield block, stack_one(block, pieces, 1)

@@ -191,23 +191,46 @@ class _MapExpander:
     """
 
     def __init__(self, grid: ControlGrid, xp: Any = np, dtype: Any = np.float32) -> None:
+        self.grid, self.xp, self.dtype = grid, xp, dtype
+        self._arrays: dict[str, Any] | None = None
+        self._grid_on_device: Any = None
+        if xp is np:
+            self._expanded()
+
+    def _expanded(self) -> dict[str, Any]:
+        """The control rows, cells and fractions (made once, on first use: on the device the
+        bilinear kernel computes them itself and never asks)."""
+        if self._arrays is not None:
+            return self._arrays
+        grid, xp = self.grid, self.xp
         height, width = grid.shape
         step = grid.step
-        self.xp, self.dtype = xp, dtype
         col_cell, col_frac = self._cells(width, step, grid.src_x.shape[1])
         if xp is np:
-            self.rows_x = self._along_x(grid.src_x, col_cell, col_frac)
-            self.rows_y = self._along_x(grid.src_y, col_cell, col_frac)
+            rows_x = self._along_x(grid.src_x, col_cell, col_frac)
+            rows_y = self._along_x(grid.src_y, col_cell, col_frac)
         else:  # on the device: both coordinates at once, the same float64 operations (no host work)
             rows_x, rows_y = self._along_x(np.stack([grid.src_x, grid.src_y]), col_cell, col_frac)
             # C order (the gather may leave another), as the fused sampling kernel reads them.
-            self.rows_x, self.rows_y = xp.ascontiguousarray(rows_x), xp.ascontiguousarray(rows_y)
+            rows_x, rows_y = xp.ascontiguousarray(rows_x), xp.ascontiguousarray(rows_y)
         row_cell, row_frac = self._cells(height, step, grid.src_x.shape[0])
-        self.row_cell = xp.asarray(row_cell)
-        self.row_frac = xp.asarray(row_frac.astype(dtype))
-        # Row-to-row differences once, so each expanded row costs one gather pair and an FMA.
-        self.step_x = self.rows_x[1:] - self.rows_x[:-1]
-        self.step_y = self.rows_y[1:] - self.rows_y[:-1]
+        self._arrays = {
+            "rows_x": rows_x,
+            "rows_y": rows_y,
+            "row_cell": xp.asarray(row_cell),
+            "row_frac": xp.asarray(row_frac.astype(self.dtype)),
+            # Row-to-row differences once, so each expanded row costs one gather pair and an FMA.
+            "step_x": rows_x[1:] - rows_x[:-1],
+            "step_y": rows_y[1:] - rows_y[:-1],
+        }
+        return self._arrays
+
+    rows_x = property(lambda self: self._expanded()["rows_x"])
+    rows_y = property(lambda self: self._expanded()["rows_y"])
+    row_cell = property(lambda self: self._expanded()["row_cell"])
+    row_frac = property(lambda self: self._expanded()["row_frac"])
+    step_x = property(lambda self: self._expanded()["step_x"])
+    step_y = property(lambda self: self._expanded()["step_y"])
 
     @staticmethod
     def _cells(length: int, step: int, n_points: int) -> tuple[np.ndarray, np.ndarray]:
@@ -237,13 +260,20 @@ class _MapExpander:
         of :meth:`rows` + :func:`_bilinear_into` to the bit, without the dense map. False (nothing
         written) when not on CuPy or the arrays do not fit the kernel."""
         xp = self.xp
-        if xp is np:
+        if xp is np or np.dtype(self.dtype) != np.float32:
             return False
-        from .gpu import fused_bilinear_grid_into
+        from .gpu import fused_bilinear_control_into, fused_bilinear_grid_into
 
-        return fused_bilinear_grid_into(
-            source.flat, source.bad, source.height, source.width, self.rows_x, self.rows_y, self.step_x,
-            self.step_y, self.row_cell, self.row_frac, r0, r1, out, footprint, xp,
+        if self._arrays is not None:  # already expanded: the kernel reads the rows
+            return fused_bilinear_grid_into(
+                source.flat, source.bad, source.height, source.width, self.rows_x, self.rows_y, self.step_x,
+                self.step_y, self.row_cell, self.row_frac, r0, r1, out, footprint, xp,
+            )
+        if self._grid_on_device is None:
+            self._grid_on_device = xp.asarray(np.stack([self.grid.src_x, self.grid.src_y]).astype(np.float64))
+        return fused_bilinear_control_into(
+            source.flat, source.bad, source.height, source.width, self._grid_on_device, self.grid.step,
+            self.grid.shape, r0, r1, out, footprint, xp,
         )
 
 
