@@ -791,7 +791,7 @@ def _grid_case(case: str) -> tuple[np.ndarray, Any]:
 @pytest.mark.parametrize("case", ["plain", "nan", "mono", "seestar"])
 def test_fused_map_and_bilinear_sampling_equal_the_numpy_path_to_the_bit(device: int, case: str) -> None:
     """reproject.sample_rows on CuPy (one kernel computing the map from the expander's control rows,
-    gpu.fused_bilinear_grid_into) gives NumPy's expand_control_grid + _bilinear_into values and
+    gpu.fused_bilinear_control_into) gives NumPy's expand_control_grid + _bilinear_into values and
     footprint exactly, whatever the row chunks; so does the dense-map path on CuPy."""
     reproject = pytest.importorskip("napari_zemosaic.engine.reproject")
     data, grid = _grid_case(case)
@@ -819,11 +819,10 @@ def test_fused_map_and_bilinear_sampling_equal_the_numpy_path_to_the_bit(device:
         assert r0 == height
         np.testing.assert_array_equal(gpu.to_host(out), cpu_out)
         np.testing.assert_array_equal(gpu.to_host(footprint), cpu_fp)
-    # The kernel computed the control rows itself (gpu.fused_bilinear_control_into): none was made.
+    # The kernel computed the control rows itself: no expander array was made.
     assert expander._arrays is None
-    # The public helper, fused and not (rows() + fused_bilinear_into), then the kernel reading the
-    # expanded rows (gpu.fused_bilinear_grid_into): the same bits.
-    for fused in (True, False, True):
+    # The public helper, fused and not (rows() + fused_bilinear_into): the same bits.
+    for fused in (True, False):
         out = cp.empty((data.shape[0], height, width), dtype=cp.float32)
         footprint = cp.empty((height, width), dtype=cp.float32)
         step = 97

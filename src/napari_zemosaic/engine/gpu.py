@@ -1384,26 +1384,6 @@ extern "C" __global__ void zemosaic_bilinear(
     }
 }
 
-// Sampling at the map of reproject._MapExpander.rows(r0, r0 + n / cols), computed here from the
-// expander's control rows (float32 rows + frac x step, one rounding each) instead of read from
-// a dense map.
-extern "C" __global__ void zemosaic_bilinear_grid(
-    const float* __restrict__ flat, const long long plane, const int channels, const float* __restrict__ bad,
-    const int has_bad, const int height, const int width, const float* __restrict__ rows_x,
-    const float* __restrict__ rows_y, const float* __restrict__ step_x, const float* __restrict__ step_y,
-    const long long* __restrict__ row_cell, const float* __restrict__ row_frac, const long long r0, const int cols,
-    const long long n, float* __restrict__ out, const long long out_stride, float* __restrict__ footprint)
-{
-    for (long long k = (long long)blockIdx.x * blockDim.x + threadIdx.x; k < n; k += (long long)gridDim.x * blockDim.x) {
-        const long long row = r0 + k / cols;
-        const long long at = row_cell[row] * cols + k % cols;
-        const float frac = row_frac[row];
-        const float x = __fadd_rn(rows_x[at], __fmul_rn(frac, step_x[at]));
-        const float y = __fadd_rn(rows_y[at], __fmul_rn(frac, step_y[at]));
-        zm_bilinear_pixel(flat, plane, channels, bad, has_bad, height, width, x, y, k, out, out_stride, footprint);
-    }
-}
-
 // reproject._MapExpander's cell and fraction of a box offset: min(offset // step, points - 2) and
 // (offset - cell * step) / step in float64.
 __device__ __forceinline__ long long zm_cell(const long long offset, const long long step, const long long points,
@@ -1423,8 +1403,9 @@ __device__ __forceinline__ float zm_along_x(const double* grid, const long long 
     return __double2float_rn(__dadd_rn(left, __dmul_rn(frac, __dsub_rn(right, left))));
 }
 
-// zemosaic_bilinear_grid with the expander's control rows, cells and fractions computed here too,
-// from the control grid itself (float64 (ny, nx) per coordinate): no expander array is made.
+// Sampling at the map of reproject._MapExpander.rows(r0, r0 + n / cols), the expander's control rows,
+// cells and fractions computed here from the control grid itself (float64 (ny, nx) per coordinate):
+// neither the dense map nor any expander array is made.
 extern "C" __global__ void zemosaic_bilinear_control(
     const float* __restrict__ flat, const long long plane, const int channels, const float* __restrict__ bad,
     const int has_bad, const int height, const int width, const double* __restrict__ grid_x,
@@ -1451,10 +1432,11 @@ def fused_bilinear_control_into(
     flat: Any, bad: Any | None, height: int, width: int, grid_xy: Any, step: int, box_shape: tuple[int, int],
     r0: int, r1: int, out: Any, footprint: Any, xp: Any,
 ) -> bool:
-    """:func:`fused_bilinear_grid_into` computing the expander's arrays in the kernel as well, from
-    ``grid_xy`` (2, ny, nx) float64 on the device (the control grid's source x and y) with its
-    ``step`` over a box of ``box_shape``: the same values to the bit. False (nothing written) when
-    not on CuPy or the arrays are not laid out as the kernel reads them."""
+    """``reproject._MapExpander.rows(r0, r1)`` then :func:`fused_bilinear_into` in one kernel that
+    makes neither the dense map nor the expander's arrays: it computes them from ``grid_xy``
+    (2, ny, nx) float64 on the device (the control grid's source x and y) with its ``step`` over a
+    box of ``box_shape``, the same values to the bit. False (nothing written) when not on CuPy or
+    the arrays are not laid out as the kernel reads them (the caller then runs the dense path)."""
     if not is_device_module(xp):
         return False
     arrays = [flat, footprint] + ([] if bad is None else [bad])
@@ -1507,42 +1489,6 @@ def fused_bilinear_into(flat: Any, bad: Any | None, height: int, width: int, x: 
     _launch_1d(_fused_function(xp, _BILINEAR_SOURCE, "zemosaic_bilinear"), n, (
         flat, np.int64(flat.shape[1]), np.int32(channels), flat if bad is None else bad, np.int32(bad is not None),
         np.int32(height), np.int32(width), x, y, np.int64(n), out, np.int64(out.strides[0] // out.itemsize), footprint,
-    ))
-    return True
-
-
-def fused_bilinear_grid_into(
-    flat: Any, bad: Any | None, height: int, width: int, rows_x: Any, rows_y: Any, step_x: Any, step_y: Any,
-    row_cell: Any, row_frac: Any, r0: int, r1: int, out: Any, footprint: Any, xp: Any,
-) -> bool:
-    """``reproject._MapExpander.rows(r0, r1)`` then :func:`fused_bilinear_into` in one kernel that
-    never makes the dense map, the same values to the bit. ``rows_x``/``rows_y`` (ny, w) and
-    ``step_x``/``step_y`` (ny - 1, w) float32, ``row_cell`` (h,) int and ``row_frac`` (h,) float32
-    are the expander's arrays. False (nothing written) when not on CuPy or the arrays are not
-    laid out as the kernel reads them (the caller then runs the dense path)."""
-    if not is_device_module(xp):
-        return False
-    arrays = [flat, rows_x, rows_y, step_x, step_y, row_frac, footprint] + ([] if bad is None else [bad])
-    if any(a.dtype != xp.float32 or not a.flags.c_contiguous for a in arrays):
-        return False
-    n_points, cols = (int(v) for v in rows_x.shape)
-    if tuple(rows_y.shape) != (n_points, cols) or any(tuple(a.shape) != (n_points - 1, cols) for a in (step_x, step_y)):
-        return False
-    r0, r1 = int(r0), int(r1)
-    if row_cell.ndim != 1 or row_frac.ndim != 1 or not 0 <= r0 <= r1 <= min(int(row_cell.size), int(row_frac.size)):
-        return False
-    channels = int(flat.shape[0])
-    if not _bilinear_output_fits(out, footprint, channels, r1 - r0, cols, xp):
-        return False
-    n = (r1 - r0) * cols
-    if n == 0:
-        return True
-    # A no-op when the cells already are contiguous int64 (the usual case).
-    row_cell = xp.ascontiguousarray(row_cell, dtype=xp.int64)
-    _launch_1d(_fused_function(xp, _BILINEAR_SOURCE, "zemosaic_bilinear_grid"), n, (
-        flat, np.int64(flat.shape[1]), np.int32(channels), flat if bad is None else bad, np.int32(bad is not None),
-        np.int32(height), np.int32(width), rows_x, rows_y, step_x, step_y, row_cell, row_frac,
-        np.int64(r0), np.int32(cols), np.int64(n), out, np.int64(out.strides[0] // out.itemsize), footprint,
     ))
     return True
 
@@ -2237,7 +2183,6 @@ __all__ = [
     "free_cupy_memory_pools",
     "FUSED_SORT_MAX_ROWS",
     "fused_bilinear_control_into",
-    "fused_bilinear_grid_into",
     "fused_bilinear_into",
     "fused_debayer_bilinear",
     "fused_clipped_mad_sigmas",

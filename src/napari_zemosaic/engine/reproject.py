@@ -256,19 +256,14 @@ class _MapExpander:
 
     def sample_bilinear_into(self, source: _Source, r0: int, r1: int, out: Any, footprint: Any) -> bool:
         """Bilinear samples of box rows ``r0 … r1 - 1`` into ``out`` (C, r1 - r0, w) and ``footprint``,
-        the map computed inside one CUDA kernel (:func:`.gpu.fused_bilinear_grid_into`): the values
+        the map computed inside one CUDA kernel (:func:`.gpu.fused_bilinear_control_into`): the values
         of :meth:`rows` + :func:`_bilinear_into` to the bit, without the dense map. False (nothing
         written) when not on CuPy or the arrays do not fit the kernel."""
         xp = self.xp
         if xp is np or np.dtype(self.dtype) != np.float32:
             return False
-        from .gpu import fused_bilinear_control_into, fused_bilinear_grid_into
+        from .gpu import fused_bilinear_control_into
 
-        if self._arrays is not None:  # already expanded: the kernel reads the rows
-            return fused_bilinear_grid_into(
-                source.flat, source.bad, source.height, source.width, self.rows_x, self.rows_y, self.step_x,
-                self.step_y, self.row_cell, self.row_frac, r0, r1, out, footprint, xp,
-            )
         if self._grid_on_device is None:
             self._grid_on_device = xp.asarray(np.stack([self.grid.src_x, self.grid.src_y]).astype(np.float64))
         return fused_bilinear_control_into(
