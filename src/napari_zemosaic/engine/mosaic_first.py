@@ -1402,7 +1402,6 @@ def _reproject_frames_gpu(
 
     done = 0
     in_flight = n_readers + 2 * device_threads
-    restore_slices = _shorten_gil_slices(P3_SWITCH_INTERVAL_S)
     device_pool = ThreadPoolExecutor(max_workers=device_threads, thread_name_prefix="zemosaic-gpu")
     # Pixels the readers left in their files are read into pinned memory by loader threads as
     # soon as the reader answers, so the device threads only copy (asynchronously) and decode.
@@ -1410,6 +1409,7 @@ def _reproject_frames_gpu(
     reading: dict[Future, int] = {}
     computing: dict[Future, int] = {}
     queue = iter(todo)
+    restore_slices = _shorten_gil_slices(P3_SWITCH_INTERVAL_S)
     try:
         while True:
             while len(reading) + len(computing) < in_flight:
