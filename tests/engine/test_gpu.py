@@ -829,6 +829,46 @@ def test_gpu_path_with_a_standin_device_gives_the_cpu_mosaic(small_night, cpu_re
     assert plan.params["storage"] == "gpu"  # the pieces fit in half the (stand-in) GPU budget
 
 
+def test_a_frame_whose_device_check_fails_is_computed_again_by_the_waiting_path(
+    small_night, cpu_reference, tmp_path, monkeypatch
+) -> None:
+    """With the pieces on the device, the device thread queues a frame's results without waiting;
+    the run's thread reads them. A check that reads non-zero (on CuPy: a flat colour plane, whose
+    hot-pixel noise the host computes) sends the frame through the waiting path again; a device
+    error at the wait does too, and is logged. The mosaic is the CPU's."""
+    from napari_zemosaic.engine import mosaic_first as module
+
+    queued_calls: list[int] = []
+    original_pixels, original_finish = module.frame_pixels, module._finish_queued
+
+    def frame_pixels(host, info, config, n_channels, xp, checks=None):  # type: ignore[no-untyped-def]
+        if checks is not None:
+            queued_calls.append(host.index)
+            if host.index == 1:
+                checks.append(np.array([2], dtype=np.int32))  # "not final": as the CUDA status says
+        return original_pixels(host, info, config, n_channels, xp, checks)
+
+    failed_once: list[int] = []
+
+    def finish(queued):  # type: ignore[no-untyped-def]
+        if queued.host.index == 2 and not failed_once:
+            failed_once.append(2)
+            raise RuntimeError("cudaErrorLaunchFailure: unspecified launch failure")
+        return original_finish(queued)
+
+    monkeypatch.setattr(module, "frame_pixels", frame_pixels)
+    monkeypatch.setattr(module, "_finish_queued", finish)
+    reporter = Reporter()
+    policy = standin_policy(LimitedNumpy(), reporter)
+    stacked, _ = run_mosaic_first(small_night, tmp_path, policy)
+    assert_same_mosaic(stacked, cpu_reference)
+    n_frames = len(cpu_reference.frames_used)
+    assert sorted(queued_calls) == list(range(n_frames))  # every frame queued once, the redone ones waited
+    assert policy.to_report()["gpu"]["units_by_stage"]["reproject"] == {"gpu": n_frames + 2, "cpu": 0}
+    (redone,) = [e for e in reporter.log_events if e.key == "mf_debug_frame_redone"]
+    assert redone.params["index"] == 2 and "cudaErrorLaunchFailure" in redone.params["reason"]
+
+
 def test_gpu_path_reads_in_processes_for_large_runs(small_night, cpu_reference, tmp_path, monkeypatch) -> None:
     from napari_zemosaic.engine import mosaic_first as module
 

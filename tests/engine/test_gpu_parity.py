@@ -341,10 +341,15 @@ def check_stack_parity(xp_gpu: Any, rejection: str, combine: str) -> None:
         assert abs(bias) < 0.5, (rejection, bias)
 
 
-@pytest.mark.parametrize("case", ["seestar", "nan_patches", "adjacent_hot", "small_odd", "pattern_rggb"])
+@pytest.mark.parametrize(
+    "case", ["seestar", "nan_patches", "adjacent_hot", "small_odd", "pattern_rggb", "flat_colour", "no_colour"]
+)
 def test_fused_hot_pixel_kernels_equal_the_numpy_path_to_the_bit(device: int, case: str) -> None:
-    """The GPU's fused hot-pixel kernels (gpu.fused_hot_pixel_residuals / fused_hot_pixel_fix)
-    correct exactly the pixels NumPy corrects, with the same values; so does CuPy's xp path."""
+    """The GPU's fused hot-pixel kernels (gpu.fused_hot_pixel_residuals / fused_median_mad_on_device /
+    fused_hot_pixel_noise / fused_hot_pixel_fix) correct exactly the pixels NumPy corrects, with the
+    same values; so does CuPy's xp path. Without waiting (``deferred``), the device status says
+    whether the plane is final: 0 (the same plane), 1 for a colour without finite pixel (nothing
+    corrected, as NumPy), 2 for a flat colour (the host computes its noise: the waiting call)."""
     debayer = pytest.importorskip("napari_zemosaic.engine.debayer")
     rng = np.random.default_rng(21)
     pattern = "RGGB" if case == "pattern_rggb" else SEESTAR_PATTERN
@@ -362,7 +367,18 @@ def test_fused_hot_pixel_kernels_equal_the_numpy_path_to_the_bit(device: int, ca
             for y, x in rng.integers(10, 1000, (40, 2)):
                 cfa[y, x] += 70 * NOISE_SIGMA
                 cfa[y, x + 1] += 70 * NOISE_SIGMA
+        if case == "flat_colour":  # red (GRBG: row 0, odd columns) without spread but for one hot pixel
+            cfa[0::2, 1::2] = SKY
+            cfa[200, 301] += 80 * NOISE_SIGMA
+        if case == "no_colour":  # blue (GRBG: odd rows, even columns) missing
+            cfa[1::2, 0::2] = np.nan
     cpu, n_cpu = debayer.correct_hot_pixels(cfa, pattern, 8.0, np)
+    checks: list = []
+    deferred, n_deferred = debayer.correct_hot_pixels(cp.asarray(cfa), pattern, 8.0, cp, deferred=checks)
+    (status,) = checks
+    assert n_deferred is None and int(status.get()[0]) == {"flat_colour": 2, "no_colour": 1}.get(case, 0)
+    if case != "flat_colour":
+        np.testing.assert_array_equal(gpu.to_host(deferred), cpu)
     fused, n_fused = debayer.correct_hot_pixels(cp.asarray(cfa), pattern, 8.0, cp)
     generic, n_generic = debayer.correct_hot_pixels(cp.asarray(cfa), pattern, 8.0, cp, fused=False)
     assert n_fused == n_cpu
@@ -374,8 +390,10 @@ def test_fused_hot_pixel_kernels_equal_the_numpy_path_to_the_bit(device: int, ca
     np.testing.assert_array_equal(gpu.to_host(quiet), cpu)
     assert debayer.correct_hot_pixels(cfa, pattern, 8.0, np, count_fixed=False)[1] == n_cpu
     assert abs(n_generic - n_cpu) <= TOL["hot_pixels"]["mask_mismatch_fraction"] * cfa.size
-    if case != "nan_patches":
+    if case not in ("nan_patches", "no_colour"):
         assert n_cpu > 0
+    if case == "flat_colour":
+        assert cpu[200, 301] == SKY  # the hot pixel of the flat colour, found with the fallback noise
     # The residual sample of the noise estimate, element for element.
     plane = cp.asarray(cfa)
     step = debayer._noise_step(cfa.shape)

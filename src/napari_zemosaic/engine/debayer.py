@@ -200,13 +200,20 @@ def _noise_step(shape: tuple[int, int]) -> int:
     return step
 
 
-def _robust_sigmas_on_gpu(by_colour: dict[str, list[Any]], xp: Any) -> dict[str, float]:
+def _joined_by_colour(by_colour: dict[str, list[Any]], xp: Any) -> list[Any]:
+    """Each colour's residuals as one array (only a colour of several phases is joined: the
+    selection kernel reads the others where they lie), in the order of ``by_colour``."""
+    return [parts[0] if len(parts) == 1 else xp.concatenate(parts) for parts in by_colour.values()]
+
+
+def _robust_sigmas_on_gpu(by_colour: dict[str, list[Any]], xp: Any, stats: Any = None) -> dict[str, float]:
     """:func:`_robust_sigma` of each colour's residuals, its two medians from one fused kernel
-    (:func:`.gpu.fused_median_mad`); a colour whose MAD is 0 takes the xp function itself."""
+    (:func:`.gpu.fused_median_mad`, or its host copy ``stats`` when already computed); a colour
+    whose MAD is 0 takes the xp function itself."""
     colours = list(by_colour)
-    # The kernel reads each colour's values where they lie: only a colour of several phases is joined.
-    joined = [parts[0] if len(parts) == 1 else xp.concatenate(parts) for parts in (by_colour[c] for c in colours)]
-    stats = _fused_gpu().fused_median_mad(joined, xp)
+    joined = _joined_by_colour(by_colour, xp)
+    if stats is None:
+        stats = _fused_gpu().fused_median_mad(joined, xp)
     if stats is None:  # rows the kernel does not take
         return {colour: _robust_sigma(values, xp) for colour, values in zip(colours, joined)}
     noise: dict[str, float] = {}
@@ -214,13 +221,52 @@ def _robust_sigmas_on_gpu(by_colour: dict[str, list[Any]], xp: Any) -> dict[str,
         if count == 0:
             noise[colour] = float("nan")
             continue
-        sigma = 1.4826 * mad
+        sigma = 1.4826 * float(mad)
         if not sigma > 0.0:  # a flat colour plane: the mean-deviation fallback, as _robust_sigma
             noise[colour] = _robust_sigma(values, xp)
             continue
-        floor = float(xp.finfo(xp.float32).eps) * max(1.0, abs(centre))
+        floor = float(xp.finfo(xp.float32).eps) * max(1.0, abs(float(centre)))
         noise[colour] = max(sigma, floor)
     return noise
+
+
+def _fused_correction(
+    plane: Any, name: str, sigma: float, xp: Any, count_fixed: bool, deferred: list[Any] | None
+) -> tuple[Any, int | None] | None:
+    """:func:`correct_hot_pixels` in the CUDA kernels of :mod:`.gpu`; ``None`` where they decline.
+
+    The colours' noise stays on the device (:func:`.gpu.fused_hot_pixel_noise`), so nothing
+    waits for the device unless asked to: with ``deferred`` its int32 status goes there instead
+    (non-zero: the result is not final; the caller repeats the frame without ``deferred``) and
+    the count is ``None``. Otherwise the status is read back; a flat colour (status 2) has its
+    noise computed on the host and the fix runs again.
+    """
+    gpu = _fused_gpu()
+    height, width = plane.shape
+    parts = gpu.fused_hot_pixel_residuals(plane, _noise_step((int(height), int(width))), xp)
+    if parts is None:
+        return None
+    by_colour: dict[str, list[Any]] = {"R": [], "G": [], "B": []}
+    for (dy, dx), part in zip(_PHASES, parts):
+        by_colour[name[2 * dy + dx]].append(part)
+    stats = gpu.fused_median_mad_on_device(_joined_by_colour(by_colour, xp), xp)
+    if stats is None:
+        return None
+    table, status = gpu.fused_hot_pixel_noise(stats, [list(by_colour).index(colour) for colour in name], xp)
+    corrected, fixed = gpu.fused_hot_pixel_fix(plane, table, sigma, ISOLATION_FRACTION, ISOLATION_FLOOR, xp,
+                                              status=status)
+    if deferred is not None:
+        deferred.append(status)
+        return corrected, None
+    code = int(status.get()[0])
+    if code == 1:  # a colour without a finite residual: nothing corrected
+        return corrected, (0 if count_fixed else None)
+    if code == 2:  # a flat colour: its noise is the host's mean-deviation fallback
+        noise = _robust_sigmas_on_gpu(by_colour, xp, stats.get())
+        corrected, fixed = gpu.fused_hot_pixel_fix(
+            plane, [noise[colour] for colour in name], sigma, ISOLATION_FRACTION, ISOLATION_FLOOR, xp
+        )
+    return corrected, (int(fixed.get()[0]) if count_fixed else None)
 
 
 def _residual_noise_by_colour(padded: Any, pad: int, shape: tuple[int, int], name: str, xp: Any) -> dict[str, float]:
@@ -243,7 +289,8 @@ def _phase_table(noise: dict[str, float], name: str, xp: Any) -> Any:
 
 
 def correct_hot_pixels(
-    cfa: Any, pattern: str, sigma: float, xp: Any, *, fused: bool = True, count_fixed: bool = True
+    cfa: Any, pattern: str, sigma: float, xp: Any, *, fused: bool = True, count_fixed: bool = True,
+    deferred: list[Any] | None = None,
 ) -> tuple[Any, int | None]:
     """Replace isolated hot pixels of a (H, W) CFA plane by their same-colour neighbour median.
 
@@ -256,6 +303,11 @@ def correct_hot_pixels(
     There the count is a copy from the device that waits for the kernels: with
     ``count_fixed=False`` it is not asked for and ``n_fixed`` is ``None``. Every other path
     returns the count whatever ``count_fixed`` says (it costs nothing more there).
+
+    ``deferred`` (a list; used on the fused path only): nothing is waited for at all; a device
+    int32 status is appended, and when it reads non-zero once the device got there, the result
+    is not final and the call must be repeated without ``deferred`` (a colour plane without
+    spread, whose noise the host computes). ``n_fixed`` is then ``None``.
     """
     _require_cfa(cfa)
     name = normalize_pattern(pattern)
@@ -265,18 +317,9 @@ def correct_hot_pixels(
         return plane.copy(), 0
     if fused and getattr(xp, "cuda", None) is not None:  # CuPy
         plane = xp.ascontiguousarray(plane)
-        parts = _fused_gpu().fused_hot_pixel_residuals(plane, _noise_step(shape), xp)
-        if parts is not None:
-            by_colour: dict[str, list[Any]] = {"R": [], "G": [], "B": []}
-            for (dy, dx), part in zip(_PHASES, parts):
-                by_colour[name[2 * dy + dx]].append(part)
-            noise = _robust_sigmas_on_gpu(by_colour, xp)
-            if any(value != value for value in noise.values()):
-                return plane.copy(), (0 if count_fixed else None)
-            return _fused_gpu().fused_hot_pixel_fix(
-                plane, [noise[colour] for colour in name], float(sigma), ISOLATION_FRACTION, ISOLATION_FLOOR, xp,
-                count_fixed=count_fixed,
-            )
+        result = _fused_correction(plane, name, float(sigma), xp, count_fixed, deferred)
+        if result is not None:
+            return result
     corrected = plane.copy()
     pad = 2
     padded = xp.pad(plane, pad, mode="reflect")

@@ -91,6 +91,7 @@ This module imports without CuPy; nothing here imports napari or Qt.
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import importlib.util
 import math
@@ -475,6 +476,68 @@ def to_device(array: Any, xp: Any) -> Any:
     return xp.asarray(array)
 
 
+#: Page-locked staging buffers of :func:`upload_async` with the event after their copy: a buffer
+#: handed back to CuPy's pinned pool before its copy ran could be refilled under it.
+_staged_uploads: list[tuple[Any, np.ndarray]] = []
+_staging_lock = threading.Lock()
+
+
+def upload_async(host: Any, xp: Any) -> Any:
+    """A small host array on ``xp`` without waiting for the device.
+
+    From pageable memory a CUDA copy first waits for everything queued on the stream (a hidden
+    host sync); from page-locked memory it is queued like a kernel. On CuPy the values are
+    staged in CuPy's pinned pool and copied on the current stream; the staging buffer is kept
+    until the copy has run. Elsewhere ``xp.asarray``.
+    """
+    host = np.ascontiguousarray(host)
+    if not is_device_module(xp):
+        return xp.asarray(host)
+    import cupyx
+
+    staged = cupyx.empty_pinned(host.shape, dtype=host.dtype)
+    staged[...] = host
+    device = xp.empty(host.shape, dtype=host.dtype)
+    stream = xp.cuda.get_current_stream()
+    device.data.copy_from_host_async(staged.ctypes.data_as(ctypes.c_void_p), host.nbytes, stream)
+    copied = stream.record()
+    with _staging_lock:
+        _staged_uploads[:] = [(event, buffer) for event, buffer in _staged_uploads if not event.done]
+        _staged_uploads.append((copied, staged))
+    return device
+
+
+def reserve_pool_block(nbytes: int, xp: Any) -> None:
+    """Have CuPy's pool hold one free block of ``nbytes`` for the current stream.
+
+    The pool cuts later allocations on this stream from it (and joins them again when freed),
+    so a stage that keeps many large arrays does not ask the driver for memory array by array
+    (each ``cudaMalloc`` costs the calling thread a GIL-free wait). A no-op on NumPy.
+    """
+    if is_device_module(xp) and nbytes > 0:
+        block = xp.empty(int(nbytes), dtype=xp.uint8)
+        del block
+
+
+def download_async(array: Any, xp: Any) -> np.ndarray:
+    """A host array that receives ``array`` once the current stream reaches this point.
+
+    On CuPy a page-locked buffer filled by a copy queued on the current stream: read it only
+    after that stream (or an event recorded after this call) has been waited for. Elsewhere a
+    plain copy, ready at once.
+    """
+    if not is_device_module(xp) or isinstance(array, np.ndarray):
+        return np.array(array)
+    import cupyx
+
+    array = xp.ascontiguousarray(array)
+    host = cupyx.empty_pinned(array.shape, dtype=array.dtype)
+    if array.nbytes:
+        array.data.copy_to_host_async(host.ctypes.data_as(ctypes.c_void_p), array.nbytes,
+                                     xp.cuda.get_current_stream())
+    return host
+
+
 def is_device_module(xp: Any) -> bool:
     """True when ``xp`` is CuPy (an array module with CUDA streams), not NumPy."""
     return xp is not np and getattr(xp, "cuda", None) is not None
@@ -829,8 +892,9 @@ extern "C" __global__ void zemosaic_hot_excess(
 extern "C" __global__ void zemosaic_hot_fix(
     const float* __restrict__ plane, const float* __restrict__ excess, const int h, const int w,
     const float* __restrict__ noise, const float sigma, const float isolation_fraction, const float isolation_floor,
-    float* __restrict__ corrected, unsigned long long* __restrict__ n_fixed)
+    const int* __restrict__ status, float* __restrict__ corrected, unsigned long long* __restrict__ n_fixed)
 {
+    if (*status != 0) return;  // zemosaic_hot_noise found a colour without noise figure: no correction
     const long long total = (long long)h * w;
     for (long long k = (long long)blockIdx.x * blockDim.x + threadIdx.x; k < total; k += (long long)gridDim.x * blockDim.x) {
         if (!(excess[k] > sigma)) continue;
@@ -856,6 +920,33 @@ extern "C" __global__ void zemosaic_hot_fix(
             atomicAdd(n_fixed, 1ULL);
         }
     }
+}
+
+// debayer._robust_sigmas_on_gpu's noise of each colour from its (finite count, median, MAD) row of
+// zemosaic_median_mad_rows, laid out by Bayer phase (row_of_phase): table[p] = fl32(1 / noise),
+// table[4 + p] = fl32(noise), as the host computes them from Python floats. status: 0; 1 when a
+// colour has no finite residual (NumPy's path then corrects nothing); 2 when a colour's MAD is 0
+// (its noise is the mean-deviation fallback, computed on the host by the caller).
+extern "C" __global__ void zemosaic_hot_noise(
+    const double* __restrict__ stats, const int n_rows, const int row0, const int row1, const int row2,
+    const int row3, float* __restrict__ table, int* __restrict__ status)
+{
+    if (blockIdx.x != 0 || threadIdx.x != 0) return;
+    int code = 0;
+    for (int r = 0; r < n_rows; ++r) if (stats[3 * r] == 0.0) code = 1;
+    for (int r = 0; code == 0 && r < n_rows; ++r) if (!(__dmul_rn(1.4826, stats[3 * r + 2]) > 0.0)) code = 2;
+    const int row_of_phase[4] = {row0, row1, row2, row3};
+    for (int p = 0; p < 4; ++p) {
+        const double* row = stats + 3 * row_of_phase[p];
+        const double sigma = __dmul_rn(1.4826, row[2]);
+        const double magnitude = fabs(row[1]);
+        // float32 eps x max(1.0, |median|), and Python's max(sigma, floor).
+        const double floor = __dmul_rn(1.1920928955078125e-07, magnitude > 1.0 ? magnitude : 1.0);
+        const double noise = floor > sigma ? floor : sigma;
+        table[p] = __double2float_rn(__ddiv_rn(1.0, noise));
+        table[4 + p] = __double2float_rn(noise);
+    }
+    *status = code;
 }
 
 // debayer.debayer_bilinear, one pixel's three channels: its own colour copied, the others the
@@ -917,31 +1008,48 @@ def fused_hot_pixel_residuals(plane: Any, step: int, xp: Any) -> list[Any] | Non
     return [out[int(bounds[i]) : int(bounds[i + 1])] for i in range(4)]
 
 
-def fused_hot_pixel_fix(
-    plane: Any, noise_by_phase: Sequence[float], sigma: float, isolation_fraction: float, isolation_floor: float,
-    xp: Any, *, count_fixed: bool = True,
-) -> tuple[Any, int | None]:
-    """Stages 1–3 of ``debayer.correct_hot_pixels`` in two kernels over the whole plane (no
-    candidate list, so nothing waits on the host): ``(corrected, n_fixed)``. ``n_fixed`` is
-    ``None`` when ``count_fixed`` is false: reading it back is a device→host copy that waits
-    for the kernels.
+def fused_hot_pixel_noise(stats: Any, row_of_phase: Sequence[int], xp: Any) -> tuple[Any, Any]:
+    """The noise table of :func:`fused_hot_pixel_fix` and its status from the (R, 3) rows of
+    :func:`fused_median_mad_on_device` (one row per colour; ``row_of_phase``: the row of each Bayer
+    phase, row-major over the cell), on the device, nothing waited for: ``(table, status)``, float32
+    (8,) and int32 (1,). Status 0: the table holds every colour's noise; 1: a colour has no finite
+    residual (the fix then leaves the plane as it is, as NumPy's path); 2: a colour's MAD is 0, so its
+    noise is the mean-deviation fallback, which the caller computes on the host."""
+    table = xp.empty(8, dtype=xp.float32)
+    status = xp.empty(1, dtype=xp.int32)
+    function = _fused_function(xp, _HOT_PIXEL_SOURCE, "zemosaic_hot_noise")
+    function((1,), (1,), (stats, np.int32(stats.shape[0]), *(np.int32(row) for row in row_of_phase), table, status))
+    return table, status
 
-    ``noise_by_phase``: the four phases' noise (row-major over the Bayer cell), Python floats.
+
+def fused_hot_pixel_fix(
+    plane: Any, noise_by_phase: Any, sigma: float, isolation_fraction: float, isolation_floor: float,
+    xp: Any, *, status: Any = None,
+) -> tuple[Any, Any]:
+    """Stages 1–3 of ``debayer.correct_hot_pixels`` in two kernels over the whole plane (no
+    candidate list, so nothing waits on the host): ``(corrected, n_fixed)``, ``n_fixed`` a uint64
+    (1,) device counter (reading it is a copy that waits for the kernels).
+
+    ``noise_by_phase``: the four phases' noise (row-major over the Bayer cell) as Python floats, or
+    the device table of :func:`fused_hot_pixel_noise`, whose ``status`` then says on the device
+    whether to correct at all.
     """
     height, width = (int(v) for v in plane.shape)
-    # As NumPy computes ``excess *= 1.0 / noise`` and ``z / noise_table``: float32 operands.
-    inverse = xp.asarray(np.array([1.0 / value for value in noise_by_phase], dtype=np.float32))
-    noise = xp.asarray(np.array(list(noise_by_phase), dtype=np.float32))
+    if isinstance(noise_by_phase, (list, tuple)):
+        # As NumPy computes ``excess *= 1.0 / noise`` and ``z / noise_table``: float32 operands.
+        values = [1.0 / value for value in noise_by_phase] + list(noise_by_phase)
+        noise_by_phase = upload_async(np.array(values, dtype=np.float32), xp)
+        status = xp.zeros(1, dtype=xp.int32)
     excess = xp.empty_like(plane)
     _launch_1d(_fused_function(xp, _HOT_PIXEL_SOURCE, "zemosaic_hot_excess"), height * width,
-               (plane, np.int32(height), np.int32(width), inverse, excess))
+               (plane, np.int32(height), np.int32(width), noise_by_phase[:4], excess))
     corrected = plane.copy()
     fixed = xp.zeros(1, dtype=xp.uint64)
     _launch_1d(_fused_function(xp, _HOT_PIXEL_SOURCE, "zemosaic_hot_fix"), height * width, (
-        plane, excess, np.int32(height), np.int32(width), noise, np.float32(sigma), np.float32(isolation_fraction),
-        np.float32(isolation_floor), corrected, fixed,
+        plane, excess, np.int32(height), np.int32(width), noise_by_phase[4:], np.float32(sigma),
+        np.float32(isolation_fraction), np.float32(isolation_floor), status, corrected, fixed,
     ))
-    return corrected, (int(fixed.get()[0]) if count_fixed else None)
+    return corrected, fixed
 
 
 _BAYER_CHANNELS = {"R": 0, "G": 1, "B": 2}
@@ -1237,20 +1345,29 @@ def _float32_row(row: Any, xp: Any) -> Any:
     return xp.ascontiguousarray(row, dtype=xp.float32)
 
 
-def fused_median_mad(rows: Sequence[Any], xp: Any) -> list[tuple[int, float, float]] | None:
-    """``(finite count, median, MAD)`` of each 1-D float32 device array, as ``numpy.median`` gives
-    them (float32 values as Python floats; NaN, NaN for a row without a finite value): one kernel
-    reading the rows in place (a table of their addresses), one copy to the host. ``None`` when not
-    on CuPy or a row is longer than :data:`_SELECT_MAX_VALUES`."""
+def fused_median_mad_on_device(rows: Sequence[Any], xp: Any) -> Any | None:
+    """``(finite count, median, MAD)`` of each 1-D float32 device array as a float64 (R, 3) device
+    array, as ``numpy.median`` gives them in float32 (NaN, NaN for a row without a finite value):
+    one kernel reading the rows in place (a table of their addresses), nothing waited for. ``None``
+    when not on CuPy or a row is longer than :data:`_SELECT_MAX_VALUES`."""
     if not is_device_module(xp) or not rows:
         return None
-    rows = [_float32_row(row, xp) for row in rows]  # referenced until the copy below has waited for the kernel
+    rows = [_float32_row(row, xp) for row in rows]  # CuPy's pool reuses their memory only after the kernel
     if any(int(row.size) > _SELECT_MAX_VALUES for row in rows):
         return None
-    table = xp.asarray(np.array([[int(row.data.ptr), int(row.size)] for row in rows], dtype=np.int64))
+    table = upload_async(np.array([[int(row.data.ptr), int(row.size)] for row in rows], dtype=np.int64), xp)
     out = xp.empty((len(rows), 3), dtype=xp.float64)
     function = _fused_function(xp, _SELECT_SOURCE, "zemosaic_median_mad_rows")
     function((len(rows),), (_SELECT_THREADS,), (table, out))
+    return out
+
+
+def fused_median_mad(rows: Sequence[Any], xp: Any) -> list[tuple[int, float, float]] | None:
+    """:func:`fused_median_mad_on_device` read back: ``(finite count, median, MAD)`` per row, the
+    medians as Python floats (one copy to the host, which waits for the kernel)."""
+    out = fused_median_mad_on_device(rows, xp)
+    if out is None:
+        return None
     return [(int(count), float(centre), float(mad)) for count, centre, mad in out.get()]
 
 
@@ -1500,16 +1617,28 @@ _fused_lock = threading.Lock()
 _fused_modules: dict[tuple[int, str], Any] = {}
 
 
+_fused_functions: dict[tuple[int, int, str], Any] = {}
+
+
 def _fused_function(cupy: Any, source: str, name: str) -> Any:
-    """A compiled function of a fused kernel source, cached per device (compiled once)."""
+    """A compiled function of a fused kernel source, cached per device (compiled once).
+
+    The function handles are cached too: looking one up is a driver call, which releases the
+    GIL, and a device thread that gives the GIL away waits for it behind the run's other threads.
+    """
     device = int(cupy.cuda.runtime.getDevice())
+    function = _fused_functions.get((device, id(source), name))
+    if function is not None:
+        return function
     key = (device, source[:64] + str(len(source)))
     with _fused_lock:
         module = _fused_modules.get(key)
         if module is None:
             module = cupy.RawModule(code=source, options=_FUSED_OPTIONS)
             _fused_modules[key] = module
-    return module.get_function(name)
+        function = module.get_function(name)
+        _fused_functions[(device, id(source), name)] = function
+    return function
 
 
 def _sorted_finite_columns(values: Any, xp: Any) -> tuple[Any, Any, Any, Any] | None:
@@ -2187,10 +2316,12 @@ __all__ = [
     "fused_debayer_bilinear",
     "fused_clipped_mad_sigmas",
     "fused_hot_pixel_fix",
+    "fused_hot_pixel_noise",
     "fused_hot_pixel_residuals",
     "fused_kappa_sigma_bounds",
     "fused_winsorized_range_values",
     "fused_median_mad",
+    "fused_median_mad_on_device",
     "fused_place_pieces",
     "gpu_free_memory",
     "gpu_is_available",
@@ -2204,4 +2335,7 @@ __all__ = [
     "reset_gpu_probe_cache",
     "to_device",
     "to_host",
+    "upload_async",
+    "download_async",
+    "reserve_pool_block",
 ]

@@ -73,6 +73,7 @@ import multiprocessing
 import os
 import shutil
 import sys
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
@@ -99,7 +100,16 @@ from .frames import (
     load_frame,
     validate_wcs,
 )
-from .gpu import WorkerStreams, chunk_slices, kernel_bytes_per_pixel, plan_chunks, to_device, to_host
+from .gpu import (
+    WorkerStreams,
+    chunk_slices,
+    download_async,
+    kernel_bytes_per_pixel,
+    plan_chunks,
+    reserve_pool_block,
+    to_device,
+    to_host,
+)
 from .photometry import PHOTOMETRY_BIN_PX, CoarsePiece, Normalisation, coarse_piece, solve_normalisation
 from .resume import ensure_free_space, write_raw_atomic
 from .reproject import (
@@ -389,12 +399,17 @@ def prepare_frame_on_host(
     return HostFrame(index, pixels, bool(may_hold_nan), grid, read_done - started, time.perf_counter() - read_done)
 
 
-def frame_pixels(host: HostFrame, info: FrameInfo, config: dict[str, Any], n_channels: int, xp: Any) -> Any:
+def frame_pixels(
+    host: HostFrame, info: FrameInfo, config: dict[str, Any], n_channels: int, xp: Any,
+    checks: list[Any] | None = None,
+) -> Any:
     """The frame as float32 ``(C, H, W)`` on ``xp``: hot pixels, debayer, mono → colour.
 
     The same steps as :func:`.frames.load_frame` after its read, applied to the host
     pixels of a reader: the compact array is what travels to the device (pixels a reader
     left in the file, a :class:`~.frames.RawPixels`, are read here and decoded on ``xp``).
+    ``checks``: nothing waits for the device; device flags are appended there, and the result
+    is final only if every one reads 0 (``debayer.correct_hot_pixels``' ``deferred``).
     """
     pixels = host.pixels
     if isinstance(pixels, (RawPixels, PrefetchedRaw)):
@@ -410,7 +425,7 @@ def frame_pixels(host: HostFrame, info: FrameInfo, config: dict[str, Any], n_cha
         plane = data[0]
         if bool(config["hot_pixel_correction"]):
             plane, _fixed = correct_hot_pixels(  # the count would cost a host sync
-                plane, info.bayer_pattern, float(config["hot_pixel_sigma"]), xp, count_fixed=False
+                plane, info.bayer_pattern, float(config["hot_pixel_sigma"]), xp, count_fixed=False, deferred=checks
             )
         data = debayer_bilinear(plane, info.bayer_pattern, xp)
     if data.shape[0] != n_channels:  # a mono frame in a colour mosaic: same signal in R, G and B
@@ -480,6 +495,7 @@ def reproject_host_frame(
     prepare: Callable[[], Any] | None = None,
     chunk_scale: float = 1.0,
     host_stats: bool = True,
+    checks: list[Any] | None = None,
 ) -> ReprojectedFrame:
     """One pass of a read frame on ``xp``: pixels, noise, sampling, coarse block means.
 
@@ -488,9 +504,10 @@ def reproject_host_frame(
     ``prepare`` replaces :func:`frame_pixels` (the GPU path runs it as its own ``debayer``
     unit). ``data`` stays on ``xp``; noise and coarse means are host arrays, or, with
     ``host_stats=False``, stay on ``xp`` too (:func:`_stats_to_host` brings them over later,
-    so that the device thread waits for the device once per frame).
+    so that the device thread waits for the device once per frame). ``checks``: as
+    :func:`frame_pixels`' (when ``prepare`` is not given).
     """
-    data = prepare() if prepare is not None else frame_pixels(host, info, config, n_channels, xp)
+    data = prepare() if prepare is not None else frame_pixels(host, info, config, n_channels, xp, checks)
     data = to_device(data, xp)
     noise = estimate_background_noise(data, xp)
     if host_stats:
@@ -691,9 +708,12 @@ def _process_context() -> Any:
     """forkserver where it exists (no fork of a process holding a CUDA context and threads)."""
     if "forkserver" in multiprocessing.get_all_start_methods():
         context = multiprocessing.get_context("forkserver")
-        # Forked readers (and quality workers) start with the engine imported; no effect once
+        # Forked readers (and quality workers) start with the engine imported, their native
+        # libraries limited to one thread (worker_env, set before NumPy loads); no effect once
         # the server runs.
-        context.set_forkserver_preload([__name__, "napari_zemosaic.engine.quality"])
+        context.set_forkserver_preload(
+            ["napari_zemosaic.engine._worker_preload", __name__, "napari_zemosaic.engine.quality"]
+        )
         return context
     return multiprocessing.get_context("spawn")
 
@@ -960,31 +980,116 @@ def _split_into_blocks(
             store.add((by, bx), frame.index, sy0, sx0, piece)
 
 
-def _cut_device_pieces(
-    frame: ReprojectedFrame, side: int, canvas_shape: tuple[int, int]
-) -> list[tuple[tuple[int, int], int, int, Any]]:
-    """A device frame's non-empty per-block pieces, as views of its data, with one host sync.
-
-    Which pieces hold a finite value is read from one coverage reduction per block column
-    (a handful of launches a frame, against three per piece for copies and flags); views
-    instead of copies: the pieces partition the frame's box, so they hold the same memory,
-    which is freed once the last block the frame touches is stacked.
-    """
-    data = frame.data
-    xp = _array_module(data)
-    y0, y1, x0, x1 = frame.bbox
+def _piece_layout(bbox: BBox, side: int, canvas_shape: tuple[int, int]) -> tuple[list[tuple[int, int, int]], ...]:
+    """The block rows and columns a frame's box crosses: ``(block, start, stop)`` in box coordinates."""
+    y0, y1, x0, x1 = bbox
     rows = [(by, max(y0, by * side) - y0, min(y1, (by + 1) * side, canvas_shape[0]) - y0)
             for by in range(y0 // side, (y1 - 1) // side + 1)]
     cols = [(bx, max(x0, bx * side) - x0, min(x1, (bx + 1) * side, canvas_shape[1]) - x0)
             for bx in range(x0 // side, (x1 - 1) // side + 1)]
+    return rows, cols
+
+
+def _column_coverage(data: Any, cols: Sequence[tuple[int, int, int]]) -> Any:
+    """(n_cols, h) bool on the data's module: which box rows of each block column hold a finite value.
+
+    One coverage reduction per block column: a handful of launches a frame, against three per
+    piece for copies and flags."""
+    xp = _array_module(data)
     covered = xp.isfinite(data).any(axis=0)  # (h, w): some channel finite
-    per_column = to_host(xp.stack([covered[:, left:right].any(axis=1) for _, left, right in cols]))  # (n_cols, h)
+    return xp.stack([covered[:, left:right].any(axis=1) for _, left, right in cols])
+
+
+def _pieces_from_coverage(
+    frame: ReprojectedFrame, rows: Sequence[tuple[int, int, int]], cols: Sequence[tuple[int, int, int]],
+    per_column: np.ndarray,
+) -> list[tuple[tuple[int, int], int, int, Any]]:
+    """The frame's non-empty per-block pieces as views of its data (the pieces partition the box,
+    so they hold the same memory, freed once the last block the frame touches is stacked)."""
+    y0, _, x0, _ = frame.bbox
     pieces = []
     for by, top, bottom in rows:
         for column, (bx, left, right) in enumerate(cols):
             if bottom > top and right > left and per_column[column, top:bottom].any():
-                pieces.append(((by, bx), y0 + top, x0 + left, data[:, top:bottom, left:right]))
+                pieces.append(((by, bx), y0 + top, x0 + left, frame.data[:, top:bottom, left:right]))
     return pieces
+
+
+def _cut_device_pieces(
+    frame: ReprojectedFrame, side: int, canvas_shape: tuple[int, int]
+) -> list[tuple[tuple[int, int], int, int, Any]]:
+    """A device frame's non-empty per-block pieces, as views of its data, with one host sync."""
+    rows, cols = _piece_layout(frame.bbox, side, canvas_shape)
+    return _pieces_from_coverage(frame, rows, cols, to_host(_column_coverage(frame.data, cols)))
+
+
+@dataclass
+class _QueuedFrame:
+    """A frame whose device work is queued and not waited for (P3 on the GPU, pieces kept there).
+
+    Its host copies (noise, coarse means, block coverage, the checks of :func:`frame_pixels`)
+    fill once ``done`` has passed: :func:`_finish_queued` reads them. ``host`` keeps the frame's
+    page-locked pixels alive until their copy to the device has run.
+    """
+
+    host: HostFrame
+    frame: ReprojectedFrame
+    done: Any  # CUDA event recorded after the copies (None: host arrays, copied already)
+    noise: np.ndarray
+    coarse: np.ndarray | None
+    coverage: np.ndarray
+    checks: list[np.ndarray]
+    rows: list[tuple[int, int, int]]
+    cols: list[tuple[int, int, int]]
+
+
+def _queue_frame_results(
+    host: HostFrame, frame: ReprojectedFrame, checks: list[Any], side: int, canvas_shape: tuple[int, int], xp: Any,
+    stream: Any,
+) -> _QueuedFrame:
+    """Queue the copies of a device frame's results to the host behind its kernels, on
+    ``stream`` (the current one; ``None`` for host arrays, copied at once), and an event after
+    them: the device thread goes on to the next frame."""
+    rows, cols = _piece_layout(frame.bbox, side, canvas_shape)
+    coverage = download_async(_column_coverage(frame.data, cols), xp)
+    noise = download_async(frame.noise, xp)
+    coarse = None if frame.coarse is None else download_async(frame.coarse.data, xp)
+    host_checks = [download_async(check, xp) for check in checks]
+    done = stream.record() if stream is not None else None
+    return _QueuedFrame(host, frame, done, noise, coarse, coverage, host_checks, rows, cols)
+
+
+def _finish_queued_or_redo(
+    queued: _QueuedFrame, redo: Callable[[HostFrame], Future], reporter: Any = None
+) -> ReprojectedFrame | Future:
+    """:func:`_finish_queued`, or ``redo(host)`` (the waiting path, whose unit goes through
+    ``run_stage`` and its fallbacks) when a check asks for it or the device reports an error
+    at the wait."""
+    try:
+        frame = _finish_queued(queued)
+    except FrameError:
+        raise
+    except Exception as exc:  # an asynchronous device error: the waiting path reports it or recovers
+        if reporter is not None:
+            reporter.debug("mf_debug_frame_redone", index=queued.host.index, reason=f"{type(exc).__name__}: {exc}")
+        return redo(queued.host)
+    return redo(queued.host) if frame is None else frame
+
+
+def _finish_queued(queued: _QueuedFrame) -> ReprojectedFrame | None:
+    """The frame with host statistics and its pieces, once its device work has run (waits for it).
+    ``None`` when a check of :func:`frame_pixels` says the frame must be computed again by the
+    waiting path."""
+    if queued.done is not None:
+        queued.done.synchronize()
+    if any(int(check.reshape(-1)[0]) != 0 for check in queued.checks):
+        return None
+    frame = queued.frame
+    frame.noise = np.array(queued.noise, dtype=np.float64)
+    if frame.coarse is not None and queued.coarse is not None:
+        frame.coarse = CoarsePiece(frame.coarse.y0, frame.coarse.x0, np.array(queued.coarse, dtype=np.float32))
+    frame.pieces = _pieces_from_coverage(frame, queued.rows, queued.cols, np.array(queued.coverage))
+    return frame
 
 
 def _array_module(array: Any) -> Any:
@@ -1365,26 +1470,38 @@ def _reproject_frames_gpu(
     streams = WorkerStreams(policy.xp_for("reproject"))
     readers, submit_read, reader_kind, n_readers = _reader_executor(config, len(todo), canvas)
     timing = {"read_s": 0.0, "grid_s": 0.0, "device_s": 0.0}
+    # The frames' outputs stay on the device until P5: each device thread's pool gets its share
+    # as one block first (see gpu.reserve_pool_block).
+    output_bytes = sum((bboxes[i][1] - bboxes[i][0]) * (bboxes[i][3] - bboxes[i][2]) for i in todo) * n_channels * 4
+    reserved = threading.local()
 
-    def device_unit(host: HostFrame) -> ReprojectedFrame:
+    def device_unit(host: HostFrame, queue: bool = True) -> ReprojectedFrame | _QueuedFrame:
+        """One frame through the device; with ``queue`` (pieces kept on the device) nothing is
+        waited for: the run's thread finishes the returned :class:`_QueuedFrame`."""
         info = frames[host.index]
         started = time.perf_counter()
 
-        def prepare_on(xp: Any) -> Any:
-            return frame_pixels(host, info, config, n_channels, xp)
-
-        def on_gpu(xp: Any, chunk_scale: float) -> ReprojectedFrame:
+        def on_gpu(xp: Any, chunk_scale: float) -> ReprojectedFrame | _QueuedFrame:
             with streams.scope() as stream:
+                if on_device and not getattr(reserved, "done", False):
+                    reserved.done = True
+                    reserve_pool_block(output_bytes // device_threads, xp)
+                checks: list[Any] | None = [] if queue and on_device else None
+
+                def prepare_on(xp: Any) -> Any:
+                    return frame_pixels(host, info, config, n_channels, xp, checks if xp is not np else None)
+
                 budget = policy.gpu_budget_bytes(device_threads)
                 prepare = lambda: policy.run_stage(  # noqa: E731 - nested unit of the debayer stage
                     "debayer", lambda xp, chunk_scale: prepare_on(xp), prepare_on
                 )
                 frame = reproject_host_frame(host, info, config, n_channels, xp, budget, prepare, chunk_scale,
                                              host_stats=False)
+                if checks is not None:
+                    return _queue_frame_results(host, frame, checks, side, canvas.shape, xp, stream)
                 if not on_device:
                     frame.data = to_host(frame.data)  # waits for this worker's stream
                     return _stats_to_host(frame)
-                # Cut here rather than on the run's thread, which would contend for the GIL.
                 frame.pieces = _cut_device_pieces(frame, side, canvas.shape)  # waits for the stream
                 if stream is not None:
                     stream.synchronize()  # other threads read the pieces next
@@ -1443,6 +1560,13 @@ def _reproject_frames_gpu(
                     index = computing.pop(future)
                     try:
                         frame = future.result()
+                        if isinstance(frame, _QueuedFrame):
+                            frame = _finish_queued_or_redo(
+                                frame, lambda host: device_pool.submit(device_unit, host, False), ctx.reporter
+                            )
+                            if isinstance(frame, Future):  # the frame goes again, through the waiting path
+                                computing[frame] = index
+                                continue
                     except FrameError as exc:
                         reject(index, exc)
                     else:

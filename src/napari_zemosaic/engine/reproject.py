@@ -262,10 +262,10 @@ class _MapExpander:
         xp = self.xp
         if xp is np or np.dtype(self.dtype) != np.float32:
             return False
-        from .gpu import fused_bilinear_control_into
+        from .gpu import fused_bilinear_control_into, upload_async
 
         if self._grid_on_device is None:
-            self._grid_on_device = xp.asarray(np.stack([self.grid.src_x, self.grid.src_y]).astype(np.float64))
+            self._grid_on_device = upload_async(np.stack([self.grid.src_x, self.grid.src_y]).astype(np.float64), xp)
         return fused_bilinear_control_into(
             source.flat, source.bad, source.height, source.width, self._grid_on_device, self.grid.step,
             self.grid.shape, r0, r1, out, footprint, xp,
