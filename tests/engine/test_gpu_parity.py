@@ -945,6 +945,38 @@ def test_fused_winsorized_kernel_equals_the_numpy_path_to_the_bit(device: int, n
     np.testing.assert_array_equal(~((view >= lowest) & (view <= highest)), expected)
 
 
+@pytest.mark.parametrize("n_frames", [1, 7, 100])
+@pytest.mark.parametrize("rejection", ["none", "kappa_sigma", "winsorized_sigma_clip"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_fused_stack_cube_equals_the_numpy_stack_to_the_bit(
+    device: int, n_frames: int, rejection: str, weighted: bool
+) -> None:
+    """stack_cube on CuPy with a mean combine: the rejection's kept ranges, then one kernel for the
+    sums (gpu.fused_combine_within_bounds), without the mask. Data, weight, count and rejected
+    equal NumPy's stack_cube exactly (frame after frame float64 sums, as NumPy's reductions along
+    axis 0), on the stress samples of the kappa-sigma kernel laid out as three channels, with
+    frame weights including a zero and a NaN."""
+    stack = pytest.importorskip("napari_zemosaic.engine.stack")
+    rng = np.random.default_rng(3000 + n_frames)
+    cube = fused_kappa_sigma_cube(rng, n_frames, 3 * 24 * 40).reshape(n_frames, 3, 24, 40)
+    weights = None
+    if weighted:
+        weights = rng.uniform(0.2, 2.0, n_frames).astype(np.float32)
+        weights[0] = 0.0
+        if n_frames > 2:
+            weights[2] = np.nan
+    params = stack.StackParams(rejection=rejection, kappa_low=2.5, kappa_high=3.0, max_iterations=3)
+    cpu = stack.stack_cube(cube, params, weights=weights, xp=np)
+    fused = stack.stack_cube(cp.asarray(cube), params, weights=None if weights is None else cp.asarray(weights), xp=cp)
+    for name in ("data", "weight", "count", "rejected"):
+        np.testing.assert_array_equal(gpu.to_host(getattr(fused, name)), getattr(cpu, name), err_msg=name)
+    if rejection != "none" and n_frames >= 7:
+        assert float(cpu.rejected.max()) > 0  # the rejection did something here
+    assert stack._fused_stack(cp.asarray(cube)[:, :, :, ::2], params, None, cp) is None  # not contiguous
+    median = stack.StackParams(rejection=rejection, combine="median")
+    assert stack._fused_stack(cp.asarray(cube), median, None, cp) is None
+
+
 def test_fused_kappa_sigma_kernel_declines_what_it_does_not_cover(device: int) -> None:
     too_deep = cp.zeros((gpu.FUSED_SORT_MAX_ROWS + 1, 4), dtype=cp.float32)
     assert gpu.fused_kappa_sigma_bounds(too_deep, 3.0, 3.0, 5, cp) is None

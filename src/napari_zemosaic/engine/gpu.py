@@ -1394,6 +1394,87 @@ def fused_clipped_mad_sigmas(rows: Any, clip: float, iterations: int, xp: Any) -
     return sigmas
 
 
+_COMBINE_SOURCE = r"""
+// stack.stack_cube's combine ("mean") and rejected count of a (N, C, P) cube whose rejection is a
+// kept range per column (c, p): kept = finite, lower <= value <= upper (compared in float64, as
+// NumPy compares float32 values with float64 bounds) and weight > 0. One thread per pixel p:
+// channels in order and frames in order, the float64 sums accumulated one frame after the other
+// as NumPy's reductions along axis 0 do, the float32 products v x w rounded first.
+extern "C" __global__ void zemosaic_combine_within_bounds(
+    const float* __restrict__ cube, const long long n_frames, const int channels, const long long pixels,
+    const double* __restrict__ lower, const double* __restrict__ upper, const int bounded,
+    const float* __restrict__ weights, const int weighted,
+    float* __restrict__ data, float* __restrict__ weight_out, float* __restrict__ count_out,
+    float* __restrict__ rejected_out)
+{
+    const double nan = __longlong_as_double(0x7ff8000000000000ULL);
+    for (long long p = (long long)blockIdx.x * blockDim.x + threadIdx.x; p < pixels; p += (long long)gridDim.x * blockDim.x) {
+        double weight_total = 0.0, count_total = 0.0, rejected_total = 0.0;
+        for (int c = 0; c < channels; ++c) {
+            const long long column = (long long)c * pixels + p;
+            const double lo = bounded ? lower[column] : 0.0, hi = bounded ? upper[column] : 0.0;
+            double weight_sum = 0.0, value_sum = 0.0;
+            long long kept = 0, rejected = 0;
+            for (long long n = 0; n < n_frames; ++n) {
+                const float v = cube[(n * channels + c) * pixels + p];
+                if (!isfinite(v)) continue;
+                if (bounded && !((double)v >= lo && (double)v <= hi)) { ++rejected; continue; }
+                const float w = weighted ? weights[n] : 1.0f;
+                if (!(w > 0.0f)) continue;
+                ++kept;
+                weight_sum = __dadd_rn(weight_sum, (double)w);
+                value_sum = __dadd_rn(value_sum, (double)__fmul_rn(v, w));
+            }
+            data[column] = weight_sum > 0.0 ? __double2float_rn(__ddiv_rn(value_sum, weight_sum)) : (float)nan;
+            count_total = __dadd_rn(count_total, (double)kept);
+            weight_total = __dadd_rn(weight_total, weight_sum);
+            rejected_total = __dadd_rn(rejected_total, (double)rejected);
+        }
+        const double n = (double)(channels > 1 ? channels : 1);
+        weight_out[p] = __double2float_rn(__ddiv_rn(weight_total, n));
+        count_out[p] = __double2float_rn(__ddiv_rn(count_total, n));
+        rejected_out[p] = __double2float_rn(__ddiv_rn(rejected_total, n));
+    }
+}
+"""
+
+
+def fused_combine_within_bounds(
+    cube: Any, bounds: tuple[Any, Any] | None, frame_weights: Any | None, xp: Any
+) -> tuple[Any, Any, Any, Any] | None:
+    """``stack.combine(cube, mask, frame_weights, "mean")`` and ``stack_cube``'s rejected count in
+    one kernel, for a rejection mask that keeps a range per column: ``bounds`` = (lower, upper)
+    float64 over the (C·h·w) columns of the (N, C, h, w) float32 cube (None: every finite value
+    kept). ``frame_weights``: float32 (N,) or None. Returns (data (C, h, w), weight, count,
+    rejected (h, w)) with NumPy's values to the bit, without the mask or the per-channel
+    temporaries; ``None`` when not on CuPy or the cube is not laid out as the kernel reads it."""
+    if not is_device_module(xp) or cube.ndim != 4 or cube.dtype != xp.float32 or not cube.flags.c_contiguous:
+        return None
+    n_frames, channels, height, width = (int(v) for v in cube.shape)
+    pixels = height * width
+    if bounds is not None:
+        lower, upper = (xp.ascontiguousarray(b, dtype=xp.float64) for b in bounds)
+        if lower.shape != (channels * pixels,) or upper.shape != (channels * pixels,):
+            return None
+    else:
+        lower = upper = xp.empty(1, dtype=xp.float64)
+    if frame_weights is not None:
+        weights = xp.ascontiguousarray(frame_weights, dtype=xp.float32).reshape(-1)
+        if weights.shape != (n_frames,):
+            return None
+    else:
+        weights = xp.empty(1, dtype=xp.float32)
+    data = xp.empty((channels, height, width), dtype=xp.float32)
+    weight, count, rejected = (xp.empty((height, width), dtype=xp.float32) for _ in range(3))
+    if pixels == 0:
+        return data, weight, count, rejected
+    _launch_1d(_fused_function(xp, _COMBINE_SOURCE, "zemosaic_combine_within_bounds"), pixels, (
+        cube, np.int64(n_frames), np.int32(channels), np.int64(pixels), lower, upper, np.int32(bounds is not None),
+        weights, np.int32(frame_weights is not None), data, weight, count, rejected,
+    ))
+    return data, weight, count, rejected
+
+
 _PLACE_PIECE_SOURCE = r"""
 // mosaic_first.stack_block's placement of one piece: cube[slot, c, oy + y, ox + x] =
 // (piece[c, y, x] - float32(photometry.Normalisation.background_plane)) / float32(gain), the
@@ -2315,6 +2396,7 @@ __all__ = [
     "fused_bilinear_into",
     "fused_debayer_bilinear",
     "fused_clipped_mad_sigmas",
+    "fused_combine_within_bounds",
     "fused_hot_pixel_fix",
     "fused_hot_pixel_noise",
     "fused_hot_pixel_residuals",

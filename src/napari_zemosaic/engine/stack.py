@@ -604,6 +604,51 @@ def rejection_mask(cube: Array, params: StackParams, xp: Any = np) -> Array:
     return ~xp.isfinite(cube)
 
 
+def _fused_rejection_bounds(cube: Array, params: StackParams, xp: Any) -> tuple[Array, Array] | None:
+    """The kept range of every column as float64 (lower, upper), from the GPU's fused rejection
+    kernels (kappa-sigma bounds; the winsorized lowest and highest kept values, exact in float64),
+    so that the mask of :func:`rejection_mask` is ``~((value >= lower) & (value <= upper))``.
+    ``None`` for NumPy, for the other rejections and for columns the kernels do not take."""
+    if xp is np or params.rejection not in ("kappa_sigma", "winsorized_sigma_clip"):
+        return None
+    n_rows = cube.shape[0]
+    iterations = _iterations(params.max_iterations, n_rows)
+    if n_rows == 0 or cube.size == 0 or iterations < 1:
+        return None
+    columns = _as_columns(cube)
+    lower = xp.empty(columns.shape[1], dtype=xp.float64)
+    upper = xp.empty(columns.shape[1], dtype=xp.float64)
+    for chunk in _column_chunks(n_rows, columns.shape[1], xp):
+        values = columns[:, chunk]
+        if params.rejection == "kappa_sigma":
+            bounds = _fused_kappa_sigma(values, params.kappa_low, params.kappa_high, iterations, xp)
+        else:
+            bounds = _fused_winsorized(values, params.kappa_low, params.kappa_high, iterations, params.winsor_sigma, xp)
+        if bounds is None:
+            return None
+        lower[chunk], upper[chunk] = bounds
+    return lower, upper
+
+
+def _fused_stack(
+    cube: Array, params: StackParams, frame_weights: Array | None, xp: Any
+) -> tuple[Array, Array, Array, Array] | None:
+    """:func:`stack_cube`'s (data, weight, count, rejected) from the GPU's fused kernels when its
+    rejection keeps a range per column and it combines by the mean: the bounds, then one pass
+    for the sums (:func:`.gpu.fused_combine_within_bounds`) instead of the mask and ~20 passes
+    over the cube. The same numbers as the xp path; ``None`` where it does not apply."""
+    if xp is np or params.combine != "mean" or cube.ndim != 4 or not cube.flags.c_contiguous:
+        return None
+    bounds = None
+    if params.rejection != "none":
+        bounds = _fused_rejection_bounds(cube, params, xp)
+        if bounds is None:
+            return None
+    from .gpu import fused_combine_within_bounds
+
+    return fused_combine_within_bounds(cube, bounds, frame_weights, xp)
+
+
 # -------------------------------------------------------------------------------- combine
 
 
@@ -707,6 +752,10 @@ def stack_cube(
     if pixel_weights is not None:
         pixel = xp.asarray(pixel_weights, dtype=xp.float32)
         combined_weights = pixel if frame_weights is None else pixel * frame_weights[:, None, None]
+    fused = _fused_stack(cube, params, frame_weights, xp) if pixel_weights is None else None
+    if fused is not None:
+        data, weight, count, rejected = fused
+        return StackResult(data=data, weight=weight, count=count, rejected=rejected)
     mask = rejection_mask(cube, params, xp)
     data, weight, count = combine(cube, mask, combined_weights, params.combine, xp)
     rejected = xp.zeros((height, width), dtype=xp.float64)
