@@ -18,6 +18,7 @@ from napari_zemosaic.engine.canvas import (
     crop_canvas,
     footprint_polygon,
     frame_bbox_on_canvas,
+    frame_bboxes_on_canvas,
     pixel_scale_arcsec,
 )
 
@@ -228,6 +229,20 @@ def test_to_dict_round_trip_through_json() -> None:
 def test_frame_off_the_canvas_has_no_bbox() -> None:
     canvas = build_canvas([frame_wcs(50.0, 10.0)], [FRAME_SHAPE])
     assert frame_bbox_on_canvas(frame_wcs(55.0, 10.0), FRAME_SHAPE, canvas) is None
+
+
+def test_boxes_of_many_frames_are_those_of_one_frame_at_a_time() -> None:
+    """frame_bboxes_on_canvas (every outline taken to the canvas in one call) gives each frame the
+    box frame_bbox_on_canvas gives it: rotated, SIP-distorted, partly and wholly off the canvas."""
+    sip = {"A_2_0": 2e-6, "B_0_2": -3e-6, "A_1_1": 1e-6}
+    frames = [frame_wcs(50.0, 10.0), frame_wcs(50.3, 10.2, rotation_deg=33.0), frame_wcs(49.8, 9.9, sip=sip),
+              frame_wcs(50.1, 10.1, rotation_deg=-71.0, sip=sip)]
+    canvas = build_canvas(frames[:3], [FRAME_SHAPE] * 3)
+    frames += [frame_wcs(55.0, 10.0)]  # off the canvas; the fourth one crosses its edge
+    boxes = frame_bboxes_on_canvas(frames, [FRAME_SHAPE] * len(frames), canvas)
+    assert boxes == [frame_bbox_on_canvas(wcs, FRAME_SHAPE, canvas) for wcs in frames]
+    assert boxes[-1] is None and all(box is not None for box in boxes[:4])
+    assert frame_bboxes_on_canvas([], [], canvas) == []
 
 
 def test_absurd_inputs_raise_clear_errors() -> None:

@@ -210,3 +210,32 @@ def test_frames_sharing_an_input_path_share_one_intact_unit(night, tmp_path, in_
     counts = rerun.counts()["metrics"]
     assert (counts["reused"], counts["computed"], counts["corrupt"]) == (4, 0, 0)  # the file is the one recorded
     assert _bits(m.transparency for m in again) == _bits(m.transparency for m in metrics)
+
+
+def test_pixel_scale_of_a_plain_celestial_wcs_equals_that_of_its_celestial_copy(night):
+    """``_pixel_scale`` skips astropy's ``celestial`` copy for a WCS of (longitude, latitude) alone:
+    the same number to the bit, for the demo's SIP WCS, a rotated CD matrix, PC + CDELT, and a
+    WCS with latitude first (which does take the copy)."""
+    from astropy.wcs import WCS
+    from astropy.wcs.utils import proj_plane_pixel_scales
+
+    def reference(wcs) -> float:
+        scales = proj_plane_pixel_scales(wcs.celestial)
+        return float(np.sqrt(scales[0] * scales[1]) * 3600.0)
+
+    rotated = WCS(naxis=2)
+    rotated.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    rotated.wcs.cd = np.array([[-1.1e-3, 3.7e-4], [2.9e-4, 1.05e-3]])
+    rotated.wcs.crval = [83.8, -5.4]
+    pc = WCS(naxis=2)
+    pc.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    pc.wcs.cdelt = [-7.7e-4, 7.7e-4]
+    pc.wcs.pc = np.array([[0.96, -0.28], [0.28, 0.96]])
+    swapped = WCS(naxis=2)
+    swapped.wcs.ctype = ["DEC--TAN", "RA---TAN"]
+    swapped.wcs.cdelt = [6.1e-4, -7.3e-4]
+    for wcs in (night[0].wcs, rotated, pc, swapped):
+        wcs.wcs.set()
+        info = dataclasses.replace(night[0], wcs=wcs)
+        assert float(q._pixel_scale(info)).hex() == float(reference(wcs)).hex()
+    assert (swapped.wcs.lng, swapped.wcs.lat) == (1, 0)

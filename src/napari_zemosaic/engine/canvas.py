@@ -161,8 +161,12 @@ def _tan_wcs(crval: tuple[float, float], scale_deg: float, crpix: tuple[float, f
     return wcs
 
 
+#: Outline points per frame edge of :func:`footprint_polygon` (and of the boxes built from it).
+FOOTPRINT_POINTS_PER_EDGE = 8
+
+
 def footprint_polygon(
-    wcs: WCS, shape: tuple[int, int], canvas_wcs: WCS, points_per_edge: int = 8
+    wcs: WCS, shape: tuple[int, int], canvas_wcs: WCS, points_per_edge: int = FOOTPRINT_POINTS_PER_EDGE
 ) -> np.ndarray:
     """The frame's true outline (SIP honoured) in canvas pixel (x, y), ``(K, 2)``, in order."""
     ra, dec = _outline_world(wcs, shape, points_per_edge)
@@ -184,7 +188,26 @@ def bbox_on_grid(
     wcs: WCS, shape: tuple[int, int], grid_wcs: WCS, grid_shape: tuple[int, int], margin: int = 2
 ) -> BBox | None:
     """:func:`frame_bbox_on_canvas` for a bare WCS and shape (no :class:`Canvas` needed)."""
-    polygon = footprint_polygon(wcs, shape, grid_wcs)
+    return _bbox_of_polygon(footprint_polygon(wcs, shape, grid_wcs), grid_shape, margin)
+
+
+def frame_bboxes_on_canvas(
+    wcs_list: Sequence[WCS], shapes: Sequence[tuple[int, int]], canvas: Canvas, margin: int = 2
+) -> list[BBox | None]:
+    """:func:`frame_bbox_on_canvas` of many frames: the same boxes, with the outlines of all the
+    frames taken to the canvas in one call (the canvas is a plain TAN projection, which maps
+    each point on its own; astropy's per-call cost was most of the time for 500 frames)."""
+    outlines = [_outline_world(wcs, shape, FOOTPRINT_POINTS_PER_EDGE) for wcs, shape in zip(wcs_list, shapes)]
+    if not outlines:
+        return []
+    x, y = canvas.wcs.all_world2pix(np.concatenate([ra for ra, _ in outlines]),
+                                    np.concatenate([dec for _, dec in outlines]), 0)
+    points = np.stack([np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)], axis=1)
+    bounds = np.cumsum([0] + [ra.size for ra, _ in outlines])
+    return [_bbox_of_polygon(points[start:stop], canvas.shape, margin) for start, stop in zip(bounds[:-1], bounds[1:])]
+
+
+def _bbox_of_polygon(polygon: np.ndarray, grid_shape: tuple[int, int], margin: int) -> BBox | None:
     if not np.all(np.isfinite(polygon)):
         return None
     height, width = int(grid_shape[0]), int(grid_shape[1])

@@ -83,7 +83,7 @@ from typing import Any, Callable, Generator, Iterator, Protocol, Sequence
 import numpy as np
 
 from ..events import Event
-from .canvas import BBox, Canvas, frame_bbox_on_canvas
+from .canvas import BBox, Canvas, frame_bbox_on_canvas, frame_bboxes_on_canvas
 from .context import RunContext
 from .debayer import correct_hot_pixels, debayer_bilinear
 from .frames import (
@@ -1118,8 +1118,8 @@ def mosaic_first(
     policy = ctx.policy
     budget = ctx.budget_bytes
     bboxes: dict[int, BBox] = {}
-    for index, info in enumerate(frames):
-        bbox = frame_bbox_on_canvas(info.wcs, info.shape, canvas)
+    boxes = frame_bboxes_on_canvas([info.wcs for info in frames], [info.shape for info in frames], canvas)
+    for index, bbox in enumerate(boxes):
         if bbox is not None:
             bboxes[index] = tuple(int(v) for v in bbox)  # type: ignore[assignment]
     side = plan_block_side(list(bboxes.values()), n_channels, canvas.shape, budget)

@@ -89,7 +89,7 @@ from typing import TYPE_CHECKING, Any, Callable, Generator, Iterable, Iterator, 
 import numpy as np
 
 from ..events import Event, Reporter
-from .canvas import BBox, Canvas, crop_canvas, footprint_polygon, frame_bbox_on_canvas
+from .canvas import BBox, Canvas, crop_canvas, footprint_polygon, frame_bboxes_on_canvas
 from .photometry import PHOTOMETRY_BIN_PX
 from .preplan import load_preplan, preplan_groups, resolved_path
 from .quality import noise_per_unit_weight, tile_quality, tile_weight
@@ -709,7 +709,7 @@ def feather_width_px(frames: Sequence[Any], canvas: Canvas) -> float:
 
 def batch_bbox(frames: Sequence[Any], canvas: Canvas) -> BBox | None:
     """Union of the frames' bounding boxes on the canvas (end-exclusive), ``None`` if none touches it."""
-    boxes = [frame_bbox_on_canvas(info.wcs, info.shape, canvas) for info in frames]
+    boxes = frame_bboxes_on_canvas([info.wcs for info in frames], [info.shape for info in frames], canvas)
     boxes = [b for b in boxes if b is not None]
     if not boxes:
         return None
