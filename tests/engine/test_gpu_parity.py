@@ -1226,3 +1226,27 @@ def test_feather_map_is_identical_on_the_gpu(device) -> None:
         assert isinstance(on_gpu, np.ndarray) and on_gpu.dtype == np.float32
         np.testing.assert_array_equal(on_gpu, on_cpu)
 
+
+
+def test_fused_column_coverage_equals_the_per_column_reductions(device: int) -> None:
+    """mosaic_first._column_coverage on CuPy (gpu.fused_column_coverage, one kernel) flags the same
+    rows of each block column as the NumPy reductions, for a box that starts inside a block, with
+    NaN corners (a rotated frame), an all-NaN channel and a column without any finite value."""
+    from napari_zemosaic.engine import mosaic_first
+
+    rng = np.random.default_rng(77)
+    data = (SKY + NOISE_SIGMA * rng.standard_normal((3, 150, 230))).astype(np.float32)
+    yy, xx = np.mgrid[:150, :230]
+    data[:, (yy + 0.6 * xx) < 60] = np.nan  # a corner outside the frame
+    data[:, (yy - 0.5 * xx) > 80] = np.nan
+    data[1] = np.nan  # one channel missing everywhere: the others decide
+    data[0, :, 200:] = np.nan
+    data[2, :, 200:] = np.nan  # the last block column holds nothing
+    for x0, side in ((37, 64), (0, 32), (5, 1024)):
+        _, cols = mosaic_first._piece_layout((11, 161, x0, x0 + 230), side, (400, 2000))
+        want = mosaic_first._column_coverage(data, cols, x0, side)
+        got = mosaic_first._column_coverage(cp.asarray(data), cols, x0, side)
+        np.testing.assert_array_equal(gpu.to_host(got), want)
+        assert want.any()
+        if x0 == 37:  # five block columns: the last (box x 219-229) holds nothing, the first not every row
+            assert want.shape == (5, 150) and not want[-1].any() and not want[0].all()

@@ -480,6 +480,8 @@ def to_device(array: Any, xp: Any) -> Any:
 #: handed back to CuPy's pinned pool before its copy ran could be refilled under it.
 _staged_uploads: list[tuple[Any, np.ndarray]] = []
 _staging_lock = threading.Lock()
+#: Staging buffers kept before the oldest are checked (a few kB each).
+STAGED_UPLOADS_KEPT = 64
 
 
 def upload_async(host: Any, xp: Any) -> Any:
@@ -502,7 +504,9 @@ def upload_async(host: Any, xp: Any) -> Any:
     device.data.copy_from_host_async(staged.ctypes.data_as(ctypes.c_void_p), host.nbytes, stream)
     copied = stream.record()
     with _staging_lock:
-        _staged_uploads[:] = [(event, buffer) for event, buffer in _staged_uploads if not event.done]
+        # Oldest first; asking an event is a driver call, so only while the oldest have passed.
+        while len(_staged_uploads) > STAGED_UPLOADS_KEPT and _staged_uploads[0][0].done:
+            _staged_uploads.pop(0)
         _staged_uploads.append((copied, staged))
     return device
 
@@ -1475,17 +1479,65 @@ def fused_combine_within_bounds(
     return data, weight, count, rejected
 
 
+_COVERAGE_SOURCE = r"""
+// mosaic_first._column_coverage: out[col, y] = 1 when some channel of pixel (y, x) of a frame's
+// box is finite, col being the block column of canvas x0 + x (out zeroed beforehand; every
+// writer writes the same 1).
+extern "C" __global__ void zemosaic_column_coverage(
+    const float* __restrict__ data, const int channels, const int h, const int w, const int x0, const int side,
+    unsigned char* __restrict__ out)
+{
+    const long long total = (long long)h * w;
+    const int first = x0 / side;
+    for (long long k = (long long)blockIdx.x * blockDim.x + threadIdx.x; k < total; k += (long long)gridDim.x * blockDim.x) {
+        bool finite = false;
+        for (int c = 0; c < channels && !finite; ++c) finite = isfinite(data[c * total + k]);
+        if (finite) {
+            const int y = (int)(k / w), x = (int)(k % w);
+            out[(long long)((x0 + x) / side - first) * h + y] = 1;
+        }
+    }
+}
+"""
+
+
+def fused_column_coverage(data: Any, x0: int, side: int, n_cols: int, xp: Any) -> Any | None:
+    """``mosaic_first._column_coverage`` in one kernel: (n_cols, h) bool, which rows of each block
+    column of a (C, h, w) float32 box starting at canvas column ``x0`` hold a finite value.
+    ``None`` when not on CuPy or ``data`` is not C-contiguous float32."""
+    if not is_device_module(xp) or data.ndim != 3 or data.dtype != xp.float32 or not data.flags.c_contiguous:
+        return None
+    channels, height, width = (int(v) for v in data.shape)
+    out = xp.zeros((int(n_cols), height), dtype=xp.bool_)
+    if height * width:
+        _launch_1d(_fused_function(xp, _COVERAGE_SOURCE, "zemosaic_column_coverage"), height * width, (
+            data, np.int32(channels), np.int32(height), np.int32(width), np.int32(x0), np.int32(side), out,
+        ))
+    return out
+
+
 _PLACE_PIECE_SOURCE = r"""
-// mosaic_first.stack_block's placement of one piece: cube[slot, c, oy + y, ox + x] =
+// mosaic_first.stack_block's placement of the pieces of one block: cube[slot, c, oy + y, ox + x] =
 // (piece[c, y, x] - float32(photometry.Normalisation.background_plane)) / float32(gain), the
-// plane in float64 as NumPy computes it: (offset + t0 * col) + t1 * row.
-extern "C" __global__ void zemosaic_place_piece(
-    const float* __restrict__ piece, const long long sc, const long long sy, const long long sx,
-    const int channels, const int ph, const int pw,
-    float* __restrict__ cube_slot, const int block_h, const int block_w, const int oy, const int ox,
-    const int canvas_y0, const int canvas_x0, const double bin_px, const double centre_x, const double centre_y,
+// plane in float64 as NumPy computes it: (offset + t0 * col) + t1 * row. One launch for every
+// piece of the block: blockIdx.y is the piece, whose row of `table` holds its address, strides
+// (elements), shape, place in the block, canvas origin and slot.
+extern "C" __global__ void zemosaic_place_pieces(
+    const long long* __restrict__ table, const int channels, float* __restrict__ cube,
+    const int block_h, const int block_w, const double bin_px, const double* __restrict__ centres,
     const double* __restrict__ offsets, const double* __restrict__ tilts, const float* __restrict__ gains)
 {
+    const long long* d = table + 11LL * blockIdx.y;
+    const float* __restrict__ piece = (const float*)d[0];
+    const long long sc = d[1], sy = d[2], sx = d[3];
+    const int ph = (int)d[4], pw = (int)d[5], oy = (int)d[6], ox = (int)d[7];
+    const int canvas_y0 = (int)d[8], canvas_x0 = (int)d[9];
+    const long long slot = d[10];
+    float* __restrict__ cube_slot = cube + slot * channels * block_h * block_w;
+    const double centre_x = centres[2 * slot], centre_y = centres[2 * slot + 1];
+    const double* __restrict__ slot_offsets = offsets + slot * channels;
+    const double* __restrict__ slot_tilts = tilts + slot * channels * 2;
+    const float* __restrict__ slot_gains = gains + slot * channels;
     const long long total = (long long)channels * ph * pw;
     for (long long k = (long long)blockIdx.x * blockDim.x + threadIdx.x; k < total; k += (long long)gridDim.x * blockDim.x) {
         const int x = (int)(k % pw);
@@ -1493,42 +1545,53 @@ extern "C" __global__ void zemosaic_place_piece(
         const int c = (int)(k / ((long long)pw * ph));
         const double col = __dsub_rn(__dsub_rn(__ddiv_rn(__dadd_rn((double)(canvas_x0 + x), 0.5), bin_px), 0.5), centre_x);
         const double row = __dsub_rn(__dsub_rn(__ddiv_rn(__dadd_rn((double)(canvas_y0 + y), 0.5), bin_px), 0.5), centre_y);
-        const double plane = __dadd_rn(__dadd_rn(offsets[c], __dmul_rn(tilts[2 * c], col)), __dmul_rn(tilts[2 * c + 1], row));
+        const double plane = __dadd_rn(__dadd_rn(slot_offsets[c], __dmul_rn(slot_tilts[2 * c], col)),
+                                       __dmul_rn(slot_tilts[2 * c + 1], row));
         const float value = piece[c * sc + y * sy + x * sx];
         cube_slot[((long long)c * block_h + oy + y) * block_w + ox + x] =
-            __fdiv_rn(__fsub_rn(value, __double2float_rn(plane)), gains[c]);
+            __fdiv_rn(__fsub_rn(value, __double2float_rn(plane)), slot_gains[c]);
     }
 }
 """
+
+#: Most pieces one placement launch takes (CUDA's limit on a grid's second dimension).
+_PLACE_MAX_PIECES = 65535
 
 
 def fused_place_pieces(
     cube: Any, pieces: Sequence[tuple[int, int, int, Any]], y0: int, x0: int, normalisation: Any, xp: Any
 ) -> bool:
-    """Write every normalised piece into ``cube`` (N, C, h, w) on the GPU, one kernel per piece
-    (``stack_block``'s loop without its ~18 small calls and 3 host→device copies per piece).
-    False (nothing written) when not on CuPy."""
+    """Write every normalised piece into ``cube`` (N, C, h, w) on the GPU in one kernel launch
+    (``stack_block``'s loop without its ~18 small calls and 3 host→device copies per piece; the
+    pieces' table and the normalisation reach the device without waiting for it). False
+    (nothing written) when not on CuPy."""
     if not is_device_module(xp) or cube.dtype != xp.float32 or not cube.flags.c_contiguous:
         return False
     n_slots, channels, block_h, block_w = (int(v) for v in cube.shape)
-    offsets = xp.asarray(np.ascontiguousarray(normalisation.offsets[:n_slots, :channels], dtype=np.float64))
-    tilts = xp.asarray(np.ascontiguousarray(normalisation.tilts[:n_slots, :channels], dtype=np.float64))
-    gains = xp.asarray(np.ascontiguousarray(normalisation.gains[:n_slots, :channels]).astype(np.float32))
-    centres = np.asarray(normalisation.centres, dtype=np.float64)
-    function = _fused_function(xp, _PLACE_PIECE_SOURCE, "zemosaic_place_piece")
+    if not pieces:
+        return True
+    offsets = upload_async(np.ascontiguousarray(normalisation.offsets[:n_slots, :channels], dtype=np.float64), xp)
+    tilts = upload_async(np.ascontiguousarray(normalisation.tilts[:n_slots, :channels], dtype=np.float64), xp)
+    gains = upload_async(np.ascontiguousarray(normalisation.gains[:n_slots, :channels]).astype(np.float32), xp)
+    centres = upload_async(np.ascontiguousarray(normalisation.centres[:n_slots], dtype=np.float64), xp)
+    on_device = []  # referenced until the launch: CuPy's pool reuses their memory only after it
+    rows = []
     for slot, (_, py0, px0, piece) in enumerate(pieces):
         piece = to_device(piece, xp)
         if piece.dtype != xp.float32:
             piece = piece.astype(xp.float32)
+        on_device.append(piece)
         _, ph, pw = (int(v) for v in piece.shape)
         strides = [int(v) // piece.itemsize for v in piece.strides]
-        _launch_1d(function, channels * ph * pw, (
-            piece, np.int64(strides[0]), np.int64(strides[1]), np.int64(strides[2]),
-            np.int32(channels), np.int32(ph), np.int32(pw),
-            cube[slot], np.int32(block_h), np.int32(block_w), np.int32(py0 - y0), np.int32(px0 - x0),
-            np.int32(py0), np.int32(px0), np.float64(normalisation.bin_px),
-            np.float64(centres[slot, 0]), np.float64(centres[slot, 1]),
-            offsets[slot], tilts[slot], gains[slot],
+        rows.append([int(piece.data.ptr), *strides, ph, pw, py0 - y0, px0 - x0, py0, px0, slot])
+    largest = max(channels * row[4] * row[5] for row in rows)
+    function = _fused_function(xp, _PLACE_PIECE_SOURCE, "zemosaic_place_pieces")
+    for first in range(0, len(rows), _PLACE_MAX_PIECES):
+        batch = rows[first : first + _PLACE_MAX_PIECES]
+        table = upload_async(np.array(batch, dtype=np.int64), xp)
+        function((max(1, min(-(-largest // 256), 4096)), len(batch)), (256,), (
+            table, np.int32(channels), cube, np.int32(block_h), np.int32(block_w),
+            np.float64(normalisation.bin_px), centres, offsets, tilts, gains,
         ))
     return True
 
@@ -2396,6 +2459,7 @@ __all__ = [
     "fused_bilinear_into",
     "fused_debayer_bilinear",
     "fused_clipped_mad_sigmas",
+    "fused_column_coverage",
     "fused_combine_within_bounds",
     "fused_hot_pixel_fix",
     "fused_hot_pixel_noise",

@@ -104,6 +104,7 @@ from .gpu import (
     WorkerStreams,
     chunk_slices,
     download_async,
+    fused_column_coverage,
     kernel_bytes_per_pixel,
     plan_chunks,
     reserve_pool_block,
@@ -990,12 +991,16 @@ def _piece_layout(bbox: BBox, side: int, canvas_shape: tuple[int, int]) -> tuple
     return rows, cols
 
 
-def _column_coverage(data: Any, cols: Sequence[tuple[int, int, int]]) -> Any:
-    """(n_cols, h) bool on the data's module: which box rows of each block column hold a finite value.
+def _column_coverage(data: Any, cols: Sequence[tuple[int, int, int]], x0: int, side: int) -> Any:
+    """(n_cols, h) bool on the data's module: which box rows of each block column hold a finite value
+    (``x0``: the box's first canvas column; ``side``: the block side).
 
-    One coverage reduction per block column: a handful of launches a frame, against three per
-    piece for copies and flags."""
+    On the GPU one kernel (:func:`.gpu.fused_column_coverage`); else one coverage reduction per
+    block column."""
     xp = _array_module(data)
+    fused = fused_column_coverage(data, x0, side, len(cols), xp)
+    if fused is not None:
+        return fused
     covered = xp.isfinite(data).any(axis=0)  # (h, w): some channel finite
     return xp.stack([covered[:, left:right].any(axis=1) for _, left, right in cols])
 
@@ -1020,7 +1025,7 @@ def _cut_device_pieces(
 ) -> list[tuple[tuple[int, int], int, int, Any]]:
     """A device frame's non-empty per-block pieces, as views of its data, with one host sync."""
     rows, cols = _piece_layout(frame.bbox, side, canvas_shape)
-    return _pieces_from_coverage(frame, rows, cols, to_host(_column_coverage(frame.data, cols)))
+    return _pieces_from_coverage(frame, rows, cols, to_host(_column_coverage(frame.data, cols, frame.bbox[2], side)))
 
 
 @dataclass
@@ -1051,7 +1056,7 @@ def _queue_frame_results(
     ``stream`` (the current one; ``None`` for host arrays, copied at once), and an event after
     them: the device thread goes on to the next frame."""
     rows, cols = _piece_layout(frame.bbox, side, canvas_shape)
-    coverage = download_async(_column_coverage(frame.data, cols), xp)
+    coverage = download_async(_column_coverage(frame.data, cols, frame.bbox[2], side), xp)
     noise = download_async(frame.noise, xp)
     coarse = None if frame.coarse is None else download_async(frame.coarse.data, xp)
     host_checks = [download_async(check, xp) for check in checks]
