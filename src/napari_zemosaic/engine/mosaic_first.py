@@ -496,7 +496,6 @@ def reproject_host_frame(
     prepare: Callable[[], Any] | None = None,
     chunk_scale: float = 1.0,
     host_stats: bool = True,
-    checks: list[Any] | None = None,
 ) -> ReprojectedFrame:
     """One pass of a read frame on ``xp``: pixels, noise, sampling, coarse block means.
 
@@ -505,10 +504,9 @@ def reproject_host_frame(
     ``prepare`` replaces :func:`frame_pixels` (the GPU path runs it as its own ``debayer``
     unit). ``data`` stays on ``xp``; noise and coarse means are host arrays, or, with
     ``host_stats=False``, stay on ``xp`` too (:func:`_stats_to_host` brings them over later,
-    so that the device thread waits for the device once per frame). ``checks``: as
-    :func:`frame_pixels`' (when ``prepare`` is not given).
+    so that the device thread waits for the device once per frame).
     """
-    data = prepare() if prepare is not None else frame_pixels(host, info, config, n_channels, xp, checks)
+    data = prepare() if prepare is not None else frame_pixels(host, info, config, n_channels, xp)
     data = to_device(data, xp)
     noise = estimate_background_noise(data, xp)
     if host_stats:
