@@ -239,3 +239,23 @@ def test_pixel_scale_of_a_plain_celestial_wcs_equals_that_of_its_celestial_copy(
         info = dataclasses.replace(night[0], wcs=wcs)
         assert float(q._pixel_scale(info)).hex() == float(reference(wcs)).hex()
     assert (swapped.wcs.lng, swapped.wcs.lat) == (1, 0)
+
+
+def test_measurement_data_read_from_the_file_equals_astropy_read_and_scaling(night, tmp_path):
+    """load_measurement_data reads exact integer pixels from where they lie in the file
+    (frames.raw_pixel_plan): the same values and dtype as astropy's read + _scaled_pixels, for the
+    demo's BZERO 32768 subs; a float32 sub still goes through astropy."""
+    from napari_zemosaic.engine.frames import _read_raw_image, _scaled_pixels, raw_pixel_plan
+
+    for info in night[:3]:
+        assert raw_pixel_plan(info) is not None
+        raw, header = _read_raw_image(info)
+        want, _ = _scaled_pixels(raw, header)
+        got = q.load_measurement_data(info)
+        assert got.dtype == want.dtype and np.array_equal(got, want.reshape(info.shape))
+    header = fits.getheader(night[0].path)
+    data = fits.getdata(night[0].path).astype(np.float32)
+    fits.writeto(tmp_path / "float.fits", data, header)
+    info = read_frame_info(tmp_path / "float.fits")
+    assert raw_pixel_plan(info) is None
+    assert np.array_equal(q.load_measurement_data(info), data)

@@ -751,11 +751,21 @@ def _pixel_scale(info: Any) -> float | None:
 
 
 def load_measurement_data(info: Any) -> np.ndarray:
-    """The raw plane measure_frame wants: the CFA plane as stored (no debayer), else (C, H, W)."""
-    from .frames import _read_raw_image, _scaled_pixels, _to_chw
+    """The raw plane measure_frame wants: the CFA plane as stored (no debayer), else (C, H, W).
 
-    raw, header = _read_raw_image(info)
-    pixels, _ = _scaled_pixels(raw, header)
+    Integer pixels that need no general scaling (a Seestar's BZERO 32768 16-bit, for one) are read
+    straight from where they lie in the file (:func:`.frames.raw_pixel_plan`): the same values,
+    in half the time of astropy's read and scaling (which took about 40 % of a frame's measurement
+    on the 2-core development box).
+    """
+    from .frames import _read_raw_image, _scaled_pixels, _to_chw, raw_pixel_plan
+
+    plan = raw_pixel_plan(info)
+    if plan is not None:
+        pixels = plan.load(np)
+    else:
+        raw, header = _read_raw_image(info)
+        pixels, _ = _scaled_pixels(raw, header)
     if info.layout == "cfa":
         return pixels if pixels.ndim == 2 else pixels.reshape(info.shape)
     return _to_chw(pixels, info.layout, info.shape, np)
