@@ -477,20 +477,23 @@ def e2e_run(
     generator = iter_run(frames_dir, out, {"language": "en", "workflow": "mosaic_first", **config}, include=include)
     result = None
     last_phase = ""
-    while True:
-        try:
-            event = next(generator)
-        except StopIteration as stop:
-            result = stop.value
-            break
-        events.append(event)
-        last_phase = getattr(event, "phase", last_phase) or last_phase
-        if time.perf_counter() - start > limit_s:
-            generator.close()
-            report = json.loads((out / "run_report.json").read_text())
-            return {"config": config, "stopped_after_s": time.perf_counter() - start, "phase": last_phase,
-                    "timings_s": report.get("timings_s"), "frames_found": report["frames"]["found"]}
+    with _phase_spans(start) as spans:
+        while True:
+            try:
+                event = next(generator)
+            except StopIteration as stop:
+                result = stop.value
+                break
+            events.append(event)
+            last_phase = getattr(event, "phase", last_phase) or last_phase
+            if time.perf_counter() - start > limit_s:
+                generator.close()
+                report = json.loads((out / "run_report.json").read_text())
+                return {"config": config, "stopped_after_s": time.perf_counter() - start, "phase": last_phase,
+                        "timings_s": report.get("timings_s"), "frames_found": report["frames"]["found"]}
     wall = time.perf_counter() - start
+    log(f"timeline (s from the run's start; {wall:.2f} s in all): "
+        + ", ".join(f"{phase} {t0:.2f}-{t1:.2f}" for phase, t0, t1 in spans))
     used = result.report["frames"]["used"]
     details = {e.key: e.params for e in events if getattr(e, "key", "").startswith(("mf_debug", "mf_info_plan"))}
     timings = result.report["timings_s"]
@@ -502,11 +505,37 @@ def e2e_run(
         "frames_per_s_after_ingest": used / max(1e-9, wall - timings.get("P1", 0.0)),
         "p3_frames_per_s": used / max(1e-9, timings.get("P3", 0.0)),
         "timings_s": timings,
+        "phase_spans_s": spans,
         "details": details,
         "compute": result.report["compute"],
         "canvas": result.report["canvas"]["shape"],
         "peak_rss_mb": result.report["peak_rss_mb"],
     }
+
+
+@contextlib.contextmanager
+def _phase_spans(start: float) -> Iterator[list[tuple[str, float, float]]]:
+    """Record every ``RunContext.timed`` span (phase, start, end; seconds after ``start``), in
+    the order they end: where the whole run's time goes, and what lies between the phases."""
+    from napari_zemosaic.engine.context import RunContext
+
+    spans: list[tuple[str, float, float]] = []
+    original = RunContext.timed
+
+    @contextlib.contextmanager
+    def recorded(self: Any, phase: str) -> Iterator[None]:
+        begin = time.perf_counter()
+        try:
+            with original(self, phase):
+                yield
+        finally:
+            spans.append((phase, begin - start, time.perf_counter() - start))
+
+    RunContext.timed = recorded  # type: ignore[method-assign]
+    try:
+        yield spans
+    finally:
+        RunContext.timed = original  # type: ignore[method-assign]
 
 
 #: Functions of engine/mosaic_first.py timed by --step-times (called through its module globals).
