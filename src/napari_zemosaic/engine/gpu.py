@@ -635,42 +635,67 @@ __device__ __forceinline__ double zm_window_median(
 _KAPPA_SIGMA_SOURCE = _PREFIX_SUMS_SOURCE + r"""
 #define ZM_INF __int_as_float(0x7f800000)
 #define ZM_NAN __longlong_as_double(0x7ff8000000000000ULL)
+#define ZM_SORT_MAX_GROUP 32
 
-// One block per column: gather the column's finite values into shared memory, bitonic-sort
-// them (padded with +inf to a power of two) and write them to sorted_out (n_rows, n_cols)
-// row-major, with their count. Same order as NumPy's sort of the finite values (NaN last).
+// One block per group of `group` adjacent columns: gather each column's finite values into its
+// slice of shared memory (threads side by side read side-by-side columns of a row: one memory
+// transaction for the group instead of one per value), bitonic-sort every slice (padded with +inf
+// to the group's power of two) in the same passes, and write them to sorted_out (n_rows, n_cols)
+// row-major, with their counts. Same order as NumPy's sort of the finite values (NaN last).
 extern "C" __global__ void zemosaic_sort_finite_columns(
     const float* __restrict__ values, const long long row_stride, const long long col_stride,
-    const int n_rows, const long long n_cols, float* __restrict__ sorted_out, int* __restrict__ counts)
+    const int n_rows, const long long n_cols, const int group, const int slice,
+    float* __restrict__ sorted_out, int* __restrict__ counts)
 {
     extern __shared__ float s[];
-    __shared__ int count;
-    for (long long col = blockIdx.x; col < n_cols; col += gridDim.x) {
-        if (threadIdx.x == 0) count = 0;
+    __shared__ int count[ZM_SORT_MAX_GROUP];
+    __shared__ int size;
+    const int lane = threadIdx.x % group, rows_per_pass = blockDim.x / group;
+    for (long long col0 = (long long)blockIdx.x * group; col0 < n_cols; col0 += (long long)gridDim.x * group) {
+        if (threadIdx.x < group) count[threadIdx.x] = 0;
         __syncthreads();
-        for (int i = threadIdx.x; i < n_rows; i += blockDim.x) {
-            const float v = values[(long long)i * row_stride + col * col_stride];
-            if (isfinite(v)) { s[atomicAdd(&count, 1)] = v; }
+        const long long col = col0 + lane;
+        if (col < n_cols && threadIdx.x < rows_per_pass * group) {
+            float* mine = s + lane * slice;
+            for (int i = threadIdx.x / group; i < n_rows; i += rows_per_pass) {
+                const float v = values[(long long)i * row_stride + col * col_stride];
+                if (isfinite(v)) { mine[atomicAdd(&count[lane], 1)] = v; }
+            }
         }
         __syncthreads();
-        const int n = count;
-        int size = 1;
-        while (size < n) size <<= 1;
-        for (int i = n + threadIdx.x; i < size; i += blockDim.x) s[i] = ZM_INF;
+        if (threadIdx.x == 0) {
+            int widest = 0;
+            for (int c = 0; c < group; ++c) widest = max(widest, count[c]);
+            int pow2 = 1;
+            while (pow2 < widest) pow2 <<= 1;
+            size = pow2;
+        }
         __syncthreads();
-        for (int k = 2; k <= size; k <<= 1) {
+        const int n_size = size;
+        for (int c = 0; c < group; ++c)
+            for (int i = count[c] + threadIdx.x; i < n_size; i += blockDim.x) s[c * slice + i] = ZM_INF;
+        __syncthreads();
+        const int half = n_size >> 1;
+        int half_shift = 0;
+        while ((1 << half_shift) < half) ++half_shift;
+        for (int k = 2; k <= n_size; k <<= 1) {
             for (int j = k >> 1; j > 0; j >>= 1) {
-                for (int p = threadIdx.x; p < (size >> 1); p += blockDim.x) {
-                    const int i = ((p & ~(j - 1)) << 1) | (p & (j - 1));
-                    const int partner = i + j;
-                    const float a = s[i], b = s[partner];
-                    if ((a > b) == ((i & k) == 0)) { s[i] = b; s[partner] = a; }
+                for (int p = threadIdx.x; p < group * half; p += blockDim.x) {
+                    const int c = p >> half_shift, q = p & (half - 1);
+                    const int i = ((q & ~(j - 1)) << 1) | (q & (j - 1));
+                    float* column = s + c * slice;
+                    const float a = column[i], b = column[i + j];
+                    if ((a > b) == ((i & k) == 0)) { column[i] = b; column[i + j] = a; }
                 }
                 __syncthreads();
             }
         }
-        for (int i = threadIdx.x; i < n; i += blockDim.x) sorted_out[(long long)i * n_cols + col] = s[i];
-        if (threadIdx.x == 0) counts[col] = n;
+        if (col < n_cols && threadIdx.x < rows_per_pass * group) {
+            const float* mine = s + lane * slice;
+            const int n = count[lane];
+            for (int i = threadIdx.x / group; i < n; i += rows_per_pass) sorted_out[(long long)i * n_cols + col] = mine[i];
+            if (threadIdx.x < group) counts[col] = n;
+        }
         __syncthreads();
     }
 }
@@ -1756,6 +1781,10 @@ def fused_bilinear_into(flat: Any, bad: Any | None, height: int, width: int, x: 
 
 #: Largest sample depth (frames per pixel) the fused sort keeps in 48 KB of shared memory.
 FUSED_SORT_MAX_ROWS = 12 * 1024
+#: Shared memory of one block of the fused sort when it sorts several adjacent columns together
+#: (at most FUSED_SORT_MAX_GROUP, the kernel's ZM_SORT_MAX_GROUP); a deeper column sorts alone.
+FUSED_SORT_GROUP_BYTES = 16 * 1024
+FUSED_SORT_MAX_GROUP = 32
 
 _fused_lock = threading.Lock()
 _fused_modules: dict[tuple[int, str], Any] = {}
@@ -1798,15 +1827,20 @@ def _sorted_finite_columns(values: Any, xp: Any) -> tuple[Any, Any, Any, Any] | 
     size = 1
     while size < n_rows:
         size <<= 1
+    # Adjacent columns share a block while their slices fit FUSED_SORT_GROUP_BYTES: their reads
+    # and writes are then side by side in memory, and a pass of the network sorts them all.
+    group = int(max(1, min(FUSED_SORT_MAX_GROUP, FUSED_SORT_GROUP_BYTES // (4 * size), n_cols)))
+    threads = max(32, min(512, group * size // 2))
+    threads = max(threads, group)
     sort = _fused_function(xp, _KAPPA_SIGMA_SOURCE, "zemosaic_sort_finite_columns")
     itemsize = values.itemsize
     sorted_values = xp.empty((n_rows, n_cols), dtype=xp.float32)
     counts = xp.empty(n_cols, dtype=xp.int32)
     sort(
-        (min(n_cols, 1 << 22),), (max(32, min(512, size // 2)),),
+        (min(-(-n_cols // group), 1 << 22),), (threads,),
         (values, np.int64(values.strides[0] // itemsize), np.int64(values.strides[1] // itemsize),
-         np.int32(n_rows), np.int64(n_cols), sorted_values, counts),
-        shared_mem=4 * size,
+         np.int32(n_rows), np.int64(n_cols), np.int32(group), np.int32(size), sorted_values, counts),
+        shared_mem=4 * size * group,
     )
     prefix = xp.empty((n_rows + 1, n_cols), dtype=xp.float64)
     prefix_sq = xp.empty((n_rows + 1, n_cols), dtype=xp.float64)
