@@ -1142,7 +1142,8 @@ def mosaic_first(
     if spill:
         spill_dir = ctx.make_cache_dir(f"mosaic_first{label}")
         ensure_free_space(spill_dir, piece_bytes)
-    store = PieceStore(spill_dir, on_device=on_device, names=units.names(sorted(bboxes)))
+    # Only spilled pieces are files named after their frames; the other stores need no names.
+    store = PieceStore(spill_dir, on_device=on_device, names=units.names(sorted(bboxes)) if spill else None)
     store.keep_files = spill and units.active and config.get("cache_retention") == "keep"
     ctx.reporter.info(
         "mf_info_plan",
@@ -1228,6 +1229,10 @@ def mosaic_first(
     coarse_shape = (-(-canvas.shape[0] // PHOTOMETRY_BIN_PX), -(-canvas.shape[1] // PHOTOMETRY_BIN_PX))
     used = sorted(coarse)
     # --- P4.5: photometric normalisation of the frames --------------------------------------
+    # P5's block signatures name the frames by their resume tokens: computed meanwhile on a
+    # thread, while this one mostly waits for the pair fits' processes.
+    tokens = threading.Thread(target=units.names, args=(used,), name="zemosaic-tokens", daemon=True)
+    tokens.start()
     with ctx.timed("P4.5"):
         norm_used = solve_normalisation(
             [coarse[i] for i in used], coarse_shape, config["stacking_normalize_method"], bin_px=PHOTOMETRY_BIN_PX,
@@ -1251,6 +1256,7 @@ def mosaic_first(
         normalisation.centres[index] = norm_used.centres[slot]
         noise_all[index] = noises[index]
     normalisation.iterations, normalisation.converged = norm_used.iterations, norm_used.converged
+    tokens.join()
     fwhm = np.array([info.metrics.get("fwhm_px", np.nan) for info in frames], dtype=np.float64)
     # Normalised over the stacked frames only, so frames that failed or were rejected do not scale them.
     weights = np.ones(len(frames), dtype=np.float32)
