@@ -10,6 +10,8 @@ Three measurements, each a side-by-side comparison taken in one run (medians aft
 * ``stack`` — ``stack_cube`` with kappa-sigma and winsorized clipping on a 100×3×1080×1920 cube
   (sky + noise, NaN bands of partial coverage, outliers): GPU on the whole cube, CPU on a
   1/8 row slice (same values per sample), as values/s.
+* ``strip`` (not in the default set) — the cube of one P5 block strip (500 frames × 3 × 256 ×
+  1024, each frame a band of columns, NaN elsewhere): ``stack_cube`` and its fused sort alone.
 * ``e2e`` — ``zemosaic``'s pipeline (Mosaic-First, kappa-sigma) on N full-size demo frames
   written to disk first (process pool). Reports frames/s, the phases, the P3 breakdown
   (reading and decoding vs canvas mapping vs device work) and the read-only ceiling: the same
@@ -248,6 +250,39 @@ def bench_stack(
             f"CPU {host_slice.size / cpu_s / 1e6:.1f} Mvalues/s, pool high water {high_water / 2**30:.1f} GiB")
         pool.free_all_blocks()
     del cube, device_slice
+    return results
+
+
+def bench_strip(n_frames: int, repeats: int) -> dict[str, Any]:
+    """The cube of one P5 block strip (``n_frames`` × 3 × 256 × 1024): each frame covers a band of
+    columns, NaN elsewhere, as dithered frames on a block. ``stack_cube`` (kappa-sigma, weights)
+    and its fused sort alone, for a wide and a narrow band (62 % and 25 % of the values finite)."""
+    import cupy
+
+    from napari_zemosaic.engine import gpu
+    from napari_zemosaic.engine.stack import StackParams, stack_cube
+
+    height, width = 256, 1024
+    results: dict[str, Any] = {}
+    params = StackParams()
+    for cover in (0.625, 0.25):
+        cube = cupy.random.default_rng(1).standard_normal((n_frames, 3, height, width), dtype=cupy.float32)
+        cube = cube * 10 + 100
+        span = int(width * cover)
+        for frame in range(n_frames):
+            start = int(np.random.default_rng(frame).integers(0, width - span + 1))
+            cube[frame, :, :, :start] = cupy.nan
+            cube[frame, :, :, start + span:] = cupy.nan
+        weights = cupy.asarray(np.random.default_rng(2).uniform(0.5, 1.5, n_frames).astype(np.float32))
+        columns = cube.reshape(n_frames, -1)
+        stack_s, stack_times, _ = gpu_time(lambda: stack_cube(cube, params, weights=weights, xp=cupy), repeats)
+        sort_s, sort_times, _ = gpu_time(lambda: gpu._sorted_finite_columns(columns, cupy), repeats)
+        finite = float(cupy.isfinite(cube).mean())
+        results[f"cover_{cover}"] = {"finite_share": finite, "values": int(cube.size), "stack_cube_s": stack_s,
+                                     "stack_cube_times_s": stack_times, "sort_s": sort_s, "sort_times_s": sort_times}
+        log(f"strip {list(cube.shape)}, {100 * finite:.0f} % finite: stack_cube {stack_s * 1e3:.2f} ms "
+            f"({cube.size / stack_s / 1e9:.1f} Gvalues/s), fused sort {sort_s * 1e3:.2f} ms")
+        del cube, columns
     return results
 
 
@@ -728,6 +763,9 @@ def main(argv: list[str] | None = None) -> int:
     if "stack" in args.only:
         cpu_rows = 16 if args.quick else 34
         RESULTS["stack"] = bench_stack(args.stack_frames, stack_shape, 1 if args.quick else 2, cpu_rows)
+        save(args.out)
+    if "strip" in args.only:
+        RESULTS["strip"] = bench_strip(50 if args.quick else 500, 3 if args.quick else 9)
         save(args.out)
     if "e2e" in args.only:
         bench_e2e(frames_dir, args.work, args.frames, args.cpu_frames, args.threads, args.full_limit_s, args.out)

@@ -1783,7 +1783,7 @@ def fused_bilinear_into(flat: Any, bad: Any | None, height: int, width: int, x: 
 FUSED_SORT_MAX_ROWS = 12 * 1024
 #: Shared memory of one block of the fused sort when it sorts several adjacent columns together
 #: (at most FUSED_SORT_MAX_GROUP, the kernel's ZM_SORT_MAX_GROUP); a deeper column sorts alone.
-FUSED_SORT_GROUP_BYTES = 16 * 1024
+FUSED_SORT_GROUP_BYTES = 32 * 1024
 FUSED_SORT_MAX_GROUP = 32
 
 _fused_lock = threading.Lock()
