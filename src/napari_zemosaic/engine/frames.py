@@ -1436,11 +1436,14 @@ class RawPixels:
             if self.flip_sign:
                 return np.bitwise_xor(raw.view(">u2"), np.uint16(0x8000), dtype=np.uint16)
             return raw.astype(raw.dtype.newbyteorder("="))
+        from .gpu import fused_decode_big_endian_16
+
         swapped = _upload(raw.view(np.uint16), xp)  # the file's bytes, read as native uint16
-        swapped = xp.bitwise_or(xp.right_shift(swapped, 8), xp.left_shift(swapped, 8))  # uint16: wraps
-        if self.flip_sign:
-            return xp.bitwise_xor(swapped, np.uint16(0x8000))
-        return swapped.view(xp.int16)
+        if fused_decode_big_endian_16(swapped, self.flip_sign, xp) is None:  # one kernel where it applies
+            swapped = xp.bitwise_or(xp.right_shift(swapped, 8), xp.left_shift(swapped, 8))  # uint16: wraps
+            if self.flip_sign:
+                swapped = xp.bitwise_xor(swapped, np.uint16(0x8000))
+        return swapped if self.flip_sign else swapped.view(xp.int16)
 
 
 @dataclass

@@ -1541,6 +1541,32 @@ def fused_column_coverage(data: Any, x0: int, side: int, n_cols: int, xp: Any) -
     return out
 
 
+_DECODE_SOURCE = r"""
+// frames.RawPixels.load on the device, in place: a FITS 16-bit value read as native uint16
+// gets its two bytes swapped (big-endian file) and, for BZERO 32768, its top bit flipped.
+extern "C" __global__ void zemosaic_decode_big_endian_16(
+    unsigned short* __restrict__ values, const long long n, const unsigned short flip)
+{
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        const unsigned short v = values[i];
+        values[i] = (unsigned short)(((v >> 8) | (v << 8)) ^ flip);
+    }
+}
+"""
+
+
+def fused_decode_big_endian_16(values: Any, flip_sign: bool, xp: Any) -> Any | None:
+    """``values`` (uint16 on CuPy: a 16-bit FITS image's bytes as read) decoded in place in one
+    kernel: bytes swapped, then the sign bit flipped for BZERO 32768 (the uint16 values) or not
+    (the int16 bits). Returns ``values``; ``None`` when not on CuPy or not contiguous uint16."""
+    if not is_device_module(xp) or values.dtype != xp.uint16 or not values.flags.c_contiguous:
+        return None
+    if values.size:
+        _launch_1d(_fused_function(xp, _DECODE_SOURCE, "zemosaic_decode_big_endian_16"), int(values.size),
+                   (values, np.int64(values.size), np.uint16(0x8000 if flip_sign else 0)))
+    return values
+
+
 _PLACE_PIECE_SOURCE = r"""
 // mosaic_first.stack_block's placement of the pieces of one block: cube[slot, c, oy + y, ox + x] =
 // (piece[c, y, x] - float32(photometry.Normalisation.background_plane)) / float32(gain), the
@@ -2517,5 +2543,6 @@ __all__ = [
     "to_host",
     "upload_async",
     "download_async",
+    "fused_decode_big_endian_16",
     "reserve_pool_block",
 ]
