@@ -491,13 +491,12 @@ def test_quality_measured_beside_reprojection_gives_the_same_mosaic(night, tmp_p
 
     truth, _, _, _ = night
     base = {"max_memory_mb": 512, "workflow": "mosaic_first"}
-    results, quality_progress, early = {}, {}, {}
+    results, quality_progress = {}, {}
     for setting in ("off", "on"):
         events: list = []
         results[setting] = run(truth.frames_dir, tmp_path / setting, {**base, "quality_beside_reprojection": setting},
                                on_event=events.append)
         quality_progress[setting] = [e for e in events if isinstance(e, ProgressEvent) and e.key == q.PROGRESS_KEY]
-        early[setting] = [e.params for e in events if getattr(e, "key", "") == "quality_debug_early"]
     off, on = results["off"], results["on"]
     np.testing.assert_array_equal(on.data, off.data)
     np.testing.assert_array_equal(on.coverage, off.coverage)
@@ -513,52 +512,6 @@ def test_quality_measured_beside_reprojection_gives_the_same_mosaic(night, tmp_p
     # The thread's progress reaches the consumer through the run's generator, every frame once.
     assert len(quality_progress["on"]) == len(quality_progress["off"]) == len(truth.frames)
     assert "P2" in on.report["timings_s"] and "P3" in on.report["timings_s"]
-    # Beside the resampling, every frame went to the measuring pool as the header pass read it.
-    assert early["on"] == [{"early": len(truth.frames), "frames": len(truth.frames)}] and early["off"] == []
-
-
-def test_frames_measured_during_the_header_pass_are_resumed_by_a_second_run(night, tmp_path):
-    """The measuring workers of the header pass write the frames' star files: a second run into
-    the same OUTPUT reuses every ``metrics`` unit (nothing sent early then), with the same metrics."""
-    from napari_zemosaic.engine.pipeline import run
-
-    truth, _, _, _ = night
-    config = {"max_memory_mb": 512, "workflow": "mosaic_first", "quality_beside_reprojection": "on",
-              "cache_retention": "keep"}
-    runs = []
-    for _ in range(2):
-        events: list = []
-        runs.append((run(truth.frames_dir, tmp_path / "out", config, on_event=events.append), events))
-    (first, first_events), (second, second_events) = runs
-    assert [e.params["early"] for e in first_events if getattr(e, "key", "") == "quality_debug_early"] == [
-        len(truth.frames)]
-    assert not [e for e in second_events if getattr(e, "key", "") == "quality_debug_early"]
-    reused = [e.params for e in second_events if getattr(e, "key", "") == "resume_info_reused"]
-    assert {"kind": "metrics", "count": len(truth.frames)} in reused
-    assert second.report["frames"]["metrics"] == first.report["frames"]["metrics"]
-    np.testing.assert_array_equal(second.data, first.data)
-
-
-def test_a_run_cancelled_in_the_header_pass_stops_the_early_measurement(night, tmp_path):
-    """Frames sent for measurement during P1 do not outlive a run cancelled there."""
-    import json
-    import threading
-
-    from napari_zemosaic.engine.context import RunCancelled
-    from napari_zemosaic.engine.pipeline import iter_run
-    from napari_zemosaic.events import ProgressEvent
-
-    truth, _, _, _ = night
-    cancel = threading.Event()
-    generator = iter_run(truth.frames_dir, tmp_path / "out", {"max_memory_mb": 512, "workflow": "mosaic_first",
-                         "quality_beside_reprojection": "on"}, cancel_event=cancel)
-    with pytest.raises(RunCancelled):
-        for event in generator:
-            if isinstance(event, ProgressEvent) and event.phase == "P1":
-                cancel.set()  # the run stops at the end of the header pass, before P2 takes the frames
-    assert not [t for t in threading.enumerate() if t.name.startswith("zemosaic-quality")]
-    report = json.loads((tmp_path / "out" / "run_report.json").read_text())
-    assert report["status"] == "cancelled" and "P2" not in report["timings_s"]
 
 
 def test_quality_beside_reprojection_stops_its_thread_when_the_run_is_cancelled(night, tmp_path):

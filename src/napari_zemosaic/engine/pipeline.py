@@ -104,14 +104,11 @@ def ingest(
     include: Iterable[str | Path] | None = None,
     solve_cache_dir: Path | None = None,
     executor: Any = None,
-    early: Any = None,
 ) -> Generator[Event, None, IngestResult]:
     """Scan INPUT, read headers only, validate WCS; unusable files are excluded with a reason.
 
     With ``solve_cache_dir`` (a run's cache folder) frames without a valid WCS are plate-solved
     or given one by star matching (``solve_missing_wcs``); without it they are excluded.
-    ``early`` (a :class:`~.quality.EarlyMeasurements`) is started with the number of files
-    found and offered every frame read with a WCS, as soon as it is read.
     """
     if not input_dir.is_dir():
         raise UserError("input_error_missing", path=str(input_dir))
@@ -120,8 +117,6 @@ def ingest(
         wanted = {str(Path(p).resolve()) for p in include}
         found = [p for p in found if str(p.resolve()) in wanted]
     reporter.info("ingest_info_found", count=len(found), path=str(input_dir))
-    if early is not None:
-        early.start(len(found))
     readable: list[FrameInfo] = []
     excluded: list[ExcludedFrame] = []
     # Many files are read by reader processes beside this one; the outcomes still come in order,
@@ -139,8 +134,6 @@ def ingest(
                 reporter.warning(outcome.reason_key, path=str(path), detail=outcome.detail)
             else:
                 readable.append(outcome)
-                if early is not None and outcome.wcs is not None:
-                    early.offer(outcome)
             reporter.progress("P1", number, len(found), "progress_files", name=path.name)
             yield from reporter.pop_pending()
     astrometry: list[dict[str, Any]] = []
@@ -247,7 +240,6 @@ class _Run:
         self.config = config
         self.ctx = ctx
         self.started = time.time()
-        self.early_quality: Any = None  # quality.EarlyMeasurements of P1, until P2 takes them
         self.report: dict[str, Any] = {
             "status": "running",
             "version": __version__,
@@ -371,8 +363,6 @@ def iter_run(
     finally:
         from .distributed import close_scheduler
 
-        if run.early_quality is not None:  # a run that ended before P2: nothing left measuring
-            run.early_quality.close()
         close_scheduler(ctx)
         log_listener.close()
         lock.release()
@@ -441,10 +431,9 @@ def _run_body(run: _Run, include: Iterable[str | Path] | None) -> Generator[Even
     ctx, config, reporter = run.ctx, run.config, run.ctx.reporter
 
     # P1 ------------------------------------------------------------------------------
-    run.early_quality = _early_quality(run)
     with ctx.timed("P1"):
         ingested = yield from ingest(run.input_dir, run.output_dir, config, reporter, include, ctx.cache_dir,
-                                     ctx.executor, run.early_quality)
+                                     ctx.executor)
     frames_report = run.report["frames"]
     frames_report["found"] = len(ingested.found)
     frames_report["excluded"] = [e.to_dict() for e in ingested.excluded]
@@ -542,13 +531,11 @@ def _run_body(run: _Run, include: Iterable[str | Path] | None) -> Generator[Even
 
 
 def judge_frames(
-    frames: list[FrameInfo], config: dict[str, Any], reporter: Reporter, executor: Any = None, manifest: Any = None,
-    early: Any = None,
+    frames: list[FrameInfo], config: dict[str, Any], reporter: Reporter, executor: Any = None, manifest: Any = None
 ) -> Generator[Event, None, tuple[list[Any], list[Any]]]:
     """Quality metrics of every frame (stored on ``FrameInfo.metrics``) and the rules' decisions.
 
-    With the run's ``executor`` (engine/distributed.py) each frame is measured by a task;
-    ``early``: the header pass's :class:`~.quality.EarlyMeasurements` (taken over, then closed).
+    With the run's ``executor`` (engine/distributed.py) each frame is measured by a task.
     """
     from .distributed import measure_options, measures_in_run_process
     from .quality import REASON_NO_VALID_PIXELS, REASON_UNREADABLE, apply_quality_rules, measure_frames
@@ -557,10 +544,6 @@ def judge_frames(
         reporter.info("scheduler_info_metrics_local")
     measure_config, options = measure_options(executor, config)
     units = _MetricsUnits(manifest, frames) if manifest is not None else None
-    if early is not None and not options:
-        options = {"early": early}
-    elif early is not None:
-        early.close()
     metrics = yield from measure_frames(frames, measure_config, reporter, units=units, **options)
     if units is not None:
         units.record(metrics)
@@ -576,15 +559,6 @@ def judge_frames(
 
 def _metrics_signature(manifest: Any, info: FrameInfo) -> str:
     return manifest.signature("metrics", {"frame": info})
-
-
-def _metrics_units_folder(manifest: Any) -> Path:
-    return manifest.cache_dir / "units" / "metrics"
-
-
-def _star_file_path(folder: Path, frame_path: str | Path) -> Path:
-    """The star file of a ``metrics`` unit: one name per input path."""
-    return folder / f"{hashlib.sha256(str(frame_path).encode('utf-8')).hexdigest()[:24]}.npz"
 
 
 class _MetricsUnits:
@@ -606,7 +580,7 @@ class _MetricsUnits:
 
         self.manifest = manifest
         self.frames = frames
-        self.folder = _metrics_units_folder(manifest)
+        self.folder = manifest.cache_dir / "units" / "metrics"
         self.signatures: dict[int, str] = {}
         self.known: set[int] = set()
         self.written: dict[int, tuple[Path, str]] = {}  # index -> (star file, its SHA-256)
@@ -633,7 +607,8 @@ class _MetricsUnits:
 
     def _star_path(self, index: int) -> Path:
         if index not in self.paths:
-            self.paths[index] = _star_file_path(self.folder, self.frames[index].path)
+            name = hashlib.sha256(str(self.frames[index].path).encode("utf-8")).hexdigest()[:24]
+            self.paths[index] = self.folder / f"{name}.npz"
         return self.paths[index]
 
     def load(self, index: int) -> Any:
@@ -706,8 +681,7 @@ def _quality_filter(
     ctx, config = run.ctx, run.config
     reporter = reporter if reporter is not None else ctx.reporter
     measure_config = {**config, "num_workers": workers} if workers > 0 and not config.get("num_workers") else config
-    early, run.early_quality = run.early_quality, None
-    metrics, decisions = yield from judge_frames(frames, measure_config, reporter, ctx.executor, ctx.manifest, early)
+    metrics, decisions = yield from judge_frames(frames, measure_config, reporter, ctx.executor, ctx.manifest)
     run.report["frames"]["metrics"] = [
         {**metric.to_dict(), "decision": decision.to_dict()} for metric, decision in zip(metrics, decisions)
     ]
@@ -732,35 +706,6 @@ def _choose_and_report_workflow(run: _Run, ingested: IngestResult) -> str:
         run.report["workflow_used"] = workflow
         run.ctx.reporter.info("run_info_workflow", workflow=workflow, frames=len(ingested.usable))
     return workflow
-
-
-def _early_quality(run: _Run) -> Any:
-    """A :class:`~.quality.EarlyMeasurements` when P2 will most likely measure beside the
-    resampling (:func:`_quality_alongside_reprojection`; the workflow is not known yet, whatever
-    measures the frames takes them over), and only into an OUTPUT without resume units (the
-    measuring workers write the frames' star files, which an earlier run's records name)."""
-    from .quality import EarlyMeasurements
-
-    config, ctx = run.config, run.ctx
-    setting = config.get("quality_beside_reprojection", "auto")
-    if setting == "off" or ctx.executor is not None or config["workflow"] not in ("auto", "mosaic_first"):
-        return None
-    if setting == "auto" and (ctx.policy is None or not ctx.policy.uses_gpu("reproject")):
-        return None
-    manifest = ctx.manifest
-    if manifest is None or manifest.previous_units:
-        return None
-    folder = _metrics_units_folder(manifest)
-    workers = _beside_workers(config)
-    return EarlyMeasurements({**config, "num_workers": workers}, lambda info: _star_file_path(folder, info.path))
-
-
-def _beside_workers(config: dict[str, Any]) -> int:
-    """Measuring processes beside the resampling: fewer than cores, as the device thread, its
-    loaders and the grid readers need cores of their own, or the resampling they feed slows down
-    more than the measurement gains (measured on one H100 host of 16 cores)."""
-    requested = int(config.get("num_workers") or 0)
-    return requested if requested > 0 else max(1, (os.cpu_count() or 1) - CORES_LEFT_TO_RESAMPLING)
 
 
 def _quality_alongside_reprojection(run: _Run, ingested: IngestResult) -> bool:
@@ -814,8 +759,11 @@ class _QualityBeside:
 
     def _measure(self) -> None:
         ctx = self._run.ctx
-        measuring = _quality_filter(self._run, self._frames, _QuietReporter(ctx.reporter),
-                                    _beside_workers(self._run.config))
+        # Fewer measuring processes than cores: the device thread, its loaders and the grid
+        # readers need cores of their own, or the resampling they feed slows down more than
+        # the measurement gains (measured on one H100 host of 16 cores).
+        workers = max(1, (os.cpu_count() or 1) - CORES_LEFT_TO_RESAMPLING)
+        measuring = _quality_filter(self._run, self._frames, _QuietReporter(ctx.reporter), workers)
         try:
             with ctx.timed("P2"):
                 while True:

@@ -70,7 +70,7 @@ from __future__ import annotations
 
 import math
 import os
-from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Generator, Iterable, Mapping, Sequence
@@ -833,33 +833,6 @@ def _lower_worker_priority() -> None:
         pass
 
 
-def _measuring_pool(total: int, config: dict[str, Any]) -> tuple[Any, bool]:
-    """The pool for the default measurement of ``total`` frames: processes for many frames on a
-    machine of 4 cores or more (``num_workers`` of them, else one per core), else threads.
-    Returns the pool and whether it is a process pool."""
-    if total >= PROCESS_MEASURE_MIN_FRAMES and (os.cpu_count() or 1) >= 4:
-        from .mosaic_first import _main_module_is_importable, _process_context
-
-        if _main_module_is_importable():
-            requested = int(config.get("num_workers", 0) or 0)
-            workers = max(1, min(requested if requested > 0 else (os.cpu_count() or 1), total))
-            pool = ProcessPoolExecutor(max_workers=workers, mp_context=_process_context(),
-                                       initializer=_lower_worker_priority)
-            return pool, True
-    return ThreadPoolExecutor(max_workers=_worker_count(config, total), thread_name_prefix="zemosaic-quality"), False
-
-
-def _submit_measurement(pool: Any, in_process: bool, info: Any, pixel_scale: float | None,
-                        star_file: Path | None) -> Future:
-    """:func:`_measure_light` of one frame on ``pool``; a process gets the FrameInfo without its
-    WCS and header (pickling those costs the sending process milliseconds a frame)."""
-    if in_process and hasattr(info, "__dataclass_fields__"):
-        from dataclasses import replace
-
-        info = replace(info, wcs=None, header=None)
-    return pool.submit(_measure_light, info, pixel_scale, star_file)
-
-
 def _measure_executor(
     frames: Sequence[Any],
     config: dict[str, Any],
@@ -867,7 +840,7 @@ def _measure_executor(
     geometry: _FrameGeometry | None = None,
     star_file: Callable[[int], Path | None] | None = None,
 ) -> tuple[Any, Callable[[int], Any]]:
-    """A pool for the measurement of ``frames`` and a function that sends frame ``index`` to it.
+    """A process pool for the default measurement of many frames, else a thread pool.
 
     ``geometry`` holds the frames' pixel scales, computed once per run of :func:`measure_frames`
     (the transparency needs them again). ``star_file(index)``: where the default measurement
@@ -876,61 +849,29 @@ def _measure_executor(
     total = len(frames)
     geometry = geometry if geometry is not None else _FrameGeometry(frames)
     star_file = star_file if star_file is not None else (lambda index: None)
-    if measure is measure_one:
-        pool, in_process = _measuring_pool(total, config)
-        return pool, lambda index: _submit_measurement(
-            pool, in_process, frames[index], geometry.scale(index), star_file(index)
-        )
+    if measure is measure_one and total >= PROCESS_MEASURE_MIN_FRAMES and (os.cpu_count() or 1) >= 4:
+        from dataclasses import replace
+
+        from .mosaic_first import _main_module_is_importable, _process_context
+
+        if _main_module_is_importable():
+            requested = int(config.get("num_workers", 0) or 0)
+            workers = max(1, min(requested if requested > 0 else (os.cpu_count() or 1), total))
+            pool = ProcessPoolExecutor(max_workers=workers, mp_context=_process_context(),
+                                       initializer=_lower_worker_priority)
+
+            def submit_to_process(index: int) -> Any:
+                info = frames[index]
+                light = replace(info, wcs=None, header=None) if hasattr(info, "__dataclass_fields__") else info
+                return pool.submit(_measure_light, light, geometry.scale(index), star_file(index))
+
+            return pool, submit_to_process
     threads = ThreadPoolExecutor(max_workers=_worker_count(config, total), thread_name_prefix="zemosaic-quality")
+    if measure is measure_one:  # the scale measure_one would compute, once a frame
+        return threads, lambda index: threads.submit(
+            _measure_light, frames[index], geometry.scale(index), star_file(index)
+        )
     return threads, lambda index: threads.submit(lambda info: (measure(info), None), frames[index])
-
-
-class EarlyMeasurements:
-    """Frames sent to the measuring pool as the header pass reads them, before P2 has its list.
-
-    The header pass calls :meth:`start` with the number of files found, then :meth:`offer` for
-    each frame it keeps; :func:`measure_frames` (``early=``) takes the future of a frame sent
-    early (:meth:`measure`) and sends the others to the same pool. The frames are measured by
-    the same function with the same pixel scale, so the metrics are those of a measurement
-    started in P2; the cores the header pass leaves idle measure them meanwhile.
-    ``star_file(info)``: where the worker writes the frame's star list (None: nowhere).
-    :meth:`close` cancels what nobody took and lets the pool go (P2's end, or a failed run).
-    """
-
-    def __init__(self, config: dict[str, Any], star_file: Callable[[Any], Path | None]) -> None:
-        self._config = config
-        self._star_file = star_file
-        self._pool: Any = None
-        self._in_process = False
-        self._sent: dict[int, tuple[Any, Future]] = {}  # id(info) -> (info, its measurement)
-        self.taken = 0  # measurements sent early and taken by measure_frames
-
-    def start(self, n_files: int) -> None:
-        if self._pool is None:
-            self._pool, self._in_process = _measuring_pool(n_files, self._config)
-
-    def offer(self, info: Any) -> None:
-        """Measure ``info`` from now on (a frame the header pass kept)."""
-        if self._pool is not None and id(info) not in self._sent:
-            future = _submit_measurement(self._pool, self._in_process, info, _pixel_scale(info), self._star_file(info))
-            self._sent[id(info)] = (info, future)
-
-    def measure(self, info: Any, pixel_scale: float | None, star_file: Path | None) -> Future:
-        """The measurement of ``info``: the one sent early, else one sent now."""
-        sent = self._sent.pop(id(info), None)
-        if sent is not None and sent[0] is info:
-            self.taken += 1
-            return sent[1]
-        return _submit_measurement(self._pool, self._in_process, info, pixel_scale, star_file)
-
-    def close(self) -> None:
-        for _, future in self._sent.values():
-            future.cancel()
-        self._sent.clear()
-        if self._pool is not None:
-            # Worker processes wind down in the background (joining them costs the run seconds).
-            self._pool.shutdown(wait=not self._in_process, cancel_futures=True)
-            self._pool = None
 
 
 def measure_frames(
@@ -941,7 +882,6 @@ def measure_frames(
     measure: Callable[[Any], FrameMetrics] = measure_one,
     known: Mapping[int, FrameMetrics] | None = None,
     units: Any = None,
-    early: EarlyMeasurements | None = None,
 ) -> Generator[Any, None, list[FrameMetrics]]:
     """Measure every frame on a pool (processes for many frames, else threads), then the
     transparency of each pointing group.
@@ -961,9 +901,6 @@ def measure_frames(
     while the pool measures the others): ``units.store(index, metrics, star_sha256)``, with the
     SHA-256 of the star file the worker wrote, or None where it wrote none.
 
-    ``early`` (:class:`EarlyMeasurements`, default measurement only): frames already sent to its
-    pool are not sent again, the others go to that pool; it is closed at the end.
-
     Yields the reporter's events (progress ``P1`` / ``progress_quality`` after each frame);
     returns the metrics in the order of ``frames``.
     """
@@ -979,11 +916,6 @@ def measure_frames(
             if results[index] is None and units is not None:
                 results[index] = units.load(index)
             if results[index] is not None:
-                continue
-            if early is not None and measure is measure_one:
-                early.start(total)  # a no-op once the header pass has started it
-                star_file = None if units is None else units.star_file(index)
-                futures[early.measure(frames[index], geometry.scale(index), star_file)] = index
                 continue
             if pool is None:
                 pool, submit = _measure_executor(
@@ -1004,11 +936,7 @@ def measure_frames(
             # Worker processes wind down in the background (joining them costs the run seconds);
             # threads are joined, as before.
             pool.shutdown(wait=not isinstance(pool, ProcessPoolExecutor), cancel_futures=True)
-        if early is not None:
-            early.close()
     metrics = [m if m is not None else FrameMetrics() for m in results]
-    if early is not None:
-        reporter.debug("quality_debug_early", early=early.taken, frames=total)
     assign_transparency(metrics, frames, geometry=geometry)
     for item in metrics:
         if item.reason:
