@@ -201,7 +201,10 @@ def test_solve_few_and_propagate_the_rest(night, solved) -> None:
 def test_progress_and_messages_are_locale_keys(solved) -> None:
     frames, outcomes, events, *_ = solved
     progress = [e for e in events if isinstance(e, ProgressEvent) and e.key == "progress_solve"]
-    assert [e.done for e in progress] == list(range(1, len(frames) + 1))
+    done = [e.done for e in progress]
+    # Every frame counted once, in order; a solve that runs over 0.5 s repeats the count so far
+    # (a heartbeat a caller can cancel on), so repeats are allowed, 0 before the first result.
+    assert done == sorted(done) and sorted(set(done) - {0}) == list(range(1, len(frames) + 1))
     assert all(e.phase == "P1" and e.total == len(frames) for e in progress)
     keys = _keys(events)
     assert {"solve_info_start", "solve_info_plan", "solve_info_solved", "solve_info_summary"} <= set(keys)
