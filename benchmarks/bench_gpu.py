@@ -505,27 +505,27 @@ def e2e_run(
     frames_dir: Path, out: Path, config: dict[str, Any], include: list[Path] | None = None, limit_s: float = 1e9
 ) -> dict[str, Any]:
     """The whole pipeline; stopped (closed, as a cancel) once ``limit_s`` have passed."""
-    from napari_zemosaic.engine.pipeline import iter_run
+    from napari_zemosaic.engine.pipeline import drain, iter_run
 
     events: list[Any] = []
     start = time.perf_counter()
     generator = iter_run(frames_dir, out, {"language": "en", "workflow": "mosaic_first", **config}, include=include)
-    result = None
-    last_phase = ""
+
+    def on_event(event: Any) -> None:
+        events.append(event)
+        if time.perf_counter() - start > limit_s:
+            raise TimeoutError
+
     with _phase_spans(start) as spans:
-        while True:
-            try:
-                event = next(generator)
-            except StopIteration as stop:
-                result = stop.value
-                break
-            events.append(event)
-            last_phase = getattr(event, "phase", last_phase) or last_phase
-            if time.perf_counter() - start > limit_s:
-                generator.close()
-                report = json.loads((out / "run_report.json").read_text())
-                return {"config": config, "stopped_after_s": time.perf_counter() - start, "phase": last_phase,
-                        "timings_s": report.get("timings_s"), "frames_found": report["frames"]["found"]}
+        try:
+            result = drain(generator, on_event)
+        except TimeoutError:
+            generator.close()
+            phases = [getattr(event, "phase", "") for event in events]
+            report = json.loads((out / "run_report.json").read_text())
+            return {"config": config, "stopped_after_s": time.perf_counter() - start,
+                    "phase": next((phase for phase in reversed(phases) if phase), ""),
+                    "timings_s": report.get("timings_s"), "frames_found": report["frames"]["found"]}
     wall = time.perf_counter() - start
     log(f"timeline (s from the run's start; {wall:.2f} s in all): "
         + ", ".join(f"{phase} {t0:.2f}-{t1:.2f}" for phase, t0, t1 in spans))
