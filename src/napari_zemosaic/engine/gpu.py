@@ -1805,8 +1805,10 @@ def fused_bilinear_into(flat: Any, bad: Any | None, height: int, width: int, x: 
     return True
 
 
-#: Largest sample depth (frames per pixel) the fused sort keeps in 48 KB of shared memory.
-FUSED_SORT_MAX_ROWS = 12 * 1024
+#: Largest sample depth (frames per pixel) the fused sort takes: a column is padded to the next
+#: power of two, and 8192 floats (32 KB) stay under the 48 KB of shared memory a block gets
+#: without asking (12 * 1024 rows, the former limit, padded to 64 KB: that launch was refused).
+FUSED_SORT_MAX_ROWS = 8 * 1024
 #: Shared memory of one block of the fused sort when it sorts several adjacent columns together
 #: (at most FUSED_SORT_MAX_GROUP, the kernel's ZM_SORT_MAX_GROUP); a deeper column sorts alone.
 FUSED_SORT_GROUP_BYTES = 32 * 1024
