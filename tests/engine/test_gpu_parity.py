@@ -977,6 +977,24 @@ def test_fused_stack_cube_equals_the_numpy_stack_to_the_bit(
     assert stack._fused_stack(cp.asarray(cube), median, None, cp) is None
 
 
+@pytest.mark.parametrize("extra", [0, 1])
+def test_deepest_columns_the_fused_sort_takes_and_one_deeper(device: int, extra: int) -> None:
+    """At FUSED_SORT_MAX_ROWS frames the kernel sorts (its shared memory at the padded size is
+    launchable) and equals NumPy to the bit; one frame more, the xp path gives the same mask."""
+    stack = pytest.importorskip("napari_zemosaic.engine.stack")
+    n_frames = gpu.FUSED_SORT_MAX_ROWS + extra
+    cube = fused_kappa_sigma_cube(np.random.default_rng(77), n_frames, 48)
+    columns = cp.asarray(cube.reshape(n_frames, -1))
+    bounds = gpu.fused_kappa_sigma_bounds(columns, 2.5, 3.0, 3, cp)
+    assert (bounds is None) == bool(extra)
+    if bounds is not None:
+        expected = stack._kappa_sigma_bounds(stack._sorted_samples(cube.reshape(n_frames, -1), np), 2.5, 3.0, 3, np)
+        for got, want in zip(bounds, expected):
+            np.testing.assert_array_equal(gpu.to_host(got), want)
+    cpu = stack.kappa_sigma_mask(cube, 2.5, 3.0, 3, np)
+    np.testing.assert_array_equal(gpu.to_host(stack.kappa_sigma_mask(cp.asarray(cube), 2.5, 3.0, 3, cp)), cpu)
+
+
 def test_fused_kappa_sigma_kernel_declines_what_it_does_not_cover(device: int) -> None:
     too_deep = cp.zeros((gpu.FUSED_SORT_MAX_ROWS + 1, 4), dtype=cp.float32)
     assert gpu.fused_kappa_sigma_bounds(too_deep, 3.0, 3.0, 5, cp) is None
