@@ -1858,8 +1858,7 @@ def _sorted_finite_columns(values: Any, xp: Any) -> tuple[Any, Any, Any, Any] | 
     # Adjacent columns share a block while their slices fit FUSED_SORT_GROUP_BYTES: their reads
     # and writes are then side by side in memory, and a pass of the network sorts them all.
     group = int(max(1, min(FUSED_SORT_MAX_GROUP, FUSED_SORT_GROUP_BYTES // (4 * size), n_cols)))
-    threads = max(32, min(512, group * size // 2))
-    threads = max(threads, group)
+    threads = max(32, min(512, group * size // 2))  # at least one per column of the group (≤ 32)
     sort = _fused_function(xp, _KAPPA_SIGMA_SOURCE, "zemosaic_sort_finite_columns")
     itemsize = values.itemsize
     sorted_values = xp.empty((n_rows, n_cols), dtype=xp.float32)
