@@ -1268,3 +1268,25 @@ def test_fused_column_coverage_equals_the_per_column_reductions(device: int) -> 
         assert want.any()
         if x0 == 37:  # five block columns: the last (box x 219-229) holds nothing, the first not every row
             assert want.shape == (5, 150) and not want[-1].any() and not want[0].all()
+
+
+def test_fused_masked_row_medians_equal_numpy_median(device: int) -> None:
+    """The float64 radix-select medians (photometry's masked row medians on the GPU) are
+    ``np.median`` of each row's masked values, to the bit: ties, negatives, empty and one-value
+    rows, masked-out NaN and infinities, rows of 20 000 values (a Theil–Sen seed's slopes)."""
+    rng = np.random.default_rng(21)
+    for rows, width in ((64, 57), (40, 3001), (6, 20000)):
+        values = rng.normal(0.0, 3.0, (rows, width))
+        values[1::3] = values[1::3].round(1)  # ties
+        values[2] = 7.25  # one value throughout
+        mask = rng.random((rows, width)) < rng.uniform(0.05, 1.0, (rows, 1))
+        mask[0] = False
+        mask[3] = False
+        mask[3, width // 2] = True
+        values[~mask & (rng.random((rows, width)) < 0.3)] = np.nan
+        values[4, ~mask[4]] = np.inf
+        got = gpu.fused_masked_row_medians(cp.asarray(values), cp.asarray(mask), cp).get()
+        assert np.isnan(got[0])
+        for row in range(1, rows):
+            assert got[row] == np.median(values[row][mask[row]]), (rows, width, row)
+    assert gpu.fused_masked_row_medians(values, mask, np) is None

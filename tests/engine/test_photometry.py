@@ -252,9 +252,9 @@ def test_batched_pair_fits_on_threads_in_small_chunks(monkeypatch: pytest.Monkey
     np.testing.assert_allclose(batched.tilts, reference.tilts, rtol=1e-7, atol=1e-9)
 
 
-def test_exact_median_equals_numpy_median() -> None:
+def testexact_median_equals_numpy_median() -> None:
     """The bracketed median is np.median bit for bit: random, tied, NaN, and misleading samples."""
-    from napari_zemosaic.engine.photometry import _exact_median
+    from napari_zemosaic.engine.photometry import exact_median
 
     rng = np.random.default_rng(4)
     cases = [rng.normal(size=n) for n in (1, 2, 7, 2047, 2048, 2049, 20000, 20001)]
@@ -266,7 +266,7 @@ def test_exact_median_equals_numpy_median() -> None:
     misleading[::8] = 0.0  # the strided sample sees one value only: the bracket misses, np.median decides
     for values in cases + [with_nan, misleading]:
         expected = np.median(values)
-        got = _exact_median(values.copy())
+        got = exact_median(values.copy())
         assert got == expected or (np.isnan(got) and np.isnan(expected))
 
 
@@ -352,3 +352,114 @@ def test_coarser_piece_equals_coarse_piece() -> None:
                 assert (got.y0, got.x0) == (expected.y0, expected.x0)
                 assert got.data.dtype == expected.data.dtype
                 np.testing.assert_array_equal(got.data, expected.data)
+
+
+# --- the pair fits on the device (photometry_device): run here on NumPy, on CuPy with -m gpu ------
+
+
+def _device_field() -> list[CoarsePiece]:
+    """A field with a trail, tied values (rounded cells), a hole of NaN cells and a one-column piece."""
+    pieces = _field(12, 11)
+    pieces[3].data[:, 12, :] += 300.0
+    pieces[5].data = np.round(pieces[5].data)
+    pieces[7].data[:, 4:9, 10:20] = np.nan
+    pieces.append(_piece(_sky(11), 0, 60, 30, 1, gain=0.97, offset=3.0, seed=40))  # x constant: refitted per edge
+    return pieces
+
+
+def _runner_fits(runner, pieces: list[CoarsePiece], gains: np.ndarray) -> tuple[list, list]:
+    from napari_zemosaic.engine import photometry
+
+    edges = photometry.overlap_edges(photometry._piece_bounds(pieces))
+    return runner.gain_ratios("pieces", [0, 1, 2], edges), runner.plane_fits("pieces", [0, 1, 2], edges, gains)
+
+
+def _assert_same_fits(got: tuple[list, list], expected: tuple[list, list], rtol: float) -> None:
+    for got_kind, expected_kind in zip(got, expected):
+        for got_channel, expected_channel in zip(got_kind, expected_kind):
+            assert [fit[:3] for fit in got_channel] == [fit[:3] for fit in expected_channel]  # edges, cells
+            for (*_, value), (*_, reference) in zip(got_channel, expected_channel):
+                assert (value is None) == (reference is None)
+                if value is not None:
+                    np.testing.assert_allclose(np.asarray(value), np.asarray(reference), rtol=rtol, atol=1e-12)
+
+
+@pytest.mark.parametrize("budget", [10**10, 4 * 10**6])
+def test_device_pair_fits_gather_and_fit_like_the_host_runner(monkeypatch: pytest.MonkeyPatch, budget: int) -> None:
+    """DevicePairFits on NumPy (its gather of common cells on a flat buffer, its batches within the
+    budget, its refits of ill-conditioned edges) gives the host runner's edges, cell counts and fits."""
+    from napari_zemosaic.engine import photometry
+    from napari_zemosaic.engine.photometry_device import DevicePairFits
+
+    monkeypatch.setattr(photometry, "PAIR_EXECUTOR", "threads")
+    pieces = _device_field()
+    gains = 1.0 + 0.01 * np.arange(3 * len(pieces)).reshape(len(pieces), 3)
+    with photometry._PairFitRunner({"pieces": pieces}, 3.0, 12, 0) as host:
+        expected = _runner_fits(host, pieces, gains)
+    device = DevicePairFits({"pieces": pieces}, 3.0, 12, np, budget)
+    rows = device._rows([0, 1, 2], photometry.overlap_edges(photometry._piece_bounds(pieces)))
+    assert (len(device._batches("pieces", rows)) > 1) == (budget < 10**9)
+    _assert_same_fits(_runner_fits(device, pieces, gains), expected, rtol=1e-10)
+
+
+def test_batched_theil_sen_rows_and_sorted_medians_equal_the_row_code() -> None:
+    """The all-rows Theil–Sen seeds and sorted medians (the GPU's code, here on NumPy) equal the
+    row-by-row seeds and partitioned medians, to the bit: every count from 1 up, tied values."""
+    from napari_zemosaic.engine.photometry import (
+        _batched_theil_sen,
+        _batched_theil_sen_rows,
+        _pad_samples,
+        _RowMedians,
+        _SortedRowMedians,
+    )
+
+    rng = np.random.default_rng(12)
+    samples = []
+    for n in (1, 2, 3, 4, 5, 12, 40, 199, 200, 250, 2999, 3000):
+        x = rng.normal(100.0, 20.0, n).round(0)  # ties
+        samples.append((x, 1.03 * x + rng.normal(0.0, 1.0, n), x, x))
+    va, vb, _, _, valid, count = _pad_samples(samples)
+    medians = _RowMedians(valid)
+    gain, offset = _batched_theil_sen(va, vb, medians, count, {})
+    assert np.array_equal(_batched_theil_sen_rows(va, vb, valid, count, np), gain)
+    assert np.array_equal(_SortedRowMedians(valid, np)(vb - gain[:, None] * va), offset, equal_nan=True)
+    assert 1.0 < np.median(gain[count >= 40]) < 1.06
+
+
+@pytest.mark.gpu
+def test_photometric_solve_on_the_gpu_equals_the_host_solve(monkeypatch: pytest.MonkeyPatch) -> None:
+    """solve_normalisation with its pair fits on CuPy, in one batch and in many small ones, gives
+    the host's gains, offsets and tilts (floating-point noise) and the same constrained pieces;
+    a solve of fewer than DEVICE_MIN_EDGES edges is fitted on the host."""
+    cp = pytest.importorskip("cupy")
+    from napari_zemosaic.engine import gpu, photometry
+    from napari_zemosaic.engine.photometry_device import DevicePairFits
+
+    ok, reason = gpu.gpu_is_available(0, refresh=True)
+    if not ok:
+        pytest.skip(f"no usable GPU: {reason}")
+    pieces = _device_field()
+    used = []
+    original = DevicePairFits._fit
+
+    def spy(self, *args):
+        used.append(args[0])
+        return original(self, *args)
+
+    monkeypatch.setattr(DevicePairFits, "_fit", spy)
+    monkeypatch.setattr(photometry, "DEVICE_MIN_EDGES", 1000)
+    solve_normalisation(pieces, None, "linear_fit", xp=cp, device_budget_bytes=10**10)
+    assert not used  # a small solve stays on the host
+    monkeypatch.setattr(photometry, "DEVICE_MIN_EDGES", 0)
+    for shared in (True, False):
+        host = solve_normalisation(pieces, None, "linear_fit", shared_gain=shared)
+        for budget in (10**10, 4 * 10**6):
+            device = solve_normalisation(pieces, None, "linear_fit", shared_gain=shared, xp=cp, device_budget_bytes=budget)
+            np.testing.assert_allclose(device.gains, host.gains, rtol=1e-9)
+            np.testing.assert_allclose(device.offsets, host.offsets, rtol=1e-7, atol=1e-7)
+            np.testing.assert_allclose(device.tilts, host.tilts, rtol=1e-7, atol=1e-9)
+            assert np.array_equal(device.constrained, host.constrained)
+    assert "gain" in used and "plane" in used
+    gains = np.ones((len(pieces), 3))
+    expected = _runner_fits(photometry._PairFitRunner({"pieces": pieces}, 3.0, 12, 0), pieces, gains)
+    _assert_same_fits(_runner_fits(DevicePairFits({"pieces": pieces}, 3.0, 12, cp, 10**10), pieces, gains), expected, 1e-9)

@@ -1842,6 +1842,123 @@ def _fused_function(cupy: Any, source: str, name: str) -> Any:
     return function
 
 
+_ROW_MEDIAN64_SOURCE = r"""
+// photometry's masked row medians (np.median of each row's masked float64 values) without sorting:
+// one block of ZM64_THREADS threads per row, radix select on order-preserving uint64 keys, eight
+// passes of 8 bits per selected rank. A warp counts equal bins with one shared atomic per bin
+// (__match_any_sync): most values of a row share their high bytes.
+#define ZM64_THREADS 256
+
+__device__ __forceinline__ unsigned long long zm64_key(double v)
+{
+    const unsigned long long u = (unsigned long long)__double_as_longlong(v);
+    return (u >> 63) ? ~u : (u | 0x8000000000000000ULL);
+}
+
+__device__ __forceinline__ double zm64_value(unsigned long long key)
+{
+    return __longlong_as_double((long long)((key >> 63) ? (key & 0x7fffffffffffffffULL) : ~key));
+}
+
+// The key of rank `rank` (0-based, ascending) among the masked values of one row.
+__device__ unsigned long long zm64_select(const double* __restrict__ v, const unsigned char* __restrict__ m,
+                                          const long long width, unsigned int rank,
+                                          unsigned int* hist, unsigned int* scan, unsigned long long* shared_prefix,
+                                          unsigned int* shared_rank)
+{
+    unsigned long long prefix = 0ULL;
+    const int lane = threadIdx.x & 31;
+    for (int shift = 56; shift >= 0; shift -= 8) {
+        hist[threadIdx.x] = 0u;
+        __syncthreads();
+        const unsigned long long high_mask = shift == 56 ? 0ULL : ~((1ULL << (shift + 8)) - 1ULL);
+        for (long long base = 0; base < width; base += ZM64_THREADS) {
+            const long long i = base + threadIdx.x;
+            unsigned int bin = 0xffffffffu;  // not counted
+            if (i < width && m[i]) {
+                const unsigned long long key = zm64_key(v[i]);
+                if ((key & high_mask) == prefix) bin = (unsigned int)((key >> shift) & 0xffULL);
+            }
+            const unsigned int peers = __match_any_sync(0xffffffffu, bin);
+            if (bin != 0xffffffffu && lane == __ffs(peers) - 1) atomicAdd(&hist[bin], __popc(peers));
+        }
+        __syncthreads();
+        // Inclusive prefix sum of the 256 bins (Hillis-Steele in shared memory).
+        unsigned int x = hist[threadIdx.x];
+        scan[threadIdx.x] = x;
+        __syncthreads();
+        for (int d = 1; d < ZM64_THREADS; d <<= 1) {
+            const unsigned int y = threadIdx.x >= d ? scan[threadIdx.x - d] : 0u;
+            __syncthreads();
+            scan[threadIdx.x] += y;
+            __syncthreads();
+        }
+        const unsigned int through = scan[threadIdx.x], before = through - x;
+        if (x > 0u && rank >= before && rank < through) {
+            *shared_prefix = prefix | ((unsigned long long)threadIdx.x << shift);
+            *shared_rank = rank - before;
+        }
+        __syncthreads();
+        prefix = *shared_prefix;
+        rank = *shared_rank;
+        __syncthreads();
+    }
+    return prefix;
+}
+
+// out[r] = np.median(values[r][mask[r]]) (NaN for a row with nothing): the middle value, or
+// fl64(fl64(a + b) / 2) of the two middle ones, as NumPy's mean of two values.
+extern "C" __global__ void __launch_bounds__(ZM64_THREADS) zemosaic_masked_row_medians(
+    const double* __restrict__ values, const unsigned char* __restrict__ mask, const long long width,
+    double* __restrict__ out)
+{
+    __shared__ unsigned int hist[ZM64_THREADS], scan[ZM64_THREADS], count, shared_rank;
+    __shared__ unsigned long long shared_prefix;
+    const double* v = values + (long long)blockIdx.x * width;
+    const unsigned char* m = mask + (long long)blockIdx.x * width;
+    if (threadIdx.x == 0) count = 0u;
+    __syncthreads();
+    unsigned int own = 0u;
+    for (long long i = threadIdx.x; i < width; i += ZM64_THREADS) own += m[i] ? 1u : 0u;
+    for (int d = 16; d > 0; d >>= 1) own += __shfl_down_sync(0xffffffffu, own, d);
+    if ((threadIdx.x & 31) == 0) atomicAdd(&count, own);
+    __syncthreads();
+    const unsigned int n = count;
+    if (n == 0u) {
+        if (threadIdx.x == 0) out[blockIdx.x] = __longlong_as_double(0x7ff8000000000000LL);
+        return;
+    }
+    const double low = zm64_value(zm64_select(v, m, width, (n - 1u) / 2u, hist, scan, &shared_prefix, &shared_rank));
+    double median = low;
+    if ((n & 1u) == 0u) {
+        const double high = zm64_value(zm64_select(v, m, width, n / 2u, hist, scan, &shared_prefix, &shared_rank));
+        median = __ddiv_rn(__dadd_rn(low, high), 2.0);
+    }
+    if (threadIdx.x == 0) out[blockIdx.x] = median;
+}
+"""
+
+#: Threads per block of :data:`_ROW_MEDIAN64_SOURCE` (ZM64_THREADS).
+_ROW_MEDIAN64_THREADS = 256
+
+
+def fused_masked_row_medians(values: Any, mask: Any, xp: Any) -> Any | None:
+    """Per row of ``values`` (R, W) float64, ``np.median`` of the values where ``mask`` (R, W) is
+    true (NaN for a row with none), as a float64 (R,) device array: one kernel, one block per row,
+    nothing waited for. ``None`` when not on CuPy, or the shapes or types are not these."""
+    if not is_device_module(xp) or values.ndim != 2 or values.dtype != xp.float64 or mask.shape != values.shape:
+        return None
+    rows, width = (int(v) for v in values.shape)
+    if rows == 0 or width >= 2**31:
+        return None
+    values = xp.ascontiguousarray(values)
+    mask = xp.ascontiguousarray(mask, dtype=xp.bool_)
+    out = xp.empty(rows, dtype=xp.float64)
+    function = _fused_function(xp, _ROW_MEDIAN64_SOURCE, "zemosaic_masked_row_medians")
+    function((rows,), (_ROW_MEDIAN64_THREADS,), (values, mask, np.int64(width), out))
+    return out
+
+
 def _sorted_finite_columns(values: Any, xp: Any) -> tuple[Any, Any, Any, Any] | None:
     """The fused clipping kernels' shared first step: every column's finite values sorted (one
     block per column, :data:`_KAPPA_SIGMA_SOURCE`) and their counts, with empty float64 prefix-sum
@@ -2527,6 +2644,7 @@ __all__ = [
     "fused_hot_pixel_residuals",
     "fused_kappa_sigma_bounds",
     "fused_winsorized_range_values",
+    "fused_masked_row_medians",
     "fused_median_mad",
     "fused_median_mad_on_device",
     "fused_place_pieces",

@@ -1241,10 +1241,7 @@ def mosaic_first(
     tokens = threading.Thread(target=units.names, args=(used,), name="zemosaic-tokens", daemon=True)
     tokens.start()
     with ctx.timed("P4.5"):
-        norm_used = solve_normalisation(
-            [coarse[i] for i in used], coarse_shape, config["stacking_normalize_method"], bin_px=PHOTOMETRY_BIN_PX,
-            shared_gain=True,
-        )
+        norm_used = solve_photometry(policy, [coarse[i] for i in used], coarse_shape, config["stacking_normalize_method"])
         ctx.reporter.info(
             "mf_info_normalisation",
             method=config["stacking_normalize_method"],
@@ -1398,6 +1395,29 @@ def mosaic_first(
 
 
 # ------------------------------------------------------------------------- P3, both backends
+
+
+def solve_photometry(
+    policy: Any, pieces: Sequence[CoarsePiece], coarse_shape: tuple[int, int], method: str
+) -> Normalisation:
+    """The frames' photometric solve (:func:`.photometry.solve_normalisation`, one gain per frame for
+    all channels) as one unit of the ``intertile`` stage: its pair fits on the GPU when the policy
+    puts that stage there (:mod:`.photometry_device`), on the host's processes otherwise."""
+
+    def solve(xp: Any = np, chunk_scale: float = 1.0) -> Normalisation:
+        budget = int(policy.gpu_budget_bytes() * chunk_scale) if xp is not np else 0
+        return solve_normalisation(
+            pieces, coarse_shape, method, bin_px=PHOTOMETRY_BIN_PX, shared_gain=True, xp=xp, device_budget_bytes=budget
+        )
+
+    if policy is None:
+        return solve()
+    from .photometry_device import min_device_bytes
+
+    try:
+        return policy.run_stage("intertile", solve, solve, estimate_bytes=min_device_bytes(pieces))
+    finally:
+        policy.end_stage("intertile")
 
 
 def _reproject_frames_cpu(

@@ -28,10 +28,14 @@ edges, so thousands of frames are solved in seconds.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from .photometry_device import DevicePairFits
 
 NORMALISATION_METHODS = ("none", "sky_mean", "linear_fit")
 
@@ -350,24 +354,19 @@ def _theil_sen_seed(x: np.ndarray, y: np.ndarray, max_pairs: int = 20000) -> tup
     """Median slope between bright and faint cells of ``x`` (Theil–Sen, robust to leverage outliers).
 
     Pairing the brightest quarter with the faintest half keeps every slope anchored on real signal
-    (stars, nebula), not on sky noise, while trails in either frame stay a minority.
+    (stars, nebula), not on sky noise, while trails in either frame stay a minority. The pairs are
+    :func:`_theil_sen_positions` in the x-sorted order (stable: ties keep their sample order).
     """
-    order = np.argsort(x)
     n = x.size
-    faint, bright = order[: max(1, n // 2)], order[max(1, (3 * n) // 4) :]
-    if bright.size == 0:
+    first, second = _theil_sen_positions(n, {}, max_pairs)
+    if first.size == 0:
         return 1.0, float(np.median(y - x))
-    if faint.size * bright.size > max_pairs:
-        rng = np.random.default_rng(0)  # deterministic: same data, same answer
-        first = rng.choice(bright, max_pairs)
-        second = rng.choice(faint, max_pairs)
-    else:
-        first, second = (grid.ravel() for grid in np.meshgrid(bright, faint))
-    run = x[first] - x[second]
+    order = np.argsort(x, kind="stable")
+    run = x[order[first]] - x[order[second]]
     usable = run > 0
     if not usable.any():
         return 1.0, float(np.median(y - x))
-    gain = float(np.median((y[first] - y[second])[usable] / run[usable]))
+    gain = float(np.median((y[order[first]] - y[order[second]])[usable] / run[usable]))
     return gain, float(np.median(y - gain * x))
 
 
@@ -452,18 +451,52 @@ class _RowMedians:
         return median
 
 
+class _SortedRowMedians:
+    """:class:`_RowMedians` for another array module (CuPy): one sort of the batch, masked entries last.
+
+    The same order statistics and the same mean of the two middle values, so the same numbers as
+    ``np.median`` of each row's masked values; a segmented sort suits the GPU, where NumPy's
+    partition has no counterpart.
+    """
+
+    def __init__(self, mask: Any, xp: Any) -> None:
+        count = mask.sum(axis=1)
+        self.xp = xp
+        self.mask = mask
+        self.lower = ((xp.maximum(count, 1) - 1) // 2)[:, None]
+        self.upper = (count // 2)[:, None]
+        self.empty = count == 0
+
+    def __call__(self, values: Any) -> Any:
+        from .gpu import fused_masked_row_medians
+
+        xp = self.xp
+        fused = fused_masked_row_medians(values, self.mask, xp)  # the same medians, one kernel
+        if fused is not None:
+            return fused
+        ordered = xp.sort(xp.where(self.mask, values, xp.inf), axis=1)
+        low = xp.take_along_axis(ordered, self.lower, axis=1)[:, 0]
+        high = xp.take_along_axis(ordered, self.upper, axis=1)[:, 0]
+        return xp.where(self.empty, xp.nan, (low + high) / 2)
+
+
+def _row_medians(mask: Any, xp: Any = np) -> "_RowMedians | _SortedRowMedians":
+    """The per-row masked medians of ``xp``'s arrays (see :class:`_RowMedians`)."""
+    return _RowMedians(mask) if xp is np else _SortedRowMedians(mask, xp)
+
+
 def _masked_median(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Per row, ``np.median(values[r][mask[r]])`` (NaN for a row with nothing), one partition for all rows."""
     return _RowMedians(mask)(values)
 
 
-#: Fewest values for which :func:`_exact_median` brackets the median (below, one partition is as fast).
+#: Fewest values for which :func:`exact_median` brackets the median (below, one partition is as fast).
 _BRACKET_MIN_VALUES = 2048
-#: Every how many values :func:`_exact_median` samples to place its bracket.
+#: Every how many values :func:`exact_median` samples to place its bracket.
 _BRACKET_STRIDE = 8
 
 
-def _exact_median(values: np.ndarray) -> float:
+def exact_median(values: np.ndarray) -> float:
     """``np.median(values)`` of a 1-D float array, bit for bit, partitioning only a narrow bracket.
 
     A partition of all values (the 20 000 slopes of a Theil–Sen seed) was the seeds' largest cost.
@@ -495,8 +528,8 @@ def _exact_median(values: np.ndarray) -> float:
 
 
 def _batched_lstsq(
-    columns: np.ndarray, target: np.ndarray, kept: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    columns: Any, target: Any, kept: Any, xp: Any = np
+) -> tuple[Any, Any, Any, Any]:
     """Least squares ``target ≈ intercept + Σ_q beta_q·columns_q`` of every row on its ``kept`` samples.
 
     ``columns`` (E, q, M) are the non-constant columns, sample axis last: the centring and the sums
@@ -505,36 +538,39 @@ def _batched_lstsq(
     of beta (E, q), and the rows too ill-conditioned for this path (E,).
     """
     q = columns.shape[1]
-    weight = kept.astype(np.float64)
-    count = np.maximum(weight.sum(axis=1), 1.0)
-    mean_c = np.einsum("em,eqm->eq", weight, columns) / count[:, None]
-    mean_t = np.einsum("em,em->e", weight, target) / count
+    weight = kept.astype(xp.float64)
+    count = xp.maximum(weight.sum(axis=1), 1.0)
+    # Batched matrix products, not einsum: CuPy maps them straight to batched BLAS calls (its
+    # einsum took 1.5x as long on an H100), NumPy runs them as fast as its einsum.
+    mean_c = xp.matmul(columns, weight[:, :, None])[:, :, 0] / count[:, None]
+    mean_t = (weight * target).sum(axis=1) / count
     centred = columns - mean_c[:, :, None]
     centred *= weight[:, None, :]  # in place: one (E, q, M) temporary, not two
-    gram = np.einsum("eim,ejm->eij", centred, centred)
-    rhs = np.einsum("eim,em->ei", centred, target - mean_t[:, None])
-    scale = np.sqrt(np.einsum("eii->ei", gram))
-    bad = ~np.all(np.isfinite(scale) & (scale > 0), axis=1) | ~np.all(np.isfinite(rhs), axis=1)
-    scale = np.where(bad[:, None], 1.0, scale)
-    scaled = gram / (scale[:, :, None] * scale[:, None, :])
-    scaled[bad] = np.eye(q)
-    eig = np.linalg.eigvalsh(scaled)
+    gram = xp.matmul(centred, centred.transpose(0, 2, 1))
+    rhs = xp.matmul(centred, (target - mean_t[:, None])[:, :, None])[:, :, 0]
+    scale = xp.sqrt(xp.diagonal(gram, axis1=1, axis2=2))
+    bad = ~xp.all(xp.isfinite(scale) & (scale > 0), axis=1) | ~xp.all(xp.isfinite(rhs), axis=1)
+    scale = xp.where(bad[:, None], 1.0, scale)
+    identity = xp.eye(q)
+    scaled = xp.where(bad[:, None, None], identity, gram / (scale[:, :, None] * scale[:, None, :]))
+    eig = xp.linalg.eigvalsh(scaled)
     bad |= ~(eig[:, 0] > eig[:, -1] / _BATCH_MAX_CONDITION)
-    scaled[bad] = np.eye(q)
-    inverse = np.linalg.inv(scaled)
-    beta = np.einsum("eij,ej->ei", inverse, rhs / scale) / scale
-    intercept = mean_t - np.einsum("eq,eq->e", beta, mean_c)
-    return beta, intercept, np.einsum("eii->ei", inverse) / scale**2, bad
+    scaled = xp.where(bad[:, None, None], identity, scaled)
+    inverse = xp.linalg.inv(scaled)
+    beta = xp.matmul(inverse, (rhs / scale)[:, :, None])[:, :, 0] / scale
+    intercept = mean_t - (beta * mean_c).sum(axis=1)
+    return beta, intercept, xp.diagonal(inverse, axis1=1, axis2=2) / scale**2, bad
 
 
 def _batched_clip_loop(
-    columns: np.ndarray,
-    target: np.ndarray,
-    valid: np.ndarray,
-    kept: np.ndarray | None,
+    columns: Any,
+    target: Any,
+    valid: Any,
+    kept: Any | None,
     kappa: float,
     iterations: int = 4,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    xp: Any = np,
+) -> tuple[Any, Any, Any, Any, Any]:
     """:func:`_clip_loop` on every row of a batch (design: a constant and ``columns`` (E, q, M)), then
     the variance of beta_0 (:func:`_clipped_lstsq_with_variance`).
 
@@ -544,82 +580,104 @@ def _batched_clip_loop(
     rows, q, _ = columns.shape
     p = q + 1
     kept = valid.copy() if kept is None else kept & valid
-    beta = np.full((rows, q), np.nan)
-    intercept = np.full(rows, np.nan)
-    inverse_diag = np.full((rows, q), np.nan)
+    beta = xp.full((rows, q), xp.nan)
+    intercept = xp.full(rows, xp.nan)
+    inverse_diag = xp.full((rows, q), xp.nan)
     final_kept = kept.copy()
-    solved = np.zeros(rows, bool)
-    odd = np.zeros(rows, bool)
-    active = np.ones(rows, bool)
+    solved = xp.zeros(rows, bool)
+    odd = xp.zeros(rows, bool)
+    active = xp.ones(rows, bool)
     for _ in range(iterations):
         active &= kept.sum(axis=1) >= p + 3
-        index = np.flatnonzero(active)
+        index = xp.flatnonzero(active)
         if index.size == 0:
             break
         if index.size == rows:  # every row still clipping (the first pass): no copies
             sub_columns, sub_target, sub_kept = columns, target, kept.copy()
         else:
             sub_columns, sub_target, sub_kept = columns[index], target[index], kept[index]
-        fit, constant, diag, bad = _batched_lstsq(sub_columns, sub_target, sub_kept)
+        fit, constant, diag, bad = _batched_lstsq(sub_columns, sub_target, sub_kept, xp)
         odd[index[bad]] = True
         active[index[bad]] = False
         beta[index], intercept[index], inverse_diag[index] = fit, constant, diag
         final_kept[index] = sub_kept
         solved[index] = True
-        residual = sub_target - constant[:, None] - np.einsum("eqm,eq->em", sub_columns, fit)
-        medians = _RowMedians(sub_kept)
+        residual = sub_target - constant[:, None] - xp.matmul(fit[:, None, :], sub_columns)[:, 0, :]
+        medians = _row_medians(sub_kept, xp)
         centre = medians(residual)
-        deviation = np.abs(residual - centre[:, None])
+        deviation = xp.abs(residual - centre[:, None])
         sigma = 1.4826 * medians(deviation)
-        new_kept = valid[index] & (deviation <= kappa * np.maximum(sigma, 1e-12)[:, None])
-        converged = np.all(new_kept == sub_kept, axis=1)
+        new_kept = valid[index] & (deviation <= kappa * xp.maximum(sigma, 1e-12)[:, None])
+        converged = xp.all(new_kept == sub_kept, axis=1)
         kept[index] = new_kept
         active[index[converged]] = False
-    residual = target - np.nan_to_num(intercept)[:, None] - np.einsum("eqm,eq->em", columns, np.nan_to_num(beta))
-    rss = np.where(final_kept, residual, 0.0)
-    rss = np.einsum("em,em->e", rss, rss)
-    dof = np.maximum(1, final_kept.sum(axis=1) - p)
+    residual = target - xp.nan_to_num(intercept)[:, None] - xp.matmul(xp.nan_to_num(beta)[:, None, :], columns)[:, 0, :]
+    rss = xp.where(final_kept, residual, 0.0)
+    rss = (rss * rss).sum(axis=1)
+    dof = xp.maximum(1, final_kept.sum(axis=1) - p)
     variance = inverse_diag[:, 0] * rss / dof
     return beta, intercept, variance, solved & ~odd, odd
 
 
-def _theil_sen_positions(n: int, cache: dict[int, tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
-    """The (bright, faint) positions in x-sorted order that :func:`_theil_sen_seed` pairs for n samples.
+@functools.lru_cache(maxsize=4)
+def _theil_sen_uniforms(pairs: int) -> tuple[np.ndarray, np.ndarray]:
+    """Fixed uniform variates in [0, 1) that place a seed's sampled pairs (deterministic: same data,
+    same answer), one array for the bright side and one for the faint side."""
+    rng = np.random.default_rng(0)
+    bright, faint = rng.random(pairs), rng.random(pairs)
+    bright.flags.writeable = faint.flags.writeable = False
+    return bright, faint
 
+
+def _theil_sen_positions(
+    n: int, cache: dict[int, tuple[np.ndarray, np.ndarray]], pairs: int = _THEIL_SEN_PAIRS
+) -> tuple[np.ndarray, np.ndarray]:
+    """The (bright, faint) positions in x-sorted order that a Theil–Sen seed pairs for n samples.
+
+    Every bright sample (the top quarter) with every faint one (the bottom half) when that makes at
+    most ``pairs`` pairs; otherwise ``pairs`` pairs placed by :func:`_theil_sen_uniforms` (a formula
+    of n alone, which :func:`_batched_theil_sen` also evaluates on the GPU for all rows at once).
     ``cache`` keeps the pairings of the last ``_THEIL_SEN_CACHE_SIZE`` sample counts (320 kB each).
     """
-    pairs = cache.get(n)
-    if pairs is not None:
-        return pairs
+    found = cache.get(n) if pairs == _THEIL_SEN_PAIRS else None
+    if found is not None:
+        return found
     faint, start = max(1, n // 2), max(1, (3 * n) // 4)
     bright = n - start
     if bright <= 0:
-        pairs = (np.zeros(0, np.intp), np.zeros(0, np.intp))
-    elif faint * bright > _THEIL_SEN_PAIRS:
-        rng = np.random.default_rng(0)  # as rng.choice in _theil_sen_seed
-        first = start + rng.integers(0, bright, _THEIL_SEN_PAIRS)
-        pairs = (first.astype(np.intp), rng.integers(0, faint, _THEIL_SEN_PAIRS).astype(np.intp))
+        positions = (np.zeros(0, np.intp), np.zeros(0, np.intp))
+    elif faint * bright > pairs:
+        u_bright, u_faint = _theil_sen_uniforms(pairs)
+        first = start + np.minimum((u_bright * bright).astype(np.intp), bright - 1)
+        positions = (first, np.minimum((u_faint * faint).astype(np.intp), faint - 1))
     else:
-        pairs = (np.tile(np.arange(start, n), faint), np.repeat(np.arange(faint), bright))
+        positions = (np.tile(np.arange(start, n), faint), np.repeat(np.arange(faint), bright))
+    if pairs != _THEIL_SEN_PAIRS:
+        return positions
     if len(cache) >= _THEIL_SEN_CACHE_SIZE:
         try:
             cache.pop(next(iter(cache)), None)  # the oldest count: chunks come sorted by overlap size
         except (RuntimeError, StopIteration):  # another thread changed it meanwhile: no matter
             pass
-    cache[n] = pairs
-    return pairs
+    cache[n] = positions
+    return positions
 
 
 def _batched_theil_sen(
-    x: np.ndarray, y: np.ndarray, medians: _RowMedians, count: np.ndarray, cache: dict
-) -> tuple[np.ndarray, np.ndarray]:
+    x: Any, y: Any, medians: Any, count: Any, cache: dict, xp: Any = np
+) -> tuple[Any, Any]:
     """:func:`_theil_sen_seed` of every row: gains (E,) and offsets (E,); ``medians`` holds the valid mask.
 
-    Row by row (20 000 slopes per row: small arrays stay in cache, where a batch of them would
-    not), with the pairings precomputed per sample count instead of drawn for every edge. Each
+    On NumPy row by row (20 000 slopes per row: small arrays stay in cache, where a batch of them
+    would not), with the pairings precomputed per sample count instead of drawn for every edge. Each
     row's (x, y) travel as one complex array, so one gather per side of the pairs gives both the
-    run (real part) and the rise (imaginary part), exactly; the median is :func:`_exact_median`.
+    run (real part) and the rise (imaginary part), exactly; the median is :func:`exact_median`.
+    On another module (CuPy) all rows at once (:func:`_batched_theil_sen_rows`): the same pairs,
+    slopes and medians.
     """
+    if xp is not np:
+        gain = _batched_theil_sen_rows(x, y, medians.mask, count, xp)
+        return gain, medians(y - gain[:, None] * x)
     rows = x.shape[0]
     gain = np.ones(rows)
     for r in range(rows):
@@ -628,7 +686,7 @@ def _batched_theil_sen(
         if first.size == 0:
             continue
         xr = x[r, :n]
-        order = np.argsort(xr)  # as _theil_sen_seed sorts: same algorithm, same order of ties
+        order = np.argsort(xr, kind="stable")  # as _theil_sen_seed sorts: ties in sample order
         points = np.empty(n, np.complex128)
         points.real = xr[order]
         points.imag = y[r, :n][order]
@@ -636,18 +694,52 @@ def _batched_theil_sen(
         run, rise = delta.real, delta.imag
         usable = run > 0
         if usable.all():  # the usual case: no copies
-            gain[r] = _exact_median(rise / run)
+            gain[r] = exact_median(rise / run)
         elif usable.any():
-            gain[r] = _exact_median(rise[usable] / run[usable])
+            gain[r] = exact_median(rise[usable] / run[usable])
     offset = medians(y - gain[:, None] * x)
     return gain, offset
 
 
-def _batched_mad_keep(residual: np.ndarray, medians: _RowMedians, kappa: float) -> np.ndarray:
+def _row_argsort(values: Any, xp: Any) -> Any:
+    """Per row of ``values`` (R, W), its stable argsort: two stable sorts of the flattened array (by
+    value, then by row), which a GPU does as fast 1-D sorts where a sort along an axis is slow."""
+    rows, width = values.shape
+    by_value = xp.argsort(values.ravel(), kind="stable")
+    by_row = xp.argsort(by_value // width, kind="stable")
+    return (by_value[by_row] % width).reshape(rows, width)
+
+
+def _batched_theil_sen_rows(x: Any, y: Any, valid: Any, count: Any, xp: Any, pairs: int = _THEIL_SEN_PAIRS) -> Any:
+    """The Theil–Sen gains of every row at once: :func:`_theil_sen_positions` evaluated for each
+    row's count, a stable sort of each row's valid samples, and one masked median of the slopes."""
+    order = _row_argsort(xp.where(valid, x, xp.inf), xp)  # ties in sample order, padding last
+    xs = xp.take_along_axis(x, order, axis=1)
+    ys = xp.take_along_axis(y, order, axis=1)
+    n = count.astype(xp.int64)[:, None]
+    faint, start = xp.maximum(1, n // 2), xp.maximum(1, (3 * n) // 4)
+    bright = n - start
+    k = xp.arange(pairs, dtype=xp.int64)[None, :]
+    u_bright, u_faint = (xp.asarray(u) for u in _theil_sen_uniforms(pairs))
+    sampled = faint * bright > pairs
+    every = xp.maximum(bright, 1)
+    first = xp.where(sampled, start + xp.minimum((u_bright[None, :] * bright).astype(xp.int64), bright - 1), start + k % every)
+    second = xp.where(sampled, xp.minimum((u_faint[None, :] * faint).astype(xp.int64), faint - 1), k // every)
+    used = (bright > 0) & (sampled | (k < faint * bright))
+    first, second = xp.where(used, first, 0), xp.where(used, second, 0)
+    run = xp.take_along_axis(xs, first, axis=1) - xp.take_along_axis(xs, second, axis=1)
+    rise = xp.take_along_axis(ys, first, axis=1) - xp.take_along_axis(ys, second, axis=1)
+    usable = used & (run > 0)
+    slope = xp.where(usable, rise / xp.where(usable, run, 1.0), 0.0)
+    gain = _SortedRowMedians(usable, xp)(slope)
+    return xp.where(usable.any(axis=1), gain, 1.0)
+
+
+def _batched_mad_keep(residual: Any, medians: Any, kappa: float, xp: Any = np) -> Any:
     centre = medians(residual)
-    deviation = np.abs(residual - centre[:, None])
+    deviation = xp.abs(residual - centre[:, None])
     sigma = 1.4826 * medians(deviation)
-    return medians.mask & (deviation <= kappa * np.maximum(sigma, 1e-12)[:, None])
+    return medians.mask & (deviation <= kappa * xp.maximum(sigma, 1e-12)[:, None])
 
 
 def _pad_samples(samples: Sequence[tuple[np.ndarray, ...]]) -> tuple[np.ndarray, ...]:
@@ -662,31 +754,44 @@ def _pad_samples(samples: Sequence[tuple[np.ndarray, ...]]) -> tuple[np.ndarray,
     return (*arrays, valid, count)
 
 
-def _batched_pair_gain_ratios(
-    samples: Sequence[tuple[np.ndarray, ...]], kappa: float, cache: dict
-) -> list[tuple[float, float] | None]:
-    """:func:`_pair_gain_ratio` (``fit_plane=True``) of every edge's common cells."""
-    va, vb, x, y, valid, count = _pad_samples(samples)
-    rows = len(samples)
-    xc = np.where(valid, x - (x.sum(axis=1) / count)[:, None], 0.0)
-    yc = np.where(valid, y - (y.sum(axis=1) / count)[:, None], 0.0)
-    medians = _RowMedians(valid)  # six medians under the same mask
-    gain_f, offset_f = _batched_theil_sen(vb, va, medians, count, cache)
-    gain_b, offset_b = _batched_theil_sen(va, vb, medians, count, cache)
-    seed = _batched_mad_keep(va - (gain_f[:, None] * vb + offset_f[:, None]), medians, kappa)
-    seed &= _batched_mad_keep(vb - (gain_b[:, None] * va + offset_b[:, None]), medians, kappa)
+def _gain_ratio_fits(
+    va: Any, vb: Any, x: Any, y: Any, valid: Any, count: Any, kappa: float, cache: dict, xp: Any = np
+) -> tuple[Any, Any, Any, Any]:
+    """The fits of :func:`_pair_gain_ratio` (``fit_plane=True``) on padded (E, M) samples (each row's
+    valid samples first): slopes (2E, 3), variances of the first slope (2E,), solved and ill-conditioned
+    rows (2E,); rows 0..E-1 fit a on b (forward), rows E..2E-1 b on a (backward)."""
+    rows = va.shape[0]
+    xc = xp.where(valid, x - (x.sum(axis=1) / count)[:, None], 0.0)
+    yc = xp.where(valid, y - (y.sum(axis=1) / count)[:, None], 0.0)
+    medians = _row_medians(valid, xp)  # six medians under the same mask
+    gain_f, offset_f = _batched_theil_sen(vb, va, medians, count, cache, xp)
+    gain_b, offset_b = _batched_theil_sen(va, vb, medians, count, cache, xp)
+    seed = _batched_mad_keep(va - (gain_f[:, None] * vb + offset_f[:, None]), medians, kappa, xp)
+    seed &= _batched_mad_keep(vb - (gain_b[:, None] * va + offset_b[:, None]), medians, kappa, xp)
     # Forward fits (a on b) in the first rows, backward (b on a) in the next: one batch of 2E rows.
-    columns = np.empty((2 * rows, 3, va.shape[1]))
+    columns = xp.empty((2 * rows, 3, va.shape[1]))
     columns[:rows, 0], columns[rows:, 0] = vb, va
     columns[:rows, 1] = columns[rows:, 1] = xc
     columns[:rows, 2] = columns[rows:, 2] = yc
-    target = np.concatenate([va, vb])
-    both_valid = np.concatenate([valid, valid])
-    slopes, _, variance, solved, odd = _batched_clip_loop(columns, target, both_valid, np.concatenate([seed, seed]), kappa)
+    target = xp.concatenate([va, vb])
+    both_valid = xp.concatenate([valid, valid])
+    slopes, _, variance, solved, odd = _batched_clip_loop(
+        columns, target, both_valid, xp.concatenate([seed, seed]), kappa, xp=xp
+    )
+    return slopes, variance, solved, odd
+
+
+def _gain_ratio_results(
+    slopes: np.ndarray, variance: np.ndarray, solved: np.ndarray, odd: np.ndarray,
+    refit: Callable[[int], "tuple[float, float] | None"],
+) -> list[tuple[float, float] | None]:
+    """Per edge, log(g_a / g_b) and its variance from :func:`_gain_ratio_fits`' host arrays (None: no
+    fit); an ill-conditioned edge is fitted again by ``refit(row)`` (the per-edge code)."""
+    rows = odd.size // 2
     results: list[tuple[float, float] | None] = []
     for r in range(rows):
         if odd[r] or odd[rows + r]:
-            results.append(_pair_gain_ratio(*samples[r], kappa=kappa, fit_plane=True))
+            results.append(refit(r))
             continue
         slope_f, slope_b = slopes[r, 0], slopes[rows + r, 0]
         if not (solved[r] and solved[rows + r]) or not (slope_f > 0 and slope_b > 0):
@@ -698,23 +803,55 @@ def _batched_pair_gain_ratios(
     return results
 
 
+def _batched_pair_gain_ratios(
+    samples: Sequence[tuple[np.ndarray, ...]], kappa: float, cache: dict
+) -> list[tuple[float, float] | None]:
+    """:func:`_pair_gain_ratio` (``fit_plane=True``) of every edge's common cells."""
+    va, vb, x, y, valid, count = _pad_samples(samples)
+    slopes, variance, solved, odd = _gain_ratio_fits(va, vb, x, y, valid, count, kappa, cache)
+    return _gain_ratio_results(
+        slopes, variance, solved, odd, lambda r: _pair_gain_ratio(*samples[r], kappa=kappa, fit_plane=True)
+    )
+
+
+def _plane_fits(
+    va: Any, vb: Any, x: Any, y: Any, valid: Any, gain_a: Any, gain_b: Any, kappa: float, xp: Any = np
+) -> tuple[Any, Any, Any, Any]:
+    """The clipped fits of ``va/g_a − vb/g_b = c + a·X + b·Y`` on padded (E, M) samples, ``gain_a``,
+    ``gain_b`` (E,): tilts (E, 2), constants (E,), solved and ill-conditioned rows (E,)."""
+    difference = xp.where(valid, va / gain_a[:, None] - vb / gain_b[:, None], 0.0)
+    tilts, constant, _, solved, odd = _batched_clip_loop(xp.stack([x, y], axis=1), difference, valid, None, kappa, xp=xp)
+    return tilts, constant, solved, odd
+
+
+def _plane_fit_results(
+    tilts: np.ndarray, constant: np.ndarray, solved: np.ndarray, odd: np.ndarray,
+    refit: Callable[[int], "np.ndarray | None"],
+) -> list[np.ndarray | None]:
+    """Per edge, (c, a, b) from :func:`_plane_fits`' host arrays (None: no fit); an ill-conditioned
+    edge is fitted again by ``refit(row)`` (the per-edge code)."""
+    return [
+        refit(r) if odd[r] else (np.array([constant[r], tilts[r, 0], tilts[r, 1]]) if solved[r] else None)
+        for r in range(odd.size)
+    ]
+
+
+def _plane_refit(va: np.ndarray, vb: np.ndarray, x: np.ndarray, y: np.ndarray, gain_a: float, gain_b: float, kappa: float):
+    """:func:`_clipped_lstsq` of one edge's plane (an ill-conditioned row of a batch)."""
+    return _clipped_lstsq(np.stack([np.ones_like(x), x, y], axis=1), va / gain_a - vb / gain_b, kappa)
+
+
 def _batched_plane_fits(
     samples: Sequence[tuple[np.ndarray, ...]], edges: Sequence[tuple[int, int]], gains: np.ndarray, kappa: float
 ) -> list[np.ndarray | None]:
     """:func:`_clipped_lstsq` of ``va/g_i − vb/g_j = c + a·X + b·Y`` for every edge: (c, a, b) or None."""
     va, vb, x, y, valid, _ = _pad_samples(samples)
     index = np.array(edges, dtype=int).reshape(-1, 2)
-    difference = np.where(valid, va / gains[index[:, 0], None] - vb / gains[index[:, 1], None], 0.0)
-    tilts, constant, _, solved, odd = _batched_clip_loop(np.stack([x, y], axis=1), difference, valid, None, kappa)
-    results: list[np.ndarray | None] = []
-    for r, (i, j) in enumerate(edges):
-        if odd[r]:
-            va_r, vb_r, x_r, y_r = samples[r]
-            diff_r = va_r / gains[i] - vb_r / gains[j]
-            results.append(_clipped_lstsq(np.stack([np.ones_like(x_r), x_r, y_r], axis=1), diff_r, kappa))
-        else:
-            results.append(np.array([constant[r], tilts[r, 0], tilts[r, 1]]) if solved[r] else None)
-    return results
+    gain_a, gain_b = gains[index[:, 0]], gains[index[:, 1]]
+    tilts, constant, solved, odd = _plane_fits(va, vb, x, y, valid, gain_a, gain_b, kappa)
+    return _plane_fit_results(
+        tilts, constant, solved, odd, lambda r: _plane_refit(*samples[r], gain_a[r], gain_b[r], kappa)
+    )
 
 
 # --- where the batched pair fits run ------------------------------------------------------------
@@ -739,6 +876,11 @@ MAX_PAIR_PROCESSES = 32
 #: Fewest edges per task in worker processes (smaller chunks, for balance over many workers, pay
 #: NumPy's per-call costs on too few rows).
 MIN_PROCESS_CHUNK = 8
+
+#: Fewest overlap edges whose pair fits run on the GPU when the solve is given CuPy: below, the host
+#: fits them in less time than the GPU's kernels take to compile the first time on a machine (about
+#: 25 s of NVRTC, cached on disk by CuPy afterwards).
+DEVICE_MIN_EDGES = 512
 
 PairTask = tuple[str, str, int, list[tuple[int, int, int]], "np.ndarray | None"]  # kind, set, channel, (k, i, j), gains
 
@@ -1115,6 +1257,8 @@ def solve_normalisation(
     shared_gain: bool = False,
     pair_fits: str = "batched",
     gains_only: bool = False,
+    xp: Any = np,
+    device_budget_bytes: int = 0,
 ) -> Normalisation:
     """Per-frame gains, offsets and tilts that put every piece on one flux scale (see module docstring).
 
@@ -1148,6 +1292,9 @@ def solve_normalisation(
       :class:`_PairFitRunner`); ``"reference"``: one edge after another, in this thread. Same results to
       floating-point noise; the reference is kept for comparison (``benchmarks/bench_photometry.py``).
     * ``gains_only`` — stop once the gains are solved (offsets, tilts and ``constrained`` stay unset).
+    * ``xp`` — CuPy: the batched pair fits of a solve of at least ``DEVICE_MIN_EDGES`` edges run on the
+      GPU (:class:`.photometry_device.DevicePairFits`, batches of edges within ``device_budget_bytes``);
+      the graph solves stay on the host, and so do the fits of smaller solves.
     """
     if pair_fits not in ("batched", "reference"):
         raise ValueError(f"unknown pair_fits {pair_fits!r}")
@@ -1172,7 +1319,13 @@ def solve_normalisation(
     piece_sets = {"pieces": pieces} if luminance is None else {"pieces": pieces, "luminance": luminance}
     # Only gain fits and the planes that go with them are batched (other methods fit per edge).
     batched = pair_fits == "batched" and method == "linear_fit" and bool(edge_list)
-    runner = _PairFitRunner(piece_sets, kappa, min_cells, len(edge_list)) if batched else None
+    runner: "_PairFitRunner | DevicePairFits | None" = None
+    if batched and xp is not np and len(edge_list) >= DEVICE_MIN_EDGES:
+        from .photometry_device import DevicePairFits
+
+        runner = DevicePairFits(piece_sets, kappa, min_cells, xp, device_budget_bytes)
+    elif batched:
+        runner = _PairFitRunner(piece_sets, kappa, min_cells, len(edge_list))
     try:
         if luminance is not None:
             grey = _solve_pieces(luminance, "luminance", method, edge_list, runner, None, gains_only=True, **options)
@@ -1188,7 +1341,7 @@ def _solve_pieces(
     key: str,
     method: str,
     edge_list: Sequence[tuple[int, int]],
-    runner: "_PairFitRunner | None",
+    runner: "_PairFitRunner | DevicePairFits | None",
     fixed_gains: np.ndarray | None,
     *,
     bin_px: int,
