@@ -285,6 +285,30 @@ def test_saturated_frame_and_saturated_stars(night):
     assert measured.fwhm_px == pytest.approx(truth.frames[index].fwhm_px, rel=0.10)
 
 
+def test_fast_paths_give_numpys_numbers_to_the_bit():
+    """The shortcuts of the measurement (photometry's bracketed medians, integer binning in bands, the
+    saturation count on candidate cells, partition row medians) against plain NumPy."""
+    rng = np.random.default_rng(5)
+    for size in (7, 8192, 30_723, 30_724):
+        for values in (rng.normal(size=size), np.round(rng.normal(size=size) * 2), np.sort(rng.standard_cauchy(size))):
+            for dtype in (np.float32, np.float64):
+                expected, got = np.median(values.astype(dtype)), q.exact_median(values.astype(dtype))
+                assert got == float(expected)  # the same value (a zero may carry either sign: |Δ| follows)
+    for dtype in (np.uint8, np.uint16, np.int16):
+        limits = np.iinfo(dtype)
+        plane = rng.integers(limits.min, limits.max, size=(301, 523), endpoint=True).astype(dtype)
+        plane[-1, :5] = plane[:7, -1] = limits.max  # clipped pixels where binning drops a row and a column
+        plane[100:103, 200:202] = limits.max
+        reference = plane[:300, :522].astype(np.float64)
+        reference = reference[0::2, 0::2] + reference[0::2, 1::2] + reference[1::2, 0::2] + reference[1::2, 1::2]
+        binned = q._bin2x2(plane)
+        assert binned.dtype == np.float32 and binned.flags.c_contiguous and np.array_equal(binned, reference)
+        for level in (float(limits.max), float(np.median(plane)), float(limits.min)):
+            assert q._count_at_least(plane, binned, level) == np.count_nonzero(plane >= level)
+    stamps = rng.integers(0, 1000, size=(40, 49)).astype(np.float32)
+    assert np.array_equal(q._row_median(stamps), q._row_nanmedian(stamps))
+
+
 def test_all_nan_and_tiny_frames():
     all_nan = q.measure_frame(np.full((3, 120, 160), np.nan, np.float32))
     assert all_nan.reason == q.REASON_NO_VALID_PIXELS and all_nan.n_stars == 0 and math.isnan(all_nan.noise)
