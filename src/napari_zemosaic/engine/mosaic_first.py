@@ -64,7 +64,9 @@ frame is copied back once and stored as on the CPU. P5 stacks each block on the 
 strips of rows sized from the GPU budget and the stack kernel's bytes per pixel
 (:func:`.gpu.kernel_bytes_per_pixel`), so a small card or a forced-down budget
 (``gpu_memory_limit_mb``) gives the same mosaic with more strips. Pools are freed at the
-stage boundaries (:meth:`~.gpu.ComputePolicy.end_stage`).
+stage boundaries (:meth:`~.gpu.ComputePolicy.end_stage`). The photometric solve of P4.5 is one
+unit of the ``intertile`` stage (:func:`solve_photometry`): on the GPU its pair fits run in
+batches on the device (:mod:`.photometry_device`) when the solve has enough edges to pay.
 """
 
 from __future__ import annotations
