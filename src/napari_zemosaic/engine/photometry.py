@@ -455,8 +455,8 @@ class _SortedRowMedians:
     """:class:`_RowMedians` for another array module (CuPy): one sort of the batch, masked entries last.
 
     The same order statistics and the same mean of the two middle values, so the same numbers as
-    ``np.median`` of each row's masked values; a segmented sort suits the GPU, where NumPy's
-    partition has no counterpart.
+    ``np.median`` of each row's masked values. On CuPy, float64 rows go to the radix-select kernel
+    :func:`.gpu.fused_masked_row_medians` (the same numbers, no sort); the sort is its reference.
     """
 
     def __init__(self, mask: Any, xp: Any) -> None:
@@ -629,29 +629,39 @@ def _theil_sen_uniforms(pairs: int) -> tuple[np.ndarray, np.ndarray]:
     return bright, faint
 
 
+def _theil_sen_pairs(n: Any, xp: Any = np, pairs: int = _THEIL_SEN_PAIRS) -> tuple[Any, Any, Any]:
+    """The (bright, faint) positions in x-sorted order that a Theil–Sen seed pairs, for sample counts
+    ``n`` (R, 1): (first, second, used), each (R, ``pairs``).
+
+    Every bright sample (the top quarter) with every faint one (the bottom half) when that makes at
+    most ``pairs`` pairs (the first faint·bright of the row used); otherwise ``pairs`` pairs placed
+    by :func:`_theil_sen_uniforms`. A formula of n alone: the host takes it per count
+    (:func:`_theil_sen_positions`), the GPU for all rows at once (:func:`_batched_theil_sen_rows`).
+    """
+    faint, start = xp.maximum(1, n // 2), xp.maximum(1, (3 * n) // 4)
+    bright = n - start
+    k = xp.arange(pairs, dtype=xp.int64)[None, :]
+    u_bright, u_faint = (xp.asarray(u) for u in _theil_sen_uniforms(pairs))
+    sampled = faint * bright > pairs
+    every = xp.maximum(bright, 1)
+    first = xp.where(sampled, start + xp.minimum((u_bright[None, :] * bright).astype(xp.int64), bright - 1), start + k % every)
+    second = xp.where(sampled, xp.minimum((u_faint[None, :] * faint).astype(xp.int64), faint - 1), k // every)
+    used = (bright > 0) & (sampled | (k < faint * bright))
+    return xp.where(used, first, 0), xp.where(used, second, 0), used
+
+
 def _theil_sen_positions(
     n: int, cache: dict[int, tuple[np.ndarray, np.ndarray]], pairs: int = _THEIL_SEN_PAIRS
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The (bright, faint) positions in x-sorted order that a Theil–Sen seed pairs for n samples.
+    """:func:`_theil_sen_pairs` of one sample count, the used pairs only (as 1-D position arrays).
 
-    Every bright sample (the top quarter) with every faint one (the bottom half) when that makes at
-    most ``pairs`` pairs; otherwise ``pairs`` pairs placed by :func:`_theil_sen_uniforms` (a formula
-    of n alone, which :func:`_batched_theil_sen` also evaluates on the GPU for all rows at once).
     ``cache`` keeps the pairings of the last ``_THEIL_SEN_CACHE_SIZE`` sample counts (320 kB each).
     """
     found = cache.get(n) if pairs == _THEIL_SEN_PAIRS else None
     if found is not None:
         return found
-    faint, start = max(1, n // 2), max(1, (3 * n) // 4)
-    bright = n - start
-    if bright <= 0:
-        positions = (np.zeros(0, np.intp), np.zeros(0, np.intp))
-    elif faint * bright > pairs:
-        u_bright, u_faint = _theil_sen_uniforms(pairs)
-        first = start + np.minimum((u_bright * bright).astype(np.intp), bright - 1)
-        positions = (first, np.minimum((u_faint * faint).astype(np.intp), faint - 1))
-    else:
-        positions = (np.tile(np.arange(start, n), faint), np.repeat(np.arange(faint), bright))
+    first, second, used = _theil_sen_pairs(np.array([[n]], dtype=np.int64), np, pairs)
+    positions = (first[used].astype(np.intp), second[used].astype(np.intp))
     if pairs != _THEIL_SEN_PAIRS:
         return positions
     if len(cache) >= _THEIL_SEN_CACHE_SIZE:
@@ -701,32 +711,13 @@ def _batched_theil_sen(
     return gain, offset
 
 
-def _row_argsort(values: Any, xp: Any) -> Any:
-    """Per row of ``values`` (R, W), its stable argsort: two stable sorts of the flattened array (by
-    value, then by row), which a GPU does as fast 1-D sorts where a sort along an axis is slow."""
-    rows, width = values.shape
-    by_value = xp.argsort(values.ravel(), kind="stable")
-    by_row = xp.argsort(by_value // width, kind="stable")
-    return (by_value[by_row] % width).reshape(rows, width)
-
-
 def _batched_theil_sen_rows(x: Any, y: Any, valid: Any, count: Any, xp: Any, pairs: int = _THEIL_SEN_PAIRS) -> Any:
-    """The Theil–Sen gains of every row at once: :func:`_theil_sen_positions` evaluated for each
-    row's count, a stable sort of each row's valid samples, and one masked median of the slopes."""
-    order = _row_argsort(xp.where(valid, x, xp.inf), xp)  # ties in sample order, padding last
+    """The Theil–Sen gains of every row at once: :func:`_theil_sen_pairs` of each row's count, a
+    stable sort of each row's valid samples, and one masked median of the slopes."""
+    order = xp.argsort(xp.where(valid, x, xp.inf), axis=1, kind="stable")  # ties in sample order, padding last
     xs = xp.take_along_axis(x, order, axis=1)
     ys = xp.take_along_axis(y, order, axis=1)
-    n = count.astype(xp.int64)[:, None]
-    faint, start = xp.maximum(1, n // 2), xp.maximum(1, (3 * n) // 4)
-    bright = n - start
-    k = xp.arange(pairs, dtype=xp.int64)[None, :]
-    u_bright, u_faint = (xp.asarray(u) for u in _theil_sen_uniforms(pairs))
-    sampled = faint * bright > pairs
-    every = xp.maximum(bright, 1)
-    first = xp.where(sampled, start + xp.minimum((u_bright[None, :] * bright).astype(xp.int64), bright - 1), start + k % every)
-    second = xp.where(sampled, xp.minimum((u_faint[None, :] * faint).astype(xp.int64), faint - 1), k // every)
-    used = (bright > 0) & (sampled | (k < faint * bright))
-    first, second = xp.where(used, first, 0), xp.where(used, second, 0)
+    first, second, used = _theil_sen_pairs(count.astype(xp.int64)[:, None], xp, pairs)
     run = xp.take_along_axis(xs, first, axis=1) - xp.take_along_axis(xs, second, axis=1)
     rise = xp.take_along_axis(ys, first, axis=1) - xp.take_along_axis(ys, second, axis=1)
     usable = used & (run > 0)
