@@ -77,6 +77,7 @@ from typing import Any, Callable, Generator, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from .detect import FLAG_MERGED, FLAG_TRUNCATED
 from .photometry import exact_median
 
 # --- configuration keys (to be merged into config.OPTIONS) ---------------------------------
@@ -450,30 +451,13 @@ def _bin2x2(plane: np.ndarray) -> np.ndarray:
 
 
 def _subtract_background(binned: np.ndarray, mask: np.ndarray | None) -> tuple[float, float]:
-    """Subtract sep's mesh background in place; returns sep's global sky level and mesh rms.
+    """Subtract the mesh background (:func:`.detect.subtract_mesh_background`, meshes of
+    ``BACKGROUND_MESH`` binned px) in place; returns the sky level and the meshes' noise."""
+    from .detect import subtract_mesh_background
 
-    The model is fitted on every other row and column (a quarter of the pixels, meshes of
-    the same sky size) and each of its values is subtracted from the 2x2 block it stands
-    for: the sky is smooth on the 64-px mesh, so this costs nothing in accuracy and halves
-    the time of the full-resolution fit.
-    """
-    import sep
-
-    small = np.ascontiguousarray(binned[::2, ::2])
-    small_mask = None if mask is None else np.ascontiguousarray(mask[::2, ::2])
-    mesh = max(4, min(BACKGROUND_MESH // 2, small.shape[0] // 2, small.shape[1] // 2))
-    model = sep.Background(small, mask=small_mask, bw=mesh, bh=mesh, fw=3, fh=3)
-    # Each model value written twice along its row (a map of half the full size), subtracted
-    # from the even and then the odd rows: two passes over whole rows instead of four
-    # column-strided ones; every pixel gets the same subtraction.
-    small_sky = model.back()
-    sky = np.empty((small_sky.shape[0], binned.shape[1]), dtype=small_sky.dtype)
-    sky[:, 0::2] = small_sky
-    sky[:, 1::2] = small_sky[:, : binned.shape[1] // 2]
-    for dy in (0, 1):
-        view = binned[dy::2]
-        view -= sky[: view.shape[0]]
-    return float(model.globalback), float(model.globalrms)
+    mesh = 2 * max(4, min(BACKGROUND_MESH // 2, binned.shape[0] // 4, binned.shape[1] // 4))
+    level, noise = subtract_mesh_background(binned[None], mesh, None if mask is None else mask[None])
+    return float(level[0]), float(noise[0])
 
 
 def _sky_noise(binned: np.ndarray, invalid: np.ndarray | None) -> float:
@@ -553,19 +537,10 @@ def _is_full_scale(value: float, dtype: np.dtype) -> bool:
 
 
 def _extract(binned: np.ndarray, rms: float, mask: np.ndarray | None) -> np.ndarray:
-    """sep sources; retried without deblending and then higher if sep runs out of room."""
-    import sep
+    """Sources above ``DETECT_SIGMA`` x ``rms`` (:func:`.detect.detect_sources`)."""
+    from .detect import detect_sources
 
-    attempts = ((DETECT_SIGMA, DEBLEND_LEVELS), (DETECT_SIGMA, 1), (3 * DETECT_SIGMA, 1))
-    last = ""
-    for threshold, nthresh in attempts:
-        try:
-            return sep.extract(
-                binned, threshold, err=rms, mask=mask, minarea=DETECT_MIN_AREA, deblend_nthresh=nthresh,
-            )
-        except Exception as exc:  # sep raises a bare Exception on overflow
-            last = str(exc)
-    raise _Unmeasurable(REASON_EXTRACTION_FAILED, last)
+    return detect_sources(binned[None], np.array([rms]), DETECT_SIGMA, DETECT_MIN_AREA, None if mask is None else mask[None])
 
 
 def _find_trails(objects: np.ndarray, short_side: int) -> tuple[np.ndarray, float]:
@@ -655,7 +630,7 @@ def _star_shapes(
     """FWHM (px) and elongation of the brightest isolated stars (adaptive moments, all stamps at once)."""
     from scipy.spatial import cKDTree
 
-    clean = (sources["flag"] & (1 | 2 | 4 | 8)) == 0  # not merged, truncated or overflowed
+    clean = (sources["flag"] & (FLAG_MERGED | FLAG_TRUNCATED)) == 0
     if not clean.any():
         return np.zeros(0), np.zeros(0)
     # Stamp size from the typical detected size (binned sigma x 2 = sensor px): the weight
@@ -781,16 +756,17 @@ def _adaptive_moments(
 
 def _star_fluxes(binned: np.ndarray, mask: np.ndarray | None, sources: np.ndarray, fwhm_px: float) -> StarList:
     """Aperture fluxes (background-subtracted binned image) of the brightest clean sources."""
-    import sep
+    from .detect import aperture_sums
 
-    clean = np.flatnonzero((sources["flag"] & (2 | 4 | 8)) == 0)
+    # A group of two stars (merged) has its centroid between them: no star's position.
+    clean = np.flatnonzero((sources["flag"] & (FLAG_MERGED | FLAG_TRUNCATED)) == 0)
     if clean.size == 0:
         return StarList.empty()
     chosen = clean[np.argsort(-sources["flux"][clean], kind="stable")[:MAX_FLUX_STARS]]
     typical = fwhm_px if math.isfinite(fwhm_px) else 3.0
     radius = max(2.0, APERTURE_FWHM * typical / 2.0)  # binned px
-    flux, _, flag = sep.sum_circle(binned, sources["x"][chosen], sources["y"][chosen], radius, mask=mask)
-    keep = (flag & (sep.APER_TRUNC | sep.APER_HASMASKED)) == 0
+    frame = np.zeros(chosen.size, dtype=np.int64)
+    flux, keep = aperture_sums(binned[None], frame, sources["x"][chosen], sources["y"][chosen], radius, None if mask is None else mask[None])
     keep &= np.isfinite(flux) & (flux > 0)
     chosen = chosen[keep]
     return StarList(2.0 * sources["x"][chosen] + 0.5, 2.0 * sources["y"][chosen] + 0.5, np.asarray(flux[keep], dtype=np.float64))
