@@ -841,12 +841,12 @@ def test_a_frame_whose_device_check_fails_is_computed_again_by_the_waiting_path(
     queued_calls: list[int] = []
     original_pixels, original_finish = module.frame_pixels, module._finish_queued
 
-    def frame_pixels(host, info, config, n_channels, xp, checks=None):  # type: ignore[no-untyped-def]
+    def frame_pixels(host, info, config, n_channels, xp, checks=None, raw_sink=None):  # type: ignore[no-untyped-def]
         if checks is not None:
             queued_calls.append(host.index)
             if host.index == 1:
                 checks.append(np.array([2], dtype=np.int32))  # "not final": as the CUDA status says
-        return original_pixels(host, info, config, n_channels, xp, checks)
+        return original_pixels(host, info, config, n_channels, xp, checks, raw_sink=raw_sink)
 
     failed_once: list[int] = []
 

@@ -1169,6 +1169,13 @@ def test_full_demo_run_on_the_gpu_matches_the_cpu_run(demo_cpu_and_gpu) -> None:
     rejected = sum(e["reason_key"].startswith("frame_excluded_quality") for e in gpu_run.report["frames"]["excluded"])
     assert units["reproject"]["gpu"] == used + rejected and units["reproject"]["cpu"] == 0
     assert units["stack"]["gpu"] >= 1 and units["stack"]["cpu"] == 0
+    # P2 measured on the device the raw planes P3 decoded there: the host's metrics, to rounding.
+    assert compute["backend_by_stage"]["quality"] == "gpu" and units["quality"]["gpu"] >= 1
+    for on_cpu, on_gpu in zip(cpu.report["frames"]["metrics"], gpu_run.report["frames"]["metrics"]):
+        assert on_gpu["path"] == on_cpu["path"] and on_gpu["n_stars"] == on_cpu["n_stars"]
+        assert on_gpu["decision"]["accepted"] == on_cpu["decision"]["accepted"]
+        for name in ("fwhm_px", "elongation", "background", "noise", "transparency"):
+            assert on_gpu[name] == pytest.approx(on_cpu[name], rel=1e-3), name
 
     # Star fluxes: the same to 0.1 % in every channel.
     x, y = _bright_isolated_stars(cpu, truth)

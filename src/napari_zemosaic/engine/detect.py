@@ -77,8 +77,8 @@ def subtract_mesh_background(
     n_images, height, width = images.shape
     sky_grid, sigma_grid = _mesh_statistics(images, mesh, invalid, xp)
     filtered = _median_filter_3x3(sky_grid, xp)
-    level = _nanmedian_rows(filtered.reshape(n_images, -1), xp)
-    noise = _nanmedian_rows(sigma_grid.reshape(n_images, -1), xp)
+    level = nanmedian_rows(filtered.reshape(n_images, -1), xp)
+    noise = nanmedian_rows(sigma_grid.reshape(n_images, -1), xp)
     filled = xp.where(xp.isnan(filtered), xp.asarray(level, dtype=filtered.dtype)[:, None, None], filtered)
     filled = xp.nan_to_num(filled, nan=0.0)
     rows = xp.asarray(_spline_matrix(height, mesh, sky_grid.shape[1]))
@@ -125,14 +125,22 @@ def _range_statistics(values: Any, first: Any, second: Any, low: Any, high: Any,
     squares = xp.take_along_axis(second, high[..., None], axis=-1)[..., 0] - xp.take_along_axis(second, low[..., None], axis=-1)[..., 0]
     mean = total / size
     sigma = xp.sqrt(xp.maximum(squares / size - mean * mean, 0.0))
+    return mean, sigma, sorted_range_median(values, low, low + size, xp)
+
+
+def sorted_range_median(values: Any, low: Any, high: Any, xp: Any) -> Any:
+    """Median of ``values[..., low:high]`` for rows sorted along the last axis (``low``, ``high``:
+    one index per row; NaN for an empty range), as float64: NumPy's median, the middle value or
+    the mean of the two middle values in the values' own type."""
+    size = high - low
     last = values.shape[-1] - 1
     lower = xp.clip(low + (size - 1) // 2, 0, last)
     upper = xp.clip(low + size // 2, 0, last)
-    median = 0.5 * (
-        xp.take_along_axis(values, lower[..., None], axis=-1)[..., 0].astype(np.float64)
-        + xp.take_along_axis(values, upper[..., None], axis=-1)[..., 0].astype(np.float64)
-    )
-    return mean, sigma, median
+    middle = (
+        xp.take_along_axis(values, lower[..., None], axis=-1)[..., 0]
+        + xp.take_along_axis(values, upper[..., None], axis=-1)[..., 0]
+    ) / 2
+    return xp.where(size > 0, middle.astype(np.float64), np.nan)
 
 
 def _median_filter_3x3(grid: Any, xp: Any) -> Any:
@@ -140,28 +148,14 @@ def _median_filter_3x3(grid: Any, xp: Any) -> Any:
     n_images, ny, nx = grid.shape
     padded = xp.pad(grid, ((0, 0), (1, 1), (1, 1)), mode="edge")
     shifted = xp.stack([padded[:, dy : dy + ny, dx : dx + nx] for dy in range(3) for dx in range(3)], axis=-1)
-    ordered = xp.sort(shifted, axis=-1)  # NaN last
-    count = xp.sum(~xp.isnan(ordered), axis=-1)
-    lower = xp.clip((count - 1) // 2, 0, 8)
-    upper = xp.clip(count // 2, 0, 8)
-    median = 0.5 * (
-        xp.take_along_axis(ordered, lower[..., None], axis=-1)[..., 0]
-        + xp.take_along_axis(ordered, upper[..., None], axis=-1)[..., 0]
-    )
-    return xp.where(count > 0, median, np.nan)
+    return nanmedian_rows(shifted, xp)
 
 
-def _nanmedian_rows(values: Any, xp: Any) -> Any:
-    """Median of each row's non-NaN values (NaN for a row without any)."""
-    ordered = xp.sort(values, axis=-1)
+def nanmedian_rows(values: Any, xp: Any = np) -> Any:
+    """Median of the non-NaN values along the last axis (NaN where there are none)."""
+    ordered = xp.sort(values, axis=-1)  # NaN sort last
     count = xp.sum(~xp.isnan(ordered), axis=-1)
-    last = values.shape[-1] - 1
-    lower = xp.clip((count - 1) // 2, 0, last)
-    upper = xp.clip(count // 2, 0, last)
-    median = 0.5 * (
-        xp.take_along_axis(ordered, lower[:, None], axis=-1)[:, 0] + xp.take_along_axis(ordered, upper[:, None], axis=-1)[:, 0]
-    )
-    return xp.where(count > 0, median, np.nan)
+    return sorted_range_median(ordered, xp.zeros_like(count), count, xp)
 
 
 @lru_cache(maxsize=32)

@@ -18,6 +18,8 @@ stage          config flag          why this flag
 ``stack``      ``stack_use_gpu``    rejection and combine (``use_gpu_stack`` is its alias)
 ``assembly``   ``use_gpu_phase5``   final assembly of tiles / mega-tiles
 ``intertile``  ``use_gpu_phase5``   photometric harmonisation on overlaps (phase 4.5)
+``quality``    ``use_gpu_phase5``   frame metrics (P2) measured on the raw planes the
+                                    resampling decoded on the device (engine/quality_device.py)
 =============  ===================  ===========================================================
 
 The CLI's ``--gpu auto|on|off`` and the napari Run widget only change those config keys
@@ -107,7 +109,7 @@ import numpy as np
 from ..config import GPU_STACK_ALIASES, validate_config
 from .context import UserError
 
-STAGES: tuple[str, ...] = ("debayer", "reproject", "stack", "assembly", "intertile")
+STAGES: tuple[str, ...] = ("debayer", "reproject", "stack", "assembly", "intertile", "quality")
 
 STAGE_FLAGS: dict[str, str] = {
     "debayer": "use_gpu_phase5",
@@ -115,6 +117,7 @@ STAGE_FLAGS: dict[str, str] = {
     "stack": "stack_use_gpu",
     "assembly": "use_gpu_phase5",
     "intertile": "use_gpu_phase5",
+    "quality": "use_gpu_phase5",
 }
 
 ENV_FORCE_CPU = "ZEMOSAIC_FORCE_CPU"

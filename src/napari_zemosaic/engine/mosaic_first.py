@@ -404,7 +404,7 @@ def prepare_frame_on_host(
 
 def frame_pixels(
     host: HostFrame, info: FrameInfo, config: dict[str, Any], n_channels: int, xp: Any,
-    checks: list[Any] | None = None,
+    checks: list[Any] | None = None, raw_sink: Callable[[FrameInfo, Any, Any], None] | None = None,
 ) -> Any:
     """The frame as float32 ``(C, H, W)`` on ``xp``: hot pixels, debayer, mono → colour.
 
@@ -413,10 +413,14 @@ def frame_pixels(
     left in the file, a :class:`~.frames.RawPixels`, are read here and decoded on ``xp``).
     ``checks``: nothing waits for the device; device flags are appended there, and the result
     is final only if every one reads 0 (``debayer.correct_hot_pixels``' ``deferred``).
+    ``raw_sink(info, pixels, xp)`` is handed the decoded pixels of a :class:`~.frames.RawPixels`
+    before anything changes them (the device measurement of P2).
     """
     pixels = host.pixels
     if isinstance(pixels, (RawPixels, PrefetchedRaw)):
         pixels = pixels.load(xp)
+        if raw_sink is not None:
+            raw_sink(info, pixels, xp)
     try:
         data = _to_chw(xp.asarray(pixels), info.layout, info.shape, xp)
     except ValueError as exc:
@@ -1217,12 +1221,18 @@ def mosaic_first(
             )
         elif gpu_reproject:
             yield from _reproject_frames_gpu(frames, indices, bboxes, canvas, ctx, n_channels, on_device, side, accept,
-                                             reject)
+                                             reject, measurer)
         else:
             yield from _reproject_frames_cpu(frames, indices, canvas, ctx, n_channels, accept, reject)
 
-    with ctx.timed("P3"):
-        yield from reproject(todo)
+    # P2 on the device, when it runs beside: the raw planes the device threads decode are measured there.
+    measurer = getattr(verdicts, "device_measurer", None)
+    try:
+        with ctx.timed("P3"):
+            yield from reproject(todo)
+    finally:
+        if measurer is not None:
+            measurer.finish()
     if units.active and not label:  # nested calls (SDS batches, classic tiles): their workflow says it
         units.manifest.log_summary("reproject", ctx.reporter)
 
@@ -1500,8 +1510,12 @@ def _reproject_frames_gpu(
     side: int,
     accept: Callable[[ReprojectedFrame], None],
     reject: Callable[[int, FrameError], None],
+    measurer: Any = None,
 ) -> Generator[Event, None, None]:
-    """P3 with the GPU: readers (processes or threads) feed device threads (see the module docstring)."""
+    """P3 with the GPU: readers (processes or threads) feed device threads (see the module docstring).
+
+    ``measurer`` (a :class:`~.quality_device.DeviceMeasurer`) is offered each raw plane decoded
+    on the device."""
     config, policy = ctx.config, ctx.policy
     tol_px = float(config["control_grid_tolerance_px"])
     device_threads = _gpu_thread_count(config)
@@ -1527,7 +1541,9 @@ def _reproject_frames_gpu(
                 checks: list[Any] | None = [] if queue and on_device else None
 
                 def prepare_on(xp: Any) -> Any:
-                    return frame_pixels(host, info, config, n_channels, xp, checks if xp is not np else None)
+                    device = xp is not np
+                    return frame_pixels(host, info, config, n_channels, xp, checks if device else None,
+                                        raw_sink=measurer.offer if device and measurer is not None else None)
 
                 budget = policy.gpu_budget_bytes(device_threads)
                 prepare = lambda: policy.run_stage(  # noqa: E731 - nested unit of the debayer stage

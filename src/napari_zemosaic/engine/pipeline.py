@@ -531,11 +531,13 @@ def _run_body(run: _Run, include: Iterable[str | Path] | None) -> Generator[Even
 
 
 def judge_frames(
-    frames: list[FrameInfo], config: dict[str, Any], reporter: Reporter, executor: Any = None, manifest: Any = None
+    frames: list[FrameInfo], config: dict[str, Any], reporter: Reporter, executor: Any = None, manifest: Any = None,
+    measure: Any = None,
 ) -> Generator[Event, None, tuple[list[Any], list[Any]]]:
     """Quality metrics of every frame (stored on ``FrameInfo.metrics``) and the rules' decisions.
 
-    With the run's ``executor`` (engine/distributed.py) each frame is measured by a task.
+    With the run's ``executor`` (engine/distributed.py) each frame is measured by a task;
+    ``measure`` (one frame's metrics) replaces the default measurement otherwise.
     """
     from .distributed import measure_options, measures_in_run_process
     from .quality import REASON_NO_VALID_PIXELS, REASON_UNREADABLE, apply_quality_rules, measure_frames
@@ -543,6 +545,8 @@ def judge_frames(
     if measures_in_run_process(executor):
         reporter.info("scheduler_info_metrics_local")
     measure_config, options = measure_options(executor, config)
+    if measure is not None and "measure" not in options:
+        options["measure"] = measure
     units = _MetricsUnits(manifest, frames) if manifest is not None else None
     metrics = yield from measure_frames(frames, measure_config, reporter, units=units, **options)
     if units is not None:
@@ -668,20 +672,21 @@ class _MetricsUnits:
 
 
 def _quality_filter(
-    run: _Run, frames: list[FrameInfo], reporter: Any = None, workers: int = 0
+    run: _Run, frames: list[FrameInfo], reporter: Any = None, workers: int = 0, measure: Any = None
 ) -> Generator[Event, None, list[FrameInfo]]:
     """Measure every frame (stars, FWHM, elongation, background, transparency) and apply the rules.
 
     Rejected frames are listed with the rule, the value and the threshold; nothing is deleted.
     ``reporter``: the run's by default (a :class:`_QuietReporter` when this runs on a thread);
-    ``workers`` > 0 sizes the measuring pool when the config leaves it automatic.
+    ``workers`` > 0 sizes the measuring pool when the config leaves it automatic; ``measure``
+    replaces the measurement of one frame (:func:`~.quality.measure_frames`' ``measure``).
     """
     from .quality import excluded_entries
 
     ctx, config = run.ctx, run.config
     reporter = reporter if reporter is not None else ctx.reporter
     measure_config = {**config, "num_workers": workers} if workers > 0 and not config.get("num_workers") else config
-    metrics, decisions = yield from judge_frames(frames, measure_config, reporter, ctx.executor, ctx.manifest)
+    metrics, decisions = yield from judge_frames(frames, measure_config, reporter, ctx.executor, ctx.manifest, measure)
     run.report["frames"]["metrics"] = [
         {**metric.to_dict(), "decision": decision.to_dict()} for metric, decision in zip(metrics, decisions)
     ]
@@ -751,6 +756,14 @@ class _QualityBeside:
     def __init__(self, run: _Run, ingested: IngestResult) -> None:
         self._run, self._ingested = run, ingested
         self._frames = list(ingested.usable)
+        #: With the GPU resampling and the ``quality`` stage on the GPU, the frames are measured
+        #: on the device from the raw planes P3 decodes there (engine/quality_device.py).
+        self.device_measurer = None
+        policy = run.ctx.policy
+        if policy is not None and policy.uses_gpu("reproject") and policy.uses_gpu("quality"):
+            from .quality_device import DeviceMeasurer
+
+            self.device_measurer = DeviceMeasurer(self._frames, policy)
         self._stop = threading.Event()
         self._accepted: list[FrameInfo] | None = None
         self._error: BaseException | None = None
@@ -763,7 +776,8 @@ class _QualityBeside:
         # readers need cores of their own, or the resampling they feed slows down more than
         # the measurement gains (measured on one H100 host of 16 cores).
         workers = max(1, (os.cpu_count() or 1) - CORES_LEFT_TO_RESAMPLING)
-        measuring = _quality_filter(self._run, self._frames, _QuietReporter(ctx.reporter), workers)
+        measure = None if self.device_measurer is None else self.device_measurer.measure
+        measuring = _quality_filter(self._run, self._frames, _QuietReporter(ctx.reporter), workers, measure)
         try:
             with ctx.timed("P2"):
                 while True:
@@ -798,6 +812,8 @@ class _QualityBeside:
         return {index for index, info in enumerate(frames) if id(info) not in kept}
 
     def close(self) -> None:
+        if self.device_measurer is not None:
+            self.device_measurer.close()
         self._stop.set()
         self._thread.join()
 

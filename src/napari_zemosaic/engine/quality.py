@@ -77,7 +77,7 @@ from typing import Any, Callable, Generator, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from .detect import FLAG_MERGED, FLAG_TRUNCATED
+from .detect import FLAG_MERGED, FLAG_TRUNCATED, nanmedian_rows
 from .photometry import exact_median
 
 # --- configuration keys (to be merged into config.OPTIONS) ---------------------------------
@@ -323,80 +323,127 @@ def measure_frame(
     data = _to_host(data_or_cfa, xp)
     plane, n_channels, green_parity = _measurement_plane(data, pattern)
     metrics = FrameMetrics(path=path)
-    try:
-        _measure_plane(plane, n_channels, green_parity, metrics)
-    except _Unmeasurable as stop:
-        metrics.reason, metrics.detail = stop.key, stop.detail
+    measure_planes(plane[None], n_channels, green_parity, [metrics])
     if scale and math.isfinite(metrics.fwhm_px):
         metrics.fwhm_arcsec = metrics.fwhm_px * scale
     return metrics
 
 
-class _Unmeasurable(Exception):
-    def __init__(self, key: str, detail: str = "") -> None:
-        super().__init__(key)
-        self.key = key
-        self.detail = detail
-
-
-def _measure_plane(plane: np.ndarray, n_channels: int, green_parity: int | None, metrics: FrameMetrics) -> None:
-    height, width = plane.shape
+def measure_planes(
+    planes: Any, n_channels: int, green_parity: int | None, metrics: Sequence[FrameMetrics], xp: Any = np
+) -> None:
+    """Measure planes ``(B, H, W)`` of one shape and type (raw CFA planes or channel sums) into
+    ``metrics``, one per plane: a frame that cannot be measured gets a ``reason`` and stops there,
+    the others go on. With CuPy as ``xp`` the pixel work of all planes runs on the device at once
+    (binning, saturation, background, noise, detection, stamps, moments, apertures); the
+    per-frame choices (trails, isolated stars) run on the host. One frame on NumPy is the same
+    code with B = 1.
+    """
+    batch = _Batch(metrics)
+    height, width = planes.shape[1:]
     if height < 8 or width < 8:
-        raise _Unmeasurable(REASON_NO_VALID_PIXELS, f"{width}x{height} px")
-    binned = _bin2x2(plane)
-    invalid: np.ndarray | None = None
-    if plane.dtype.kind not in "ui":  # integer pixels sum to finite values: no test needed
-        invalid = ~np.isfinite(binned)
-        if not invalid.any():
-            invalid = None
-        elif bool(invalid.all()):
-            raise _Unmeasurable(REASON_NO_VALID_PIXELS, "no finite pixel")
-        else:
-            binned[invalid] = 0.0
-    any_invalid = invalid is not None
-    mask = invalid
+        batch.stop_all(REASON_NO_VALID_PIXELS, f"{width}x{height} px")
+        return
+    binned = _bin2x2_planes(planes, xp)
+    invalid = _invalid_pixels(binned, planes.dtype, batch, xp)
 
-    saturation, metrics.saturated_fraction = _saturation(plane, binned)
-    if metrics.saturated_fraction > MAX_SATURATED_FRACTION:
-        detail = f"{100 * metrics.saturated_fraction:.1f} % of the pixels at {saturation:g}"
-        if metrics.saturated_fraction >= 1.0 and not _is_full_scale(saturation, plane.dtype):
-            raise _Unmeasurable(REASON_FLAT, detail)  # a constant image, not a clipped one
-        raise _Unmeasurable(REASON_SATURATED, detail)
+    saturation, fraction = _saturation_planes(planes, binned, xp)
+    for index in batch.alive():
+        metrics[index].saturated_fraction = float(fraction[index])
+        if fraction[index] > MAX_SATURATED_FRACTION:
+            detail = f"{100 * fraction[index]:.1f} % of the pixels at {saturation[index]:g}"
+            if fraction[index] >= 1.0 and not _is_full_scale(float(saturation[index]), planes.dtype):
+                batch.stop(index, REASON_FLAT, detail)  # a constant image, not a clipped one
+            else:
+                batch.stop(index, REASON_SATURATED, detail)
 
-    level, mesh_rms = _subtract_background(binned, mask)
-    metrics.background = level / (4.0 * n_channels)
-    if any_invalid:
+    level, mesh_rms = _subtract_background(binned, invalid, xp)
+    if invalid is not None:
         binned[invalid] = 0.0
-    rms = _sky_noise(binned, invalid)
-    if not math.isfinite(rms):
-        rms = mesh_rms
-    metrics.noise = rms / (2.0 * n_channels)
-    if not (math.isfinite(rms) and rms > 0):
-        raise _Unmeasurable(REASON_FLAT, "the sky has no measurable noise")
+    rms = _sky_noise_planes(binned, invalid, xp)
+    rms = np.where(np.isfinite(rms), rms, mesh_rms)
+    for index in batch.alive():
+        metrics[index].background = float(level[index]) / (4.0 * n_channels)
+        metrics[index].noise = float(rms[index]) / (2.0 * n_channels)
+        if not (math.isfinite(rms[index]) and rms[index] > 0):
+            batch.stop(index, REASON_FLAT, "the sky has no measurable noise")
 
-    objects = _extract(binned, rms, mask)
-    trail, trail_length_binned = _find_trails(objects, min(binned.shape))
-    metrics.trail_flag = bool(trail.any())
-    metrics.trail_length_px = 2.0 * trail_length_binned
-    sources = objects[~trail]
-    sources = sources[~_single_pixel_sources(plane, sources)]
-    metrics.n_stars = int(sources.size)
-    if sources.size == 0:
-        raise _Unmeasurable(REASON_NO_STARS, f"nothing above {DETECT_SIGMA:g} sigma")
+    detection_rms = np.where(batch.alive_mask, rms, np.nan)  # no detection at all in stopped frames
+    objects = _extract(binned, detection_rms, invalid, xp)
+    sources = _star_candidates(planes, objects, batch, min(binned.shape[1:]), xp)
+    fwhm, elongation = _star_shapes(planes, green_parity, sources, binned.shape[1:], saturation, xp)
+    for index in batch.alive():
+        good = np.isfinite(fwhm[index]) & (fwhm[index] >= MIN_STAR_FWHM_PX)
+        metrics[index].n_measured = int(good.sum())
+        if metrics[index].n_measured >= MIN_SHAPE_STARS:
+            metrics[index].fwhm_px = float(np.median(fwhm[index][good]))
+            metrics[index].elongation = float(np.median(elongation[index][good]))
+            metrics[index].roundness = 1.0 / metrics[index].elongation
+    stars = _star_fluxes(binned, invalid, sources, [metrics[index].fwhm_px for index in range(len(metrics))], xp)
+    for index in batch.alive():
+        metrics[index].stars = stars[index]
+        if stars[index].flux.size:
+            top = np.sort(stars[index].flux)[::-1][:FLUX_LEVEL_STARS]
+            metrics[index].star_flux = float(np.median(top))
+        if metrics[index].n_measured < MIN_SHAPE_STARS:
+            detail = f"{metrics[index].n_measured} measurable star(s) of {metrics[index].n_stars}"
+            batch.stop(index, REASON_TOO_FEW_STARS, detail)
 
-    fwhm, elongation = _star_shapes(plane, green_parity, sources, binned.shape, saturation)
-    good = np.isfinite(fwhm) & (fwhm >= MIN_STAR_FWHM_PX)
-    metrics.n_measured = int(good.sum())
-    if metrics.n_measured >= MIN_SHAPE_STARS:
-        metrics.fwhm_px = float(np.median(fwhm[good]))
-        metrics.elongation = float(np.median(elongation[good]))
-        metrics.roundness = 1.0 / metrics.elongation
-    metrics.stars = _star_fluxes(binned, mask, sources, metrics.fwhm_px)
-    if metrics.stars.flux.size:
-        top = np.sort(metrics.stars.flux)[::-1][:FLUX_LEVEL_STARS]
-        metrics.star_flux = float(np.median(top))
-    if metrics.n_measured < MIN_SHAPE_STARS:
-        raise _Unmeasurable(REASON_TOO_FEW_STARS, f"{metrics.n_measured} measurable star(s) of {metrics.n_stars}")
+
+class _Batch:
+    """Which frames of a measured batch are still going, and why the others stopped."""
+
+    def __init__(self, metrics: Sequence[FrameMetrics]) -> None:
+        self.metrics = metrics
+        self.alive_mask = np.ones(len(metrics), dtype=bool)
+
+    def alive(self) -> list[int]:
+        return [int(index) for index in np.flatnonzero(self.alive_mask)]
+
+    def stop(self, index: int, key: str, detail: str = "") -> None:
+        self.metrics[index].reason, self.metrics[index].detail = key, detail
+        self.alive_mask[index] = False
+
+    def stop_all(self, key: str, detail: str = "") -> None:
+        for index in self.alive():
+            self.stop(index, key, detail)
+
+
+def _invalid_pixels(binned: Any, dtype: np.dtype, batch: _Batch, xp: Any) -> Any:
+    """Binned cells with a NaN (set to 0 in ``binned``), or None where every cell is finite;
+    frames without any finite cell are stopped. Integer pixels sum to finite values: no test."""
+    if np.dtype(dtype).kind in "ui":
+        return None
+    invalid = ~xp.isfinite(binned)
+    flat = invalid.reshape(invalid.shape[0], -1)
+    some, every = _to_host(xp.any(flat, axis=1), xp), _to_host(xp.all(flat, axis=1), xp)
+    for index in np.flatnonzero(every):
+        batch.stop(int(index), REASON_NO_VALID_PIXELS, "no finite pixel")
+    if not some.any():
+        return None
+    binned[invalid] = 0.0
+    return invalid
+
+
+def _star_candidates(planes: Any, objects: np.ndarray, batch: _Batch, short_side: int, xp: Any) -> list[np.ndarray]:
+    """Per frame: its detected objects less trail segments and single-pixel hits (sets the trail
+    metrics and ``n_stars``; a frame with no star left is stopped)."""
+    bounds = np.searchsorted(objects["frame"], np.arange(len(batch.metrics) + 1))
+    sources = [objects[bounds[index] : bounds[index + 1]] for index in range(len(batch.metrics))]
+    for index in batch.alive():
+        trail, trail_length_binned = _find_trails(sources[index], short_side)
+        batch.metrics[index].trail_flag = bool(trail.any())
+        batch.metrics[index].trail_length_px = 2.0 * trail_length_binned
+        sources[index] = sources[index][~trail]
+    hits = _single_pixel_sources(planes, sources, xp)
+    for index in batch.alive():
+        sources[index] = sources[index][~hits[index]]
+        batch.metrics[index].n_stars = int(sources[index].size)
+        if sources[index].size == 0:
+            batch.stop(index, REASON_NO_STARS, f"nothing above {DETECT_SIGMA:g} sigma")
+    for index in np.flatnonzero(~batch.alive_mask):
+        sources[index] = sources[index][:0]
+    return sources
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -415,15 +462,32 @@ def _measurement_plane(data: np.ndarray, pattern: str | None) -> tuple[np.ndarra
     if data.ndim == 3 and data.shape[0] == 1:
         data = data[0]
     if data.ndim == 2:
-        if pattern:
-            name = pattern.strip().upper()
-            green_first = name[0] == "G"  # greens on the (y + x) even diagonal
-            return data, 1, 0 if green_first else 1
-        return data, 1, None
+        return data, 1, green_parity(pattern)
     if data.ndim != 3:
         raise ValueError(f"expected (H, W) or (C, H, W), got {data.shape}")
     luminance = data.sum(axis=0, dtype=np.float32)
     return luminance, int(data.shape[0]), None
+
+
+def green_parity(pattern: str | None) -> int | None:
+    """The (row + column) parity of a CFA's green sites (greens on the even diagonal when the
+    pattern starts with G), or None for data without a pattern (every pixel measured)."""
+    if not pattern:
+        return None
+    return 0 if pattern.strip().upper()[0] == "G" else 1
+
+
+def _bin2x2_planes(planes: Any, xp: Any) -> Any:
+    """:func:`_bin2x2` of each plane (B, H, W): the banded host version for one NumPy plane, four
+    strided adds of all planes otherwise (exact integer sums for 16-bit pixels either way)."""
+    if xp is np and planes.shape[0] == 1:
+        return _bin2x2(planes[0])[None]
+    height, width = planes.shape[1] // 2 * 2, planes.shape[2] // 2 * 2
+    binned = planes[:, 0:height:2, 0:width:2].astype(np.float32)
+    binned += planes[:, 0:height:2, 1:width:2]
+    binned += planes[:, 1:height:2, 0:width:2]
+    binned += planes[:, 1:height:2, 1:width:2]
+    return binned
 
 
 def _bin2x2(plane: np.ndarray) -> np.ndarray:
@@ -450,14 +514,51 @@ def _bin2x2(plane: np.ndarray) -> np.ndarray:
     return binned
 
 
-def _subtract_background(binned: np.ndarray, mask: np.ndarray | None) -> tuple[float, float]:
+def _subtract_background(binned: Any, invalid: Any, xp: Any) -> tuple[np.ndarray, np.ndarray]:
     """Subtract the mesh background (:func:`.detect.subtract_mesh_background`, meshes of
-    ``BACKGROUND_MESH`` binned px) in place; returns the sky level and the meshes' noise."""
+    ``BACKGROUND_MESH`` binned px) in place; returns each plane's sky level and meshes' noise."""
     from .detect import subtract_mesh_background
 
-    mesh = 2 * max(4, min(BACKGROUND_MESH // 2, binned.shape[0] // 4, binned.shape[1] // 4))
-    level, noise = subtract_mesh_background(binned[None], mesh, None if mask is None else mask[None])
-    return float(level[0]), float(noise[0])
+    height, width = binned.shape[1:]
+    mesh = 2 * max(4, min(BACKGROUND_MESH // 2, height // 4, width // 4))
+    return subtract_mesh_background(binned, mesh, invalid, xp)
+
+
+def _sky_noise_planes(binned: Any, invalid: Any, xp: Any) -> np.ndarray:
+    """:func:`_sky_noise` of each plane (host array): frame by frame on the host, all planes at
+    once on the device (the same order statistics, from one sort per plane)."""
+    if xp is np or invalid is not None:
+        host = _to_host(binned, xp)
+        mask = None if invalid is None else _to_host(invalid, xp)
+        return np.array([_sky_noise(host[index], None if mask is None else mask[index]) for index in range(host.shape[0])])
+    from .detect import sorted_range_median
+
+    count, height, width = binned.shape
+    rows = binned[:, :: _noise_row_step(height, width)]
+    delta = xp.sort((rows[:, :, 1:] - rows[:, :, :-1]).reshape(count, -1), axis=1)
+    if delta.shape[1] < 16:
+        return np.full(count, math.nan)
+    size = delta.shape[1]
+    everything = (xp.zeros(count, dtype=np.int64), xp.full(count, size, dtype=np.int64))
+    median = sorted_range_median(delta, *everything, xp)
+    deviation = xp.sort(xp.abs(delta - median[:, None]), axis=1)
+    sigma = 1.4826 * sorted_range_median(deviation, *everything, xp) / math.sqrt(2.0)
+    # The kept values (|delta - median| <= bound) are one contiguous range of the sorted deltas.
+    bound = (4.0 * math.sqrt(2.0) * sigma)[:, None]
+    low = xp.sum(delta < median[:, None] - bound, axis=1)
+    high = xp.sum(delta <= median[:, None] + bound, axis=1)
+    kept_median = sorted_range_median(delta, low, high, xp)
+    positions = xp.arange(size)[None, :]
+    inside = (positions >= low[:, None]) & (positions < high[:, None])
+    kept_deviation = xp.sort(xp.where(inside, xp.abs(delta - kept_median[:, None]), np.inf), axis=1)
+    kept_sigma = 1.4826 * sorted_range_median(kept_deviation, xp.zeros_like(low), high - low, xp) / math.sqrt(2.0)
+    sigma = xp.where(high - low >= 16, kept_sigma, sigma)
+    return _to_host(sigma, xp).astype(np.float64)
+
+
+def _noise_row_step(height: int, width: int) -> int:
+    """Every how many rows the noise is sampled (odd: both colours of a CFA row pair)."""
+    return max(1, int(height * width / NOISE_SAMPLES) // 2 * 2 + 1)
 
 
 def _sky_noise(binned: np.ndarray, invalid: np.ndarray | None) -> float:
@@ -467,8 +568,7 @@ def _sky_noise(binned: np.ndarray, invalid: np.ndarray | None) -> float:
     mesh background cannot follow), which a plain MAD of the residual, or sep's mesh
     ``globalrms``, would count as noise. Rows are strided to bound the cost.
     """
-    height = binned.shape[0]
-    step = max(1, int(height * binned.shape[1] / NOISE_SAMPLES) // 2 * 2 + 1)
+    step = _noise_row_step(*binned.shape)
     rows = binned[::step]
     delta = rows[:, 1:] - rows[:, :-1]
     usable = np.isfinite(delta)
@@ -487,6 +587,20 @@ def _sky_noise(binned: np.ndarray, invalid: np.ndarray | None) -> float:
     if kept.size >= 16:
         sigma = 1.4826 * float(exact_median(np.abs(kept - exact_median(kept)))) / math.sqrt(2.0)
     return sigma
+
+
+def _saturation_planes(planes: Any, binned: Any, xp: Any) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_saturation` of each plane (host arrays): with the candidate-cell count for one
+    NumPy plane, one comparison of all planes with their peaks on the device."""
+    if xp is np:
+        pairs = [_saturation(planes[index], binned[index]) for index in range(planes.shape[0])]
+        return np.array([pair[0] for pair in pairs]), np.array([pair[1] for pair in pairs])
+    flat = planes.reshape(planes.shape[0], -1)
+    peak = xp.nanmax(flat, axis=1) if planes.dtype.kind == "f" else xp.max(flat, axis=1)
+    count = xp.sum(flat >= peak[:, None], axis=1)
+    peak, count = _to_host(peak, xp).astype(np.float64), _to_host(count, xp)
+    clipped = np.isfinite(peak) & (count >= SATURATION_MIN_PIXELS)
+    return np.where(clipped, peak, np.inf), np.where(clipped, count / flat.shape[1], 0.0)
 
 
 def _saturation(plane: np.ndarray, binned: np.ndarray) -> tuple[float, float]:
@@ -536,11 +650,11 @@ def _is_full_scale(value: float, dtype: np.dtype) -> bool:
     return value in FULL_SCALE_VALUES
 
 
-def _extract(binned: np.ndarray, rms: float, mask: np.ndarray | None) -> np.ndarray:
-    """Sources above ``DETECT_SIGMA`` x ``rms`` (:func:`.detect.detect_sources`)."""
+def _extract(binned: Any, rms: np.ndarray, invalid: Any, xp: Any) -> np.ndarray:
+    """Sources above ``DETECT_SIGMA`` x each plane's ``rms`` (:func:`.detect.detect_sources`)."""
     from .detect import detect_sources
 
-    return detect_sources(binned[None], np.array([rms]), DETECT_SIGMA, DETECT_MIN_AREA, None if mask is None else mask[None])
+    return detect_sources(binned, rms, DETECT_SIGMA, DETECT_MIN_AREA, invalid, xp)
 
 
 def _find_trails(objects: np.ndarray, short_side: int) -> tuple[np.ndarray, float]:
@@ -571,31 +685,33 @@ def _find_trails(objects: np.ndarray, short_side: int) -> tuple[np.ndarray, floa
     return best, best_length
 
 
-def _single_pixel_sources(plane: np.ndarray, sources: np.ndarray) -> np.ndarray:
-    """True for hot pixels and cosmic-ray hits: one sensor pixel whose 8 neighbours stay at the sky.
+def _single_pixel_sources(planes: Any, sources: list[np.ndarray], xp: Any) -> list[np.ndarray]:
+    """Per frame, True for hot pixels and cosmic-ray hits: one sensor pixel whose 8 neighbours
+    stay at the sky.
 
-    Binning and sep's smoothing kernel make a hot CFA site look like a small star, so each
+    Binning and the detection's smoothing make a hot CFA site look like a small star, so each
     source is checked on the full-resolution plane: at its brightest pixel, the second
     largest excess of the 8 immediate neighbours (any colour) is compared with the peak's.
     A star of FWHM >= 1.5 px lifts its neighbours to > 0.2 of the peak whatever its colour.
     """
-    if sources.size == 0:
-        return np.zeros(0, dtype=bool)
-    height, width = plane.shape
+    height, width = planes.shape[1:]
     half = 3
-    cx = np.floor(2.0 * sources["x"] + 1.0).astype(np.int64)
-    cy = np.floor(2.0 * sources["y"] + 1.0).astype(np.int64)
+    frame, selected = _source_table(sources)
+    result = [np.zeros(part.size, dtype=bool) for part in sources]
+    if frame.size == 0:
+        return result
+    cx = np.floor(2.0 * selected["x"] + 1.0).astype(np.int64)
+    cy = np.floor(2.0 * selected["y"] + 1.0).astype(np.int64)
     inside = (cx >= half) & (cx < width - half) & (cy >= half) & (cy < height - half)
-    result = np.zeros(sources.size, dtype=bool)
     index = np.flatnonzero(inside)
     if index.size == 0:
         return result
-    stamps = _stamps(plane, cy[index], cx[index], half).astype(np.float32)
+    stamps = _gather_stamps(planes, frame[index], cy[index], cx[index], half, xp).astype(np.float32)
     side = 2 * half + 1
-    if plane.dtype.kind in "ui":  # no NaN to skip or zero: the same numbers, a third of the work
+    if planes.dtype.kind in "ui":  # no NaN to skip or zero: the same numbers, a third of the work
         excess = stamps - _row_median(stamps.reshape(index.size, -1))[:, None, None]
     else:
-        sky = _row_nanmedian(stamps.reshape(index.size, -1))
+        sky = nanmedian_rows(stamps.reshape(index.size, -1))
         excess = np.nan_to_num(stamps - sky[:, None, None], nan=0.0)
     core = excess[:, 1:-1, 1:-1].reshape(index.size, -1)  # the peak's neighbours stay inside
     peak = np.argmax(core, axis=1)
@@ -605,41 +721,76 @@ def _single_pixel_sources(plane: np.ndarray, sources: np.ndarray) -> np.ndarray:
     neighbours = excess[np.arange(index.size)[:, None], rows, cols]
     second = np.sort(neighbours, axis=1)[:, -2]
     peak_excess = core[np.arange(index.size), peak]
-    result[index] = (peak_excess > 0) & (second < SINGLE_PIXEL_FRACTION * peak_excess)
-    return result
+    hit = np.zeros(frame.size, dtype=bool)
+    hit[index] = (peak_excess > 0) & (second < SINGLE_PIXEL_FRACTION * peak_excess)
+    return _split_by_frame(hit, sources)
 
 
-def _stamps(plane: np.ndarray, cy: np.ndarray, cx: np.ndarray, half: int) -> np.ndarray:
-    """Copies of ``plane[cy - half : cy + half + 1, cx - half : cx + half + 1]`` (all inside), (n, side, side).
+def _source_table(sources: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """All frames' sources in one array, with the frame each came from."""
+    frame = np.concatenate([np.full(part.size, index, dtype=np.int64) for index, part in enumerate(sources)])
+    return frame, np.concatenate(sources)
 
-    One gather of whole windows from a strided view: the values of ``plane[rows, cols]``
-    with broadcast index grids, without building and following a pixel index per value.
-    """
+
+def _split_by_frame(values: np.ndarray, sources: list[np.ndarray]) -> list[np.ndarray]:
+    """``values`` of :func:`_source_table`'s rows, back into one array per frame."""
+    return np.split(values, np.cumsum([part.size for part in sources])[:-1])
+
+
+def _gather_stamps(planes: Any, frame: np.ndarray, cy: np.ndarray, cx: np.ndarray, half: int, xp: Any) -> np.ndarray:
+    """Host copies of ``planes[frame, cy - half : cy + half + 1, cx - half : cx + half + 1]``
+    (all inside), (n, side, side): windows of a strided view for one NumPy plane, one gather
+    of flat indices otherwise."""
     side = 2 * half + 1
-    windows = np.lib.stride_tricks.sliding_window_view(plane, (side, side))
-    return windows[cy - half, cx - half]
+    if xp is np and planes.shape[0] == 1:
+        windows = np.lib.stride_tricks.sliding_window_view(planes[0], (side, side))
+        return windows[cy - half, cx - half]
+    height, width = planes.shape[1:]
+    offsets = np.arange(-half, half + 1)
+    flat = frame[:, None, None] * (height * width) + (cy[:, None, None] + offsets[None, :, None]) * width + (cx[:, None, None] + offsets[None, None, :])
+    return _to_host(planes.ravel()[xp.asarray(flat.ravel())], xp).reshape(frame.size, side, side)
 
 
 def _star_shapes(
-    plane: np.ndarray,
+    planes: Any,
     green_parity: int | None,
-    sources: np.ndarray,
+    sources: list[np.ndarray],
     binned_shape: tuple[int, int],
-    saturation: float,
-) -> tuple[np.ndarray, np.ndarray]:
-    """FWHM (px) and elongation of the brightest isolated stars (adaptive moments, all stamps at once)."""
+    saturation: np.ndarray,
+    xp: Any,
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Per frame, FWHM (px) and elongation of its brightest isolated stars: the stars chosen frame
+    by frame, their adaptive moments iterated on all stamps of one size at once."""
+    choices = [_shape_stars(part, planes.shape[1:]) for part in sources]
+    fwhm = [np.zeros(0) for _ in sources]
+    elongation = [np.zeros(0) for _ in sources]
+    for half in sorted({choice[1] for choice in choices if choice[0].size}):
+        frames = [index for index, choice in enumerate(choices) if choice[0].size and choice[1] == half]
+        stars = [sources[index][choices[index][0]] for index in frames]
+        frame = np.concatenate([np.full(part.size, index, dtype=np.int64) for index, part in zip(frames, stars)])
+        star_saturation = saturation[frame]
+        values, elongations = _shape_moments(planes, frame, np.concatenate(stars), half, green_parity, star_saturation, xp)
+        bounds = np.cumsum([0] + [part.size for part in stars])
+        for position, index in enumerate(frames):
+            fwhm[index] = values[bounds[position] : bounds[position + 1]]
+            elongation[index] = elongations[bounds[position] : bounds[position + 1]]
+    return fwhm, elongation
+
+
+def _shape_stars(sources: np.ndarray, plane_shape: tuple[int, int]) -> tuple[np.ndarray, int]:
+    """Which sources of a frame get their shape measured (brightest first) and the stamp half-size."""
     from scipy.spatial import cKDTree
 
     clean = (sources["flag"] & (FLAG_MERGED | FLAG_TRUNCATED)) == 0
     if not clean.any():
-        return np.zeros(0), np.zeros(0)
+        return np.zeros(0, dtype=np.int64), 0
     # Stamp size from the typical detected size (binned sigma x 2 = sensor px): the weight
     # (sigma x sqrt(WEIGHT_RATIO)) must fade out within it, and a ring for the sky fit in.
     size = 2.0 * float(np.median(np.sqrt(0.5 * (sources["x2"][clean] + sources["y2"][clean]))))
     half = min(max(math.ceil(3.5 * math.sqrt(1.0 + WEIGHT_RATIO) * size), STAMP_HALF_RANGE[0]), STAMP_HALF_RANGE[1])
     x = 2.0 * sources["x"] + 0.5
     y = 2.0 * sources["y"] + 0.5
-    height, width = plane.shape
+    height, width = plane_shape
     inside = (x >= half + 1) & (x <= width - half - 2) & (y >= half + 1) & (y <= height - half - 2)
     if sources.size > 1:
         points = np.column_stack([x, y])
@@ -651,47 +802,64 @@ def _star_shapes(
         isolated = np.ones(1, dtype=bool)
     usable = np.flatnonzero(clean & inside & isolated)
     if usable.size == 0:
-        return np.zeros(0), np.zeros(0)
+        return np.zeros(0, dtype=np.int64), half
     pixels = (2 * half + 1) ** 2
     n_stars = min(MAX_SHAPE_STARS, max(MIN_SHAPE_STARS, MAX_STAMP_VALUES // pixels))
-    chosen = usable[np.argsort(-sources["flux"][usable], kind="stable")[:n_stars]]
+    return usable[np.argsort(-sources["flux"][usable], kind="stable")[:n_stars]], half
 
-    centre_x = np.floor(x[chosen] + 0.5).astype(np.int64)
-    centre_y = np.floor(y[chosen] + 0.5).astype(np.int64)
+
+def _shape_moments(
+    planes: Any,
+    frame: np.ndarray,
+    stars: np.ndarray,
+    half: int,
+    green_parity: int | None,
+    saturation: np.ndarray,
+    xp: Any,
+) -> tuple[np.ndarray, np.ndarray]:
+    """FWHM and elongation of stars (host arrays) from stamps of ``2 half + 1`` px of their planes."""
+    x = 2.0 * stars["x"] + 0.5
+    y = 2.0 * stars["y"] + 0.5
+    centre_x = np.floor(x + 0.5).astype(np.int64)
+    centre_y = np.floor(y + 0.5).astype(np.int64)
     offsets = np.arange(-half, half + 1)
-    stamps = _stamps(plane, centre_y, centre_x, half).astype(np.float64).reshape(chosen.size, -1)
-    dy = np.broadcast_to(offsets[:, None], (2 * half + 1, 2 * half + 1)).ravel().astype(np.float64)
-    dx = np.broadcast_to(offsets[None, :], (2 * half + 1, 2 * half + 1)).ravel().astype(np.float64)
-    valid = np.isfinite(stamps)
+    side = 2 * half + 1
+    if xp is np:
+        stamps = _gather_stamps(planes, frame, centre_y, centre_x, half, xp).astype(np.float64).reshape(frame.size, -1)
+    else:  # the stamps stay on the device for the iterations
+        height, width = planes.shape[1:]
+        flat = frame[:, None, None] * (height * width) + (centre_y[:, None, None] + offsets[None, :, None]) * width + (centre_x[:, None, None] + offsets[None, None, :])
+        stamps = planes.ravel()[xp.asarray(flat.reshape(frame.size, -1))].astype(np.float64)
+    dy = np.broadcast_to(offsets[:, None], (side, side)).ravel().astype(np.float64)
+    dx = np.broadcast_to(offsets[None, :], (side, side)).ravel().astype(np.float64)
+    valid = xp.isfinite(stamps)
     if green_parity is not None:  # sensor (row + column) parity = centre's + offset's
         parity = (centre_y + centre_x)[:, None] + (offsets[:, None] + offsets[None, :]).ravel()[None, :]
-        valid &= (parity & 1) == green_parity
-    unsaturated = ~np.any(valid & (stamps >= saturation), axis=1)
-    ring = np.flatnonzero(np.maximum(np.abs(dx), np.abs(dy)) >= half - 1)
+        valid &= xp.asarray((parity & 1) == green_parity)
+    unsaturated = ~xp.any(valid & (stamps >= xp.asarray(saturation)[:, None]), axis=1)
+    ring = xp.asarray(np.flatnonzero(np.maximum(np.abs(dx), np.abs(dy)) >= half - 1))
     # The sky from the ring pixels alone (the NaN elsewhere never entered the median).
-    sky = _row_nanmedian(np.where(valid[:, ring], stamps[:, ring], np.nan))
-    values = np.where(valid, stamps - sky[:, None], 0.0)
+    sky = nanmedian_rows(xp.where(valid[:, ring], stamps[:, ring], np.nan), xp)
+    values = xp.where(valid, stamps - sky[:, None], 0.0)
 
-    start = np.column_stack(
-        [x[chosen] - centre_x, y[chosen] - centre_y, 4.0 * sources["x2"][chosen], 4.0 * sources["y2"][chosen], 4.0 * sources["xy"][chosen]]
-    )
-    cxx, cyy, cxy, converged = _adaptive_moments(values, valid.astype(np.float64), dx, dy, start)
+    start = np.column_stack([x - centre_x, y - centre_y, 4.0 * stars["x2"], 4.0 * stars["y2"], 4.0 * stars["xy"]])
+    cxx, cyy, cxy, converged = _adaptive_moments(values, valid.astype(np.float64), dx, dy, xp.asarray(start), xp)
     # Remove the pixel integration (a 1 px box: variance 1/12 per axis).
     cxx, cyy = cxx - 1.0 / 12.0, cyy - 1.0 / 12.0
     trace, det = cxx + cyy, cxx * cyy - cxy * cxy
-    spread = np.sqrt(np.maximum(trace * trace / 4.0 - det, 0.0))
+    spread = xp.sqrt(xp.maximum(trace * trace / 4.0 - det, 0.0))
     major, minor = trace / 2.0 + spread, trace / 2.0 - spread
-    ok = converged & unsaturated & np.isfinite(major) & (minor > 0) & np.isfinite(sky)
-    safe_minor = np.where(ok, minor, 1.0)
-    safe_major = np.where(ok, major, 1.0)
-    fwhm = np.where(ok, FWHM_PER_SIGMA * (safe_major * safe_minor) ** 0.25, np.nan)
-    elongation = np.where(ok, np.sqrt(safe_major / safe_minor), np.nan)
-    return fwhm, elongation
+    ok = converged & unsaturated & xp.isfinite(major) & (minor > 0) & xp.isfinite(sky)
+    safe_minor = xp.where(ok, minor, 1.0)
+    safe_major = xp.where(ok, major, 1.0)
+    fwhm = xp.where(ok, FWHM_PER_SIGMA * (safe_major * safe_minor) ** 0.25, np.nan)
+    elongation = xp.where(ok, xp.sqrt(safe_major / safe_minor), np.nan)
+    return _to_host(fwhm, xp), _to_host(elongation, xp)
 
 
 def _adaptive_moments(
-    values: np.ndarray, valid: np.ndarray, dx: np.ndarray, dy: np.ndarray, start: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    values: Any, valid: Any, dx: np.ndarray, dy: np.ndarray, start: Any, xp: Any = np
+) -> tuple[Any, Any, Any, Any]:
     """Gaussian-weighted adaptive second moments of many stamps at once.
 
     ``values`` (S, P) background-subtracted, ``valid`` (S, P) 0/1, ``dx, dy`` (P,) pixel
@@ -702,19 +870,19 @@ def _adaptive_moments(
     way to the true one, so C ← M·(r+1)/r and c ← c + (r+1)/r·(weighted offset) has the
     star as its fixed point. r > 1 keeps the weighted profile wide enough that a sparse
     lattice (the CFA green sites) samples it without aliasing.
-    Returns the star covariance (xx, yy, xy) and which stamps converged.
+    Returns the star covariance (xx, yy, xy) and which stamps converged (arrays of ``xp``).
     """
     gain = (WEIGHT_RATIO + 1.0) / WEIGHT_RATIO
     n_stars = values.shape[0]
     cx, cy = start[:, 0].copy(), start[:, 1].copy()
-    cxx = np.clip(start[:, 2], 0.5, 25.0)
-    cyy = np.clip(start[:, 3], 0.5, 25.0)
-    cxy = np.clip(start[:, 4], -0.9 * np.sqrt(cxx * cyy), 0.9 * np.sqrt(cxx * cyy))
-    converged = np.zeros(n_stars, dtype=bool)
-    active = np.arange(n_stars)  # neither converged nor given up
+    cxx = xp.clip(start[:, 2], 0.5, 25.0)
+    cyy = xp.clip(start[:, 3], 0.5, 25.0)
+    cxy = xp.clip(start[:, 4], -0.9 * xp.sqrt(cxx * cyy), 0.9 * xp.sqrt(cxx * cyy))
+    converged = xp.zeros(n_stars, dtype=bool)
+    active = xp.arange(n_stars)  # neither converged nor given up
     limit = float(np.max(np.abs(dx)))
     masked = (values * valid).astype(np.float32)
-    dx32, dy32 = dx.astype(np.float32), dy.astype(np.float32)
+    dx32, dy32 = xp.asarray(dx, dtype=np.float32), xp.asarray(dy, dtype=np.float32)
     for _ in range(ADAPTIVE_ITERATIONS):
         if active.size == 0:
             break
@@ -727,11 +895,11 @@ def _adaptive_moments(
         q += (2.0 * ixy[:, None]) * ox * oy
         q += iyy[:, None] * oy * oy
         q *= -0.5
-        weighted = np.exp(q, out=q)
+        weighted = xp.exp(q, out=q)
         weighted *= masked[active]
         total = weighted.sum(axis=1, dtype=np.float64)
         alive = total > 0
-        total = np.where(alive, total, 1.0)
+        total = xp.where(alive, total, 1.0)
         wx, wy = weighted * ox, weighted * oy
         mx = wx.sum(axis=1, dtype=np.float64) / total
         my = wy.sum(axis=1, dtype=np.float64) / total
@@ -740,36 +908,42 @@ def _adaptive_moments(
         new_xy = gain * ((wx * oy).sum(axis=1, dtype=np.float64) / total - mx * my)
         alive &= (new_xx > 0.05) & (new_yy > 0.05) & (new_xx * new_yy - new_xy * new_xy > 0.0025)
         alive &= (new_xx < limit * limit) & (new_yy < limit * limit)
-        change = np.abs(new_xx - cxx[active]) + np.abs(new_yy - cyy[active]) + np.abs(new_xy - cxy[active])
-        step = np.hypot(mx, my) * gain
+        change = xp.abs(new_xx - cxx[active]) + xp.abs(new_yy - cyy[active]) + xp.abs(new_xy - cxy[active])
+        step = xp.hypot(mx, my) * gain
         done = alive & (change < CONVERGENCE * (cxx[active] + cyy[active])) & (step < CONVERGENCE)
-        cxx[active] = np.where(alive, new_xx, cxx[active])
-        cyy[active] = np.where(alive, new_yy, cyy[active])
-        cxy[active] = np.where(alive, new_xy, cxy[active])
-        cx[active] += np.where(alive, np.clip(gain * mx, -1.0, 1.0), 0.0)
-        cy[active] += np.where(alive, np.clip(gain * my, -1.0, 1.0), 0.0)
-        alive &= (np.abs(cx[active]) < limit) & (np.abs(cy[active]) < limit)
+        cxx[active] = xp.where(alive, new_xx, cxx[active])
+        cyy[active] = xp.where(alive, new_yy, cyy[active])
+        cxy[active] = xp.where(alive, new_xy, cxy[active])
+        cx[active] += xp.where(alive, xp.clip(gain * mx, -1.0, 1.0), 0.0)
+        cy[active] += xp.where(alive, xp.clip(gain * my, -1.0, 1.0), 0.0)
+        alive &= (xp.abs(cx[active]) < limit) & (xp.abs(cy[active]) < limit)
         converged[active[done & alive]] = True
         active = active[alive & ~done]
     return cxx, cyy, cxy, converged
 
 
-def _star_fluxes(binned: np.ndarray, mask: np.ndarray | None, sources: np.ndarray, fwhm_px: float) -> StarList:
-    """Aperture fluxes (background-subtracted binned image) of the brightest clean sources."""
+def _star_fluxes(
+    binned: Any, invalid: Any, sources: list[np.ndarray], fwhm_px: Sequence[float], xp: Any
+) -> list[StarList]:
+    """Per frame, aperture fluxes (background-subtracted binned image) of its brightest clean sources."""
     from .detect import aperture_sums
 
-    # A group of two stars (merged) has its centroid between them: no star's position.
-    clean = np.flatnonzero((sources["flag"] & (FLAG_MERGED | FLAG_TRUNCATED)) == 0)
-    if clean.size == 0:
-        return StarList.empty()
-    chosen = clean[np.argsort(-sources["flux"][clean], kind="stable")[:MAX_FLUX_STARS]]
-    typical = fwhm_px if math.isfinite(fwhm_px) else 3.0
-    radius = max(2.0, APERTURE_FWHM * typical / 2.0)  # binned px
-    frame = np.zeros(chosen.size, dtype=np.int64)
-    flux, keep = aperture_sums(binned[None], frame, sources["x"][chosen], sources["y"][chosen], radius, None if mask is None else mask[None])
+    chosen, radius = [], []
+    for part, fwhm in zip(sources, fwhm_px):
+        # A group of two stars (merged) has its centroid between them: no star's position.
+        clean = np.flatnonzero((part["flag"] & (FLAG_MERGED | FLAG_TRUNCATED)) == 0)
+        chosen.append(clean[np.argsort(-part["flux"][clean], kind="stable")[:MAX_FLUX_STARS]])
+        typical = fwhm if math.isfinite(fwhm) else 3.0
+        radius.append(np.full(chosen[-1].size, max(2.0, APERTURE_FWHM * typical / 2.0)))  # binned px
+    picked = [part[rows] for part, rows in zip(sources, chosen)]
+    frame, table = _source_table(picked)
+    flux, keep = aperture_sums(binned, frame, table["x"], table["y"], np.concatenate(radius), invalid, xp)
     keep &= np.isfinite(flux) & (flux > 0)
-    chosen = chosen[keep]
-    return StarList(2.0 * sources["x"][chosen] + 0.5, 2.0 * sources["y"][chosen] + 0.5, np.asarray(flux[keep], dtype=np.float64))
+    stars = []
+    for part, part_flux, part_keep in zip(picked, _split_by_frame(flux, picked), _split_by_frame(keep, picked)):
+        kept = part[part_keep]
+        stars.append(StarList(2.0 * kept["x"] + 0.5, 2.0 * kept["y"] + 0.5, np.asarray(part_flux[part_keep], dtype=np.float64)))
+    return stars
 
 
 def _pixel_scale(info: Any) -> float | None:
@@ -1358,10 +1532,10 @@ def tile_quality(
             disparity_term = math.exp(-disparity / TILE_DISPARITY_SCALE)
         background.subfrom(binned)
         binned[invalid] = 0.0
-        objects = _extract(binned, rms, invalid) if rms > 0 else np.zeros(0)
+        objects = _extract(binned[None], np.array([rms]), invalid[None], np) if rms > 0 else np.zeros(0)
         area_mpx = 4.0 * np.count_nonzero(~invalid) / 1e6
         density = float(len(objects) / area_mpx) if area_mpx > 0 else 0.0
-    except (_Unmeasurable, Exception):  # a tile sep cannot model scores low, it is not dropped
+    except Exception:  # a tile sep cannot model scores low, it is not dropped
         pass
     density_term = 1.0 if not star_density_ref else float(min(1.0, density / star_density_ref))
     score = coverage_term * disparity_term * density_term
@@ -1385,19 +1559,8 @@ def tile_weight(score: float, floor: float = TILE_WEIGHT_FLOOR, full_at: float =
 # ============================================================================ helpers
 
 
-def _row_nanmedian(values: np.ndarray) -> np.ndarray:
-    """Median of each row ignoring NaN; NaN for an all-NaN row (no warning, thread-safe)."""
-    ordered = np.sort(values, axis=1)  # NaN sort last
-    count = np.isfinite(ordered).sum(axis=1)
-    low = np.clip((count - 1) // 2, 0, None)
-    high = np.clip(count // 2, 0, values.shape[1] - 1)
-    rows = np.arange(values.shape[0])
-    median = 0.5 * (ordered[rows, low] + ordered[rows, high])
-    return np.where(count > 0, median, np.nan)
-
-
 def _row_median(values: np.ndarray) -> np.ndarray:
-    """Median of each row of an array without NaN: :func:`_row_nanmedian`'s numbers, from a partition."""
+    """Median of each row of an array without NaN: :func:`.detect.nanmedian_rows`' numbers, from a partition."""
     low, high = (values.shape[1] - 1) // 2, values.shape[1] // 2
     ordered = np.partition(values, (low, high), axis=1)
     return 0.5 * (ordered[:, low] + ordered[:, high])
