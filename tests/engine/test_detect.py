@@ -149,3 +149,33 @@ def test_the_device_batch_measures_as_the_host(frames):
         for name in ("background", "noise", "saturated_fraction"):
             assert getattr(got, name) == pytest.approx(getattr(expected, name), rel=1e-5), name
         assert got.trail_flag == expected.trail_flag
+
+
+@pytest.mark.gpu
+def test_the_fused_adaptive_moments_iterate_as_the_array_code():
+    """gpu.fused_adaptive_moments (one block per star) against quality._adaptive_moments on
+    NumPy: elliptical Gaussian stars on a CFA-like lattice, noise, a dead stamp, a star off centre."""
+    cp = pytest.importorskip("cupy")
+    from napari_zemosaic.engine import gpu
+
+    rng = np.random.default_rng(8)
+    half = 9
+    offsets = np.arange(-half, half + 1, dtype=np.float64)
+    dy, dx = (grid.ravel() for grid in np.meshgrid(offsets, offsets, indexing="ij"))
+    n = 300
+    sxx, syy = rng.uniform(0.8, 4.0, n), rng.uniform(0.8, 4.0, n)
+    sxy = rng.uniform(-0.5, 0.5, n) * np.sqrt(sxx * syy)
+    cx, cy = rng.uniform(-0.5, 0.5, n), rng.uniform(-0.5, 0.5, n)
+    ox, oy = dx[None, :] - cx[:, None], dy[None, :] - cy[:, None]
+    det = sxx * syy - sxy**2
+    form = (syy[:, None] * ox**2 - 2 * sxy[:, None] * ox * oy + sxx[:, None] * oy**2) / det[:, None]
+    values = 1000.0 * np.exp(-0.5 * form) + rng.normal(0, 3.0, form.shape)
+    values[7] = 0.0  # nothing to weigh: never converges
+    valid = (((dx + dy).astype(int) & 1) == 0)[None, :].repeat(n, axis=0).astype(np.float64)
+    start = np.column_stack([cx + 0.3, cy - 0.2, sxx * 1.5, syy * 0.7, sxy * 0.5])
+    expected = q._adaptive_moments(values, valid, dx, dy, start, np)
+    got = [array.get() for array in q._adaptive_moments(cp.asarray(values), cp.asarray(valid), dx, dy, cp.asarray(start), cp)]
+    assert np.array_equal(got[3], expected[3]) and expected[3].sum() >= 250 and not expected[3][7]
+    for ours, theirs in zip(got[:3], expected[:3]):
+        assert np.allclose(ours[expected[3]], theirs[expected[3]], rtol=1e-9, atol=1e-12)
+    assert gpu.fused_adaptive_moments(cp.zeros((0, 4), dtype=cp.float32), dx[:4], dy[:4], cp.zeros((0, 5)), 30, 2.0, 1e-3, cp) is None

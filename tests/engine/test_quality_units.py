@@ -164,6 +164,23 @@ def test_thread_path_and_failed_worker_writes_give_the_same_units(night, tmp_pat
     _check_units(manifest, night, metrics)
 
 
+def test_deferred_units_are_the_serial_records_written_on_a_thread(night, tmp_path):
+    """With a measure of the caller's (P2 on the device) the units are recorded on a thread once the
+    metrics are known: nothing is written while the frames are measured, the same records after."""
+    manifest = UnitManifest(tmp_path / "cache", __version__, config={})
+    folder = manifest.cache_dir / "units" / "metrics"
+
+    def measure(info):
+        assert not folder.exists() or not any(folder.iterdir())  # nothing written while measuring
+        return q.measure_one(info)
+
+    metrics, _ = pipeline.drain(pipeline.judge_frames(night, CONFIG, Reporter(), None, manifest, measure, defer_units=True))
+    manifest.wait_deferred()
+    manifest.flush()
+    assert manifest.counts()["metrics"]["computed"] == len(night) - 2
+    _check_units(manifest, night, metrics)
+
+
 def test_each_frame_signature_is_computed_once(night, tmp_path, monkeypatch):
     calls: list[str] = []
     original = UnitManifest.signature

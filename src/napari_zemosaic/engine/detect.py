@@ -315,17 +315,16 @@ def aperture_sums(
     centre_y = np.floor(y + 0.5).astype(np.int64)
     reach = np.ceil(radius + 0.5).astype(np.int64)
     usable = (centre_x - reach >= 0) & (centre_y - reach >= 0) & (centre_x + reach < width) & (centre_y + reach < height)
-    offsets = np.arange(-half, half + 1)
-    rows = np.clip(centre_y[:, None, None] + offsets[None, :, None], 0, height - 1)
-    cols = np.clip(centre_x[:, None, None] + offsets[None, None, :], 0, width - 1)
-    distance = np.hypot(rows - y[:, None, None], cols - x[:, None, None])
-    weight = np.clip(radius[:, None, None] + 0.5 - distance, 0.0, 1.0)
-    flat = (frame[:, None, None] * (height * width) + rows * width + cols).ravel()
-    flat_device = xp.asarray(flat)
-    stamps = images.ravel()[flat_device].reshape(weight.shape).astype(np.float64)
-    flux = xp.sum(stamps * xp.asarray(weight), axis=(1, 2))
+    offsets = xp.arange(-half, half + 1)
+    rows = xp.clip(xp.asarray(centre_y)[:, None, None] + offsets[None, :, None], 0, height - 1)
+    cols = xp.clip(xp.asarray(centre_x)[:, None, None] + offsets[None, None, :], 0, width - 1)
+    distance = xp.hypot(rows - xp.asarray(y)[:, None, None], cols - xp.asarray(x)[:, None, None])
+    weight = xp.clip(xp.asarray(radius)[:, None, None] + 0.5 - distance, 0.0, 1.0)
+    flat = xp.asarray(frame)[:, None, None] * (height * width) + rows * width + cols
+    stamps = images.ravel()[flat].astype(np.float64)
+    flux = xp.sum(stamps * weight, axis=(1, 2))
     if invalid is not None:
-        touched = xp.any(invalid.ravel()[flat_device].reshape(weight.shape) & xp.asarray(weight > 0), axis=(1, 2))
+        touched = xp.any(invalid.ravel()[flat] & (weight > 0), axis=(1, 2))
         usable &= ~_to_host(touched)
     return _to_host(flux), usable
 

@@ -1962,6 +1962,130 @@ def fused_masked_row_medians(values: Any, mask: Any, xp: Any) -> Any | None:
     return out
 
 
+_ADAPTIVE_MOMENTS_SOURCE = r"""
+// quality._adaptive_moments for many stamps in one launch: one block per star, the iterations
+// inside the kernel. Each iteration is the xp code's: float32 weights exp(-q/2) of the pixel
+// offsets from the current centroid times the masked stamp, float64 sums of w, w·ox, w·oy,
+// (w·ox)·ox, (w·oy)·oy, (w·ox)·oy (block reduction: another summation order than NumPy's), then
+// the same float64 update, checks and clipping by thread 0.
+#define ZAM_THREADS 128
+extern "C" __global__ void zemosaic_adaptive_moments(
+    const float* __restrict__ masked, const float* __restrict__ dx, const float* __restrict__ dy,
+    const double* __restrict__ start, long long n_pixels, int iterations, double ratio,
+    double convergence, double limit, double* __restrict__ out, bool* __restrict__ converged_out)
+{
+    __shared__ double partial[6][ZAM_THREADS];
+    __shared__ double state[5];   // cx, cy, cxx, cyy, cxy
+    __shared__ float inverse[5];  // ixx, iyy, ixy, cx, cy as float32
+    __shared__ int go;
+    const long long star = blockIdx.x;
+    const int tid = threadIdx.x;
+    const float* values = masked + star * n_pixels;
+    const double gain = (ratio + 1.0) / ratio;
+    bool converged = false;
+    if (tid == 0) {
+        const double* s = start + star * 5;
+        double cxx = fmin(fmax(s[2], 0.5), 25.0);
+        double cyy = fmin(fmax(s[3], 0.5), 25.0);
+        double bound = 0.9 * sqrt(cxx * cyy);
+        state[0] = s[0]; state[1] = s[1]; state[2] = cxx; state[3] = cyy;
+        state[4] = fmin(fmax(s[4], -bound), bound);
+        go = 1;
+    }
+    __syncthreads();
+    for (int it = 0; it < iterations; ++it) {
+        if (!go) break;
+        if (tid == 0) {
+            double wxx = ratio * state[2], wyy = ratio * state[3], wxy = ratio * state[4];
+            double det = wxx * wyy - wxy * wxy;
+            inverse[0] = (float)(wyy / det); inverse[1] = (float)(wxx / det); inverse[2] = (float)(-wxy / det);
+            inverse[3] = (float)state[0]; inverse[4] = (float)state[1];
+        }
+        __syncthreads();
+        const float ixx = inverse[0], iyy = inverse[1], ixy2 = 2.0f * inverse[2];
+        double t = 0.0, sx = 0.0, sy = 0.0, sxx = 0.0, syy = 0.0, sxy = 0.0;
+        for (long long p = tid; p < n_pixels; p += ZAM_THREADS) {
+            float ox = dx[p] - inverse[3];
+            float oy = dy[p] - inverse[4];
+            float q = ixx * ox * ox;
+            q += ixy2 * ox * oy;
+            q += iyy * oy * oy;
+            q *= -0.5f;
+            float w = expf(q) * values[p];
+            float wx = w * ox, wy = w * oy;
+            t += (double)w; sx += (double)wx; sy += (double)wy;
+            sxx += (double)(wx * ox); syy += (double)(wy * oy); sxy += (double)(wx * oy);
+        }
+        partial[0][tid] = t; partial[1][tid] = sx; partial[2][tid] = sy;
+        partial[3][tid] = sxx; partial[4][tid] = syy; partial[5][tid] = sxy;
+        __syncthreads();
+        for (int width = ZAM_THREADS / 2; width > 0; width >>= 1) {
+            if (tid < width) {
+                for (int k = 0; k < 6; ++k) partial[k][tid] += partial[k][tid + width];
+            }
+            __syncthreads();
+        }
+        if (tid == 0) {
+            double total = partial[0][0];
+            bool alive = total > 0.0;
+            if (!alive) total = 1.0;
+            double mx = partial[1][0] / total, my = partial[2][0] / total;
+            double nxx = gain * (partial[3][0] / total - mx * mx);
+            double nyy = gain * (partial[4][0] / total - my * my);
+            double nxy = gain * (partial[5][0] / total - mx * my);
+            alive = alive && nxx > 0.05 && nyy > 0.05 && nxx * nyy - nxy * nxy > 0.0025;
+            alive = alive && nxx < limit * limit && nyy < limit * limit;
+            double change = fabs(nxx - state[2]) + fabs(nyy - state[3]) + fabs(nxy - state[4]);
+            double step = hypot(mx, my) * gain;
+            bool done = alive && change < convergence * (state[2] + state[3]) && step < convergence;
+            if (alive) {
+                state[2] = nxx; state[3] = nyy; state[4] = nxy;
+                state[0] += fmin(fmax(gain * mx, -1.0), 1.0);
+                state[1] += fmin(fmax(gain * my, -1.0), 1.0);
+            }
+            alive = alive && fabs(state[0]) < limit && fabs(state[1]) < limit;
+            if (done && alive) converged = true;
+            go = (alive && !done) ? 1 : 0;
+        }
+        __syncthreads();
+    }
+    if (tid == 0) {
+        out[star * 3 + 0] = state[2]; out[star * 3 + 1] = state[3]; out[star * 3 + 2] = state[4];
+        converged_out[star] = converged;
+    }
+}
+"""
+
+
+def fused_adaptive_moments(
+    masked: Any, dx: Any, dy: Any, start: Any, iterations: int, ratio: float, convergence: float, xp: Any
+) -> tuple[Any, Any, Any, Any] | None:
+    """``quality._adaptive_moments`` of stamps ``masked`` (S, P) float32 (values × valid), pixel
+    offsets ``dx``, ``dy`` (P,) and starting points ``start`` (S, 5) float64 in one launch: one
+    block per star. Returns device arrays (cxx, cyy, cxy, converged), or ``None`` when not on
+    CuPy or the shapes or types are not these. The float64 sums run in another order than
+    NumPy's (a block reduction): the moments agree to ~1e-12, not to the bit."""
+    if not is_device_module(xp) or masked.ndim != 2 or masked.dtype != xp.float32 or start.shape != (masked.shape[0], 5):
+        return None
+    n_stars, n_pixels = (int(v) for v in masked.shape)
+    if n_stars == 0 or n_pixels == 0:
+        return None
+    masked = xp.ascontiguousarray(masked)
+    dx32 = xp.ascontiguousarray(xp.asarray(dx, dtype=xp.float32))
+    dy32 = xp.ascontiguousarray(xp.asarray(dy, dtype=xp.float32))
+    start = xp.ascontiguousarray(xp.asarray(start, dtype=xp.float64))
+    limit = float(np.max(np.abs(np.asarray(dx.get() if hasattr(dx, "get") else dx))))
+    out = xp.empty((n_stars, 3), dtype=xp.float64)
+    converged = xp.empty(n_stars, dtype=xp.bool_)
+    function = _fused_function(xp, _ADAPTIVE_MOMENTS_SOURCE, "zemosaic_adaptive_moments")
+    function(
+        (n_stars,), (128,),
+        (masked, dx32, dy32, start, np.int64(n_pixels), np.int32(iterations), np.float64(ratio),
+         np.float64(convergence), np.float64(limit), out, converged),
+    )
+    return out[:, 0], out[:, 1], out[:, 2], converged
+
+
 def _sorted_finite_columns(values: Any, xp: Any) -> tuple[Any, Any, Any, Any] | None:
     """The fused clipping kernels' shared first step: every column's finite values sorted (one
     block per column, :data:`_KAPPA_SIGMA_SOURCE`) and their counts, with empty float64 prefix-sum
@@ -2648,6 +2772,7 @@ __all__ = [
     "fused_kappa_sigma_bounds",
     "fused_winsorized_range_values",
     "fused_masked_row_medians",
+    "fused_adaptive_moments",
     "fused_median_mad",
     "fused_median_mad_on_device",
     "fused_place_pieces",

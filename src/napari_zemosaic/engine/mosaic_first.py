@@ -413,18 +413,18 @@ def frame_pixels(
     left in the file, a :class:`~.frames.RawPixels`, are read here and decoded on ``xp``).
     ``checks``: nothing waits for the device; device flags are appended there, and the result
     is final only if every one reads 0 (``debayer.correct_hot_pixels``' ``deferred``).
-    ``raw_sink(info, pixels, xp)`` is handed the decoded pixels of a :class:`~.frames.RawPixels`
-    before anything changes them (the device measurement of P2).
+    ``raw_sink(info, pixels, xp)`` is handed the decoded pixels ``(C, H, W)`` as read, before
+    anything changes them (the device measurement of P2).
     """
     pixels = host.pixels
     if isinstance(pixels, (RawPixels, PrefetchedRaw)):
         pixels = pixels.load(xp)
-        if raw_sink is not None:
-            raw_sink(info, pixels, xp)
     try:
         data = _to_chw(xp.asarray(pixels), info.layout, info.shape, xp)
     except ValueError as exc:
         raise FrameError(REASON_UNREADABLE, str(exc), path=str(info.path)) from None
+    if raw_sink is not None:
+        raw_sink(info, data, xp)
     data = data.astype(xp.float32, copy=False)
     if host.may_hold_nan and not bool(xp.isfinite(data).any()):
         raise FrameError(REASON_ALL_NAN, "no finite pixel", path=str(info.path))

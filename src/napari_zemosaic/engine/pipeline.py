@@ -532,12 +532,14 @@ def _run_body(run: _Run, include: Iterable[str | Path] | None) -> Generator[Even
 
 def judge_frames(
     frames: list[FrameInfo], config: dict[str, Any], reporter: Reporter, executor: Any = None, manifest: Any = None,
-    measure: Any = None,
+    measure: Any = None, defer_units: bool = False,
 ) -> Generator[Event, None, tuple[list[Any], list[Any]]]:
     """Quality metrics of every frame (stored on ``FrameInfo.metrics``) and the rules' decisions.
 
     With the run's ``executor`` (engine/distributed.py) each frame is measured by a task;
-    ``measure`` (one frame's metrics) replaces the default measurement otherwise.
+    ``measure`` (one frame's metrics) replaces the default measurement otherwise. With
+    ``defer_units`` the ``metrics`` resume units (star files, signatures, records) are written on
+    a thread once the metrics are known (:meth:`~.resume.UnitManifest.defer`), not as they come.
     """
     from .distributed import measure_options, measures_in_run_process
     from .quality import REASON_NO_VALID_PIXELS, REASON_UNREADABLE, apply_quality_rules, measure_frames
@@ -547,7 +549,7 @@ def judge_frames(
     measure_config, options = measure_options(executor, config)
     if measure is not None and "measure" not in options:
         options["measure"] = measure
-    units = _MetricsUnits(manifest, frames) if manifest is not None else None
+    units = _MetricsUnits(manifest, frames, defer=defer_units) if manifest is not None else None
     metrics = yield from measure_frames(frames, measure_config, reporter, units=units, **options)
     if units is not None:
         units.record(metrics)
@@ -577,11 +579,12 @@ class _MetricsUnits:
     transparency, part of the record, is known.
     """
 
-    def __init__(self, manifest: Any, frames: Sequence[FrameInfo]) -> None:
+    def __init__(self, manifest: Any, frames: Sequence[FrameInfo], defer: bool = False) -> None:
         from collections import Counter
 
         from .quality import FrameMetrics
 
+        self.defer = defer
         self.manifest = manifest
         self.frames = frames
         self.folder = manifest.cache_dir / "units" / "metrics"
@@ -604,8 +607,9 @@ class _MetricsUnits:
         return self.signatures[index]
 
     def star_file(self, index: int) -> Path | None:
-        """Where the worker that measures frame ``index`` writes its star list (one name per input path)."""
-        if str(self.frames[index].path) in self.shared_keys:
+        """Where the worker that measures frame ``index`` writes its star list (one name per input
+        path; none when the units are deferred: :meth:`record` writes them)."""
+        if self.defer or str(self.frames[index].path) in self.shared_keys:
             return None
         return self._star_path(index)
 
@@ -647,7 +651,7 @@ class _MetricsUnits:
         that share their input path (see ``shared_keys``)."""
         from .quality import UNRECORDED_REASONS
 
-        if index in self.known or metric.reason in UNRECORDED_REASONS or str(self.frames[index].path) in self.shared_keys:
+        if self.defer or index in self.known or metric.reason in UNRECORDED_REASONS or str(self.frames[index].path) in self.shared_keys:
             return
         self.written[index] = self._write(index, metric) if star_sha256 is None else (self._star_path(index), star_sha256)
         self.signature(index)  # for the record, while the pool measures the other frames
@@ -659,7 +663,15 @@ class _MetricsUnits:
         return path, save_unit_arrays(path, durable=False, x=metric.stars.x, y=metric.stars.y, flux=metric.stars.flux)
 
     def record(self, metrics: Sequence[Any]) -> None:
-        """Record every frame measured by this run (transparency included), in frame order."""
+        """Record every frame measured by this run (transparency included), in frame order; on a
+        thread when the units are deferred."""
+        if self.defer:
+            self.manifest.defer("metrics", lambda: self._record(metrics))
+            return
+        self._record(metrics)
+        self.manifest.log_summary("metrics")
+
+    def _record(self, metrics: Sequence[Any]) -> None:
         from .quality import UNRECORDED_REASONS
 
         for index, (info, metric) in enumerate(zip(self.frames, metrics)):
@@ -668,7 +680,6 @@ class _MetricsUnits:
             path, digest = self.written.get(index) or self._write(index, metric)
             values = {f.name: getattr(metric, f.name) for f in dataclasses.fields(metric) if f.name != "stars"}
             self.manifest.record("metrics", str(info.path), self.signature(index), path, sha256=digest, meta=values)
-        self.manifest.log_summary("metrics")
 
 
 def _quality_filter(
@@ -686,7 +697,9 @@ def _quality_filter(
     ctx, config = run.ctx, run.config
     reporter = reporter if reporter is not None else ctx.reporter
     measure_config = {**config, "num_workers": workers} if workers > 0 and not config.get("num_workers") else config
-    metrics, decisions = yield from judge_frames(frames, measure_config, reporter, ctx.executor, ctx.manifest, measure)
+    metrics, decisions = yield from judge_frames(
+        frames, measure_config, reporter, ctx.executor, ctx.manifest, measure, defer_units=measure is not None
+    )
     run.report["frames"]["metrics"] = [
         {**metric.to_dict(), "decision": decision.to_dict()} for metric, decision in zip(metrics, decisions)
     ]

@@ -697,33 +697,37 @@ def _single_pixel_sources(planes: Any, sources: list[np.ndarray], xp: Any) -> li
     height, width = planes.shape[1:]
     half = 3
     frame, selected = _source_table(sources)
-    result = [np.zeros(part.size, dtype=bool) for part in sources]
     if frame.size == 0:
-        return result
+        return [np.zeros(part.size, dtype=bool) for part in sources]
     cx = np.floor(2.0 * selected["x"] + 1.0).astype(np.int64)
     cy = np.floor(2.0 * selected["y"] + 1.0).astype(np.int64)
     inside = (cx >= half) & (cx < width - half) & (cy >= half) & (cy < height - half)
     index = np.flatnonzero(inside)
-    if index.size == 0:
-        return result
-    stamps = _gather_stamps(planes, frame[index], cy[index], cx[index], half, xp).astype(np.float32)
-    side = 2 * half + 1
-    if planes.dtype.kind in "ui":  # no NaN to skip or zero: the same numbers, a third of the work
-        excess = stamps - _row_median(stamps.reshape(index.size, -1))[:, None, None]
-    else:
-        sky = nanmedian_rows(stamps.reshape(index.size, -1))
-        excess = np.nan_to_num(stamps - sky[:, None, None], nan=0.0)
-    core = excess[:, 1:-1, 1:-1].reshape(index.size, -1)  # the peak's neighbours stay inside
-    peak = np.argmax(core, axis=1)
-    py, px = peak // (side - 2) + 1, peak % (side - 2) + 1
-    rows = py[:, None] + np.array([-1, -1, -1, 0, 0, 1, 1, 1])[None, :]
-    cols = px[:, None] + np.array([-1, 0, 1, -1, 1, -1, 0, 1])[None, :]
-    neighbours = excess[np.arange(index.size)[:, None], rows, cols]
-    second = np.sort(neighbours, axis=1)[:, -2]
-    peak_excess = core[np.arange(index.size), peak]
     hit = np.zeros(frame.size, dtype=bool)
-    hit[index] = (peak_excess > 0) & (second < SINGLE_PIXEL_FRACTION * peak_excess)
+    if index.size:
+        stamps = _gather_stamps(planes, frame[index], cy[index], cx[index], half, xp, keep_on_device=True)
+        hit[index] = _single_pixel_stamps(stamps.astype(np.float32), planes.dtype.kind in "ui", xp)
     return _split_by_frame(hit, sources)
+
+
+def _single_pixel_stamps(stamps: Any, integer: bool, xp: Any) -> np.ndarray:
+    """:func:`_single_pixel_sources`' test of stamps (S, 7, 7) centred on the sources (host result)."""
+    count, side = stamps.shape[0], stamps.shape[1]
+    flat = stamps.reshape(count, -1)
+    if integer:  # no NaN to skip or zero: the same numbers, a third of the work
+        sky = _row_median(flat) if xp is np else nanmedian_rows(flat, xp)
+        excess = stamps - sky[:, None, None]
+    else:
+        excess = xp.nan_to_num(stamps - nanmedian_rows(flat, xp)[:, None, None], nan=0.0)
+    core = excess[:, 1:-1, 1:-1].reshape(count, -1)  # the peak's neighbours stay inside
+    peak = xp.argmax(core, axis=1)
+    py, px = peak // (side - 2) + 1, peak % (side - 2) + 1
+    rows = py[:, None] + xp.asarray([-1, -1, -1, 0, 0, 1, 1, 1])[None, :]
+    cols = px[:, None] + xp.asarray([-1, 0, 1, -1, 1, -1, 0, 1])[None, :]
+    neighbours = excess[xp.arange(count)[:, None], rows, cols]
+    second = xp.sort(neighbours, axis=1)[:, -2]
+    peak_excess = core[xp.arange(count), peak]
+    return _to_host((peak_excess > 0) & (second < SINGLE_PIXEL_FRACTION * peak_excess), xp)
 
 
 def _source_table(sources: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -737,10 +741,12 @@ def _split_by_frame(values: np.ndarray, sources: list[np.ndarray]) -> list[np.nd
     return np.split(values, np.cumsum([part.size for part in sources])[:-1])
 
 
-def _gather_stamps(planes: Any, frame: np.ndarray, cy: np.ndarray, cx: np.ndarray, half: int, xp: Any) -> np.ndarray:
-    """Host copies of ``planes[frame, cy - half : cy + half + 1, cx - half : cx + half + 1]``
-    (all inside), (n, side, side): windows of a strided view for one NumPy plane, one gather
-    of flat indices otherwise."""
+def _gather_stamps(
+    planes: Any, frame: np.ndarray, cy: np.ndarray, cx: np.ndarray, half: int, xp: Any, keep_on_device: bool = False
+) -> Any:
+    """Copies of ``planes[frame, cy - half : cy + half + 1, cx - half : cx + half + 1]`` (all
+    inside), (n, side, side): windows of a strided view for one NumPy plane, one gather of flat
+    indices otherwise; on the host unless ``keep_on_device``."""
     side = 2 * half + 1
     if xp is np and planes.shape[0] == 1:
         windows = np.lib.stride_tricks.sliding_window_view(planes[0], (side, side))
@@ -748,7 +754,8 @@ def _gather_stamps(planes: Any, frame: np.ndarray, cy: np.ndarray, cx: np.ndarra
     height, width = planes.shape[1:]
     offsets = np.arange(-half, half + 1)
     flat = frame[:, None, None] * (height * width) + (cy[:, None, None] + offsets[None, :, None]) * width + (cx[:, None, None] + offsets[None, None, :])
-    return _to_host(planes.ravel()[xp.asarray(flat.ravel())], xp).reshape(frame.size, side, side)
+    stamps = planes.ravel()[xp.asarray(flat.ravel())].reshape(frame.size, side, side)
+    return stamps if keep_on_device else _to_host(stamps, xp)
 
 
 def _star_shapes(
@@ -824,12 +831,8 @@ def _shape_moments(
     centre_y = np.floor(y + 0.5).astype(np.int64)
     offsets = np.arange(-half, half + 1)
     side = 2 * half + 1
-    if xp is np:
-        stamps = _gather_stamps(planes, frame, centre_y, centre_x, half, xp).astype(np.float64).reshape(frame.size, -1)
-    else:  # the stamps stay on the device for the iterations
-        height, width = planes.shape[1:]
-        flat = frame[:, None, None] * (height * width) + (centre_y[:, None, None] + offsets[None, :, None]) * width + (centre_x[:, None, None] + offsets[None, None, :])
-        stamps = planes.ravel()[xp.asarray(flat.reshape(frame.size, -1))].astype(np.float64)
+    stamps = _gather_stamps(planes, frame, centre_y, centre_x, half, xp, keep_on_device=True)
+    stamps = stamps.astype(np.float64).reshape(frame.size, -1)
     dy = np.broadcast_to(offsets[:, None], (side, side)).ravel().astype(np.float64)
     dx = np.broadcast_to(offsets[None, :], (side, side)).ravel().astype(np.float64)
     valid = xp.isfinite(stamps)
@@ -872,6 +875,12 @@ def _adaptive_moments(
     lattice (the CFA green sites) samples it without aliasing.
     Returns the star covariance (xx, yy, xy) and which stamps converged (arrays of ``xp``).
     """
+    from .gpu import fused_adaptive_moments
+
+    masked = (values * valid).astype(np.float32)
+    fused = fused_adaptive_moments(masked, dx, dy, start, ADAPTIVE_ITERATIONS, WEIGHT_RATIO, CONVERGENCE, xp)
+    if fused is not None:  # CuPy: the same iterations in one kernel (one block per star)
+        return fused
     gain = (WEIGHT_RATIO + 1.0) / WEIGHT_RATIO
     n_stars = values.shape[0]
     cx, cy = start[:, 0].copy(), start[:, 1].copy()
@@ -881,7 +890,6 @@ def _adaptive_moments(
     converged = xp.zeros(n_stars, dtype=bool)
     active = xp.arange(n_stars)  # neither converged nor given up
     limit = float(np.max(np.abs(dx)))
-    masked = (values * valid).astype(np.float32)
     dx32, dy32 = xp.asarray(dx, dtype=np.float32), xp.asarray(dy, dtype=np.float32)
     for _ in range(ADAPTIVE_ITERATIONS):
         if active.size == 0:
@@ -1090,7 +1098,16 @@ def _measure_executor(
         return threads, lambda index: threads.submit(
             _measure_light, frames[index], geometry.scale(index), star_file(index)
         )
-    return threads, lambda index: threads.submit(lambda info: (measure(info), None), frames[index])
+    return threads, lambda index: threads.submit(_measured_with_star_file, measure, frames[index], star_file(index))
+
+
+def _measured_with_star_file(
+    measure: Callable[[Any], FrameMetrics], info: Any, star_file: Path | None
+) -> tuple[FrameMetrics, str | None]:
+    """``measure(info)`` on a pool thread, which also writes the frame's star file (as the
+    measuring processes do), so that the thread collecting the results does not."""
+    metrics = measure(info)
+    return metrics, None if star_file is None else _write_star_file(star_file, metrics)
 
 
 def measure_frames(

@@ -875,6 +875,7 @@ class UnitManifest:
         self.previous_units = 0
         self.previous_engine: str | None = None
         self._off_said = False
+        self._deferred: list[tuple[threading.Thread, str]] = []
         if self.mode != "off":
             self._load()
 
@@ -1074,9 +1075,32 @@ class UnitManifest:
             self._dirty = False
             self._last_write = time.monotonic()
 
+    def defer(self, kind: str, write: Callable[[], None]) -> None:
+        """Record units of ``kind`` on a thread (``write``: their files and records), off the run's
+        critical path; :meth:`close` waits for it and then says what was reused and computed."""
+        def run() -> None:
+            try:
+                write()
+            except Exception as exc:  # a full disk, a vanished cache: the next run recomputes them
+                self._queue("warning", "resume_warn_manifest_write", path=str(self.cache_dir), detail=str(exc))
+
+        thread = threading.Thread(target=run, name=f"zemosaic-units-{kind}", daemon=True)
+        thread.start()
+        with self._lock:
+            self._deferred.append((thread, kind))
+
+    def wait_deferred(self) -> None:
+        """Wait for the units recorded on threads (:meth:`defer`) and log their summaries."""
+        with self._lock:
+            deferred, self._deferred = self._deferred, []
+        for thread, kind in deferred:
+            thread.join()
+            self.log_summary(kind)
+
     def close(self, success: bool) -> None:
         """End of run: flush, log what is pending, apply ``cache_retention`` after a success."""
         try:
+            self.wait_deferred()
             self.flush()
         finally:
             if success:
