@@ -176,12 +176,31 @@ def _spline_matrix(length: int, mesh: int, n_meshes: int) -> np.ndarray:
 
 
 def smooth_121(images: Any, xp: Any = np) -> Any:
-    """The 1-2-1 kernel along rows and columns (sum 1; edges repeated), float32."""
-    padded = xp.pad(images, ((0, 0), (1, 1), (1, 1)), mode="edge")
-    rows = padded[:, :-2] + 2.0 * padded[:, 1:-1] + padded[:, 2:]
-    smoothed = rows[:, :, :-2] + 2.0 * rows[:, :, 1:-1] + rows[:, :, 2:]
+    """The 1-2-1 kernel along rows and columns (sum 1; edges repeated), float32.
+
+    Each pass is two adds into one array (no padded copy): a + 2b + c = (a + b) + (b + c)."""
+    rows = _smooth_121_axis(images, 1, xp)
+    smoothed = _smooth_121_axis(rows, 2, xp)
     smoothed *= np.float32(1.0 / 16.0)
     return smoothed
+
+
+def _smooth_121_axis(images: Any, axis: int, xp: Any) -> Any:
+    """a[i-1] + 2 a[i] + a[i+1] along ``axis`` (1 or 2) of (B, h, w), the edge value repeated."""
+    def part(start: int | None, stop: int | None) -> tuple[slice, ...]:
+        index = [slice(None)] * 3
+        index[axis] = slice(start, stop)
+        return tuple(index)
+
+    out = xp.empty(images.shape, dtype=np.float32)
+    if images.shape[axis] < 2:
+        xp.multiply(images, 4.0, out=out)
+        return out
+    pairs = images[part(1, None)] + images[part(None, -1)]  # a[i] + a[i+1], one shorter
+    xp.add(pairs[part(None, -1)], pairs[part(1, None)], out=out[part(1, -1)])
+    xp.add(pairs[part(None, 1)], 2.0 * images[part(None, 1)], out=out[part(None, 1)])  # 3 a0 + a1
+    xp.add(pairs[part(-1, None)], 2.0 * images[part(-1, None)], out=out[part(-1, None)])  # a[-2] + 3 a[-1]
+    return out
 
 
 def detect_sources(
@@ -259,15 +278,18 @@ def detect_sources(
 
 def _local_maximum(smoothed: Any, frame: Any, y: Any, x: Any, xp: Any) -> Any:
     """Whether each listed pixel is >= its 8 neighbours (edges repeated): the neighbours of the
-    labelled pixels only, not a filter over the whole image."""
+    labelled pixels only, looked up with clamped indices (no filter or padded copy of the image)."""
     n_images, height, width = smoothed.shape
-    padded = xp.pad(smoothed, ((0, 0), (1, 1), (1, 1)), mode="edge").ravel()
-    row_size, plane_size = width + 2, (height + 2) * (width + 2)
-    centre = frame * plane_size + (y.astype(np.int64) + 1) * row_size + (x.astype(np.int64) + 1)
-    value = padded[centre]
-    result = xp.ones(centre.shape, dtype=bool)
-    for offset in (-row_size - 1, -row_size, -row_size + 1, -1, 1, row_size - 1, row_size, row_size + 1):
-        result &= value >= padded[centre + offset]
+    flat = smoothed.ravel()
+    row, col = y.astype(np.int64), x.astype(np.int64)
+    base = frame * (height * width)
+    value = flat[base + row * width + col]
+    result = xp.ones(value.shape, dtype=bool)
+    for dy in (-1, 0, 1):
+        rows = xp.clip(row + dy, 0, height - 1) * width
+        for dx in (-1, 0, 1):
+            if dy or dx:
+                result &= value >= flat[base + rows + xp.clip(col + dx, 0, width - 1)]
     return result
 
 

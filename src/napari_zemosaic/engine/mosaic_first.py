@@ -1262,6 +1262,8 @@ def mosaic_first(
             gain_max=float(np.max(norm_used.gains)) if used else 1.0,
         )
     yield from ctx.drain()
+    if ctx.manifest is not None:  # deferred resume units: P5 waits on the device more than on the GIL
+        ctx.manifest.start_deferred()
 
     normalisation = Normalisation.identity(len(frames), n_channels, PHOTOMETRY_BIN_PX)
     noise_all = np.ones((len(frames), n_channels))

@@ -7,11 +7,12 @@ A sub-frame is measured from its raw plane, before any debayering:
 1. **Detection image.** The 2x2-binned luminance (for a CFA: R + G + G + B of each Bayer
    cell; for RGB/mono data: the channel sum, binned). A quarter of the pixels, every photon
    kept.
-2. **Background, noise and detection** with ``sep``: a mesh background (64-sensor-px cells,
-   fitted on every other binned pixel) subtracted in place; the noise from neighbour
-   differences (blind to nebulae and gradients); sources above ``DETECT_SIGMA`` x noise with
-   at least ``DETECT_MIN_AREA`` binned pixels. Very long, thin sources are streaks
-   (satellites, aircraft): their total length sets ``trail_flag``. Hot pixels and cosmic-ray
+2. **Background, noise and detection** (:mod:`.detect`, one code for NumPy and CuPy): a mesh
+   background (64-sensor-px cells, statistics on every other binned pixel) subtracted in place;
+   the noise from neighbour differences (blind to nebulae and gradients); sources above
+   ``DETECT_SIGMA`` x noise in the 1-2-1 smoothed image with at least ``DETECT_MIN_AREA`` binned
+   pixels, with sep's positions, fluxes and moments (``tests/engine/test_detect.py``). Very long,
+   thin sources are streaks (satellites, aircraft): their total length sets ``trail_flag``. Hot pixels and cosmic-ray
    hits (one sensor pixel whose neighbours stay at the sky) are dropped; the rest is ``n_stars``.
 3. **Star shape** on the *full-resolution* plane, at the CFA green sites only (a checkerboard
    lattice), or every pixel of mono/RGB data. For the brightest isolated unsaturated stars,
@@ -26,8 +27,10 @@ A sub-frame is measured from its raw plane, before any debayering:
 
 No full-size work is done beyond one binning pass and one max (saturation), so a full
 1080x1920 sub costs about a third of reading and debayering it (``benchmarks/bench_quality.py``).
-``sep`` releases the GIL, so ``measure_frames`` runs frames on a thread pool. ``sep`` is
-CPU-only: arrays from another array module are copied to the host first.
+:func:`measure_planes` measures a batch of planes of one shape: one frame on the host (the
+measuring processes of ``measure_frames``), or, with CuPy, the raw planes Mosaic-First's device
+threads decoded, all at once on the GPU (:mod:`.quality_device`; the per-frame choices, trails
+and isolated stars, stay on the host).
 
 Transparency (``measure_frames``)
 ---------------------------------
@@ -110,9 +113,7 @@ FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
 #: Detection threshold (x background noise of the binned image) and minimum area (binned px).
 DETECT_SIGMA = 5.0
 DETECT_MIN_AREA = 3
-#: sep deblending levels (32 by default; 8 separates the doubles that matter, twice as fast).
-DEBLEND_LEVELS = 8
-#: sep background mesh, in binned pixels (64 sensor px: follows nebulae, much larger than stars).
+#: Background mesh, in binned pixels (64 sensor px: follows nebulae, much larger than stars).
 BACKGROUND_MESH = 32
 #: Row sums of a band of this many values (512 KiB) are binned at a time (see ``_bin2x2``).
 BIN_BAND_VALUES = 1 << 17
@@ -312,7 +313,8 @@ def measure_frame(
 
     ``info`` (a :class:`~.frames.FrameInfo`, optional) supplies the Bayer pattern (for a CFA
     layout), the pixel scale and the path; ``bayer_pattern`` / ``pixel_scale_arcsec`` override
-    it. Arrays on another module ``xp`` (CuPy) are brought to the host: ``sep`` runs on the CPU.
+    it. Arrays on another module ``xp`` (CuPy) are brought to the host (:func:`measure_planes`
+    measures device arrays where they are).
     Never raises for bad pixels: NaN metrics and a ``reason`` instead.
     """
     path = str(getattr(info, "path", "") or "")

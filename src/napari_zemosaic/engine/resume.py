@@ -1076,8 +1076,10 @@ class UnitManifest:
             self._last_write = time.monotonic()
 
     def defer(self, kind: str, write: Callable[[], None]) -> None:
-        """Record units of ``kind`` on a thread (``write``: their files and records), off the run's
-        critical path; :meth:`close` waits for it and then says what was reused and computed."""
+        """Record units of ``kind`` later, on a thread (``write``: their files and records), off the
+        run's critical path: from :meth:`start_deferred` (when the run has time to spare for the
+        Python they take), at the latest from :meth:`close`, which waits for them and then says
+        what was reused and computed."""
         def run() -> None:
             try:
                 write()
@@ -1085,12 +1087,19 @@ class UnitManifest:
                 self._queue("warning", "resume_warn_manifest_write", path=str(self.cache_dir), detail=str(exc))
 
         thread = threading.Thread(target=run, name=f"zemosaic-units-{kind}", daemon=True)
-        thread.start()
         with self._lock:
             self._deferred.append((thread, kind))
 
+    def start_deferred(self) -> None:
+        """Start writing the deferred units (:meth:`defer`) now."""
+        with self._lock:
+            waiting = [thread for thread, _ in self._deferred if thread.ident is None]
+        for thread in waiting:
+            thread.start()
+
     def wait_deferred(self) -> None:
-        """Wait for the units recorded on threads (:meth:`defer`) and log their summaries."""
+        """Write the deferred units (:meth:`defer`), wait for them and log their summaries."""
+        self.start_deferred()
         with self._lock:
             deferred, self._deferred = self._deferred, []
         for thread, kind in deferred:
