@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from .gpu import to_host as _to_host
+
 BACKGROUND_CLIP_SIGMA = 3.0
 BACKGROUND_CLIP_ROUNDS = 5
 #: SExtractor's rule: the mode estimate only where (mean - median) / sigma stays below this.
@@ -349,11 +351,3 @@ def aperture_sums(
         touched = xp.any(invalid.ravel()[flat] & (weight > 0), axis=(1, 2))
         usable &= ~_to_host(touched)
     return _to_host(flux), usable
-
-
-def _to_host(array: Any) -> np.ndarray:
-    if isinstance(array, np.ndarray):
-        return array
-    if hasattr(array, "get"):
-        return array.get()
-    return np.asarray(array)
