@@ -494,7 +494,7 @@ def stage_run(infos: list[Any], canvas: Any, work: Path, config: dict[str, Any])
             break
     wall = time.perf_counter() - start
     policy.close()
-    details = {e.key: e.params for e in reporter.log_events if e.key.startswith(("mf_debug", "mf_info_plan"))}
+    details = {e.key: e.params for e in reporter.log_events if e.key.startswith(("mf_debug", "mf_info_plan", "quality_debug"))}
     return {"config": config, "frames": len(stacked.frames_used), "wall_s": wall,
             "frames_per_s": len(stacked.frames_used) / wall, "timings_s": dict(ctx.timings_s),
             "p3_frames_per_s": len(stacked.frames_used) / ctx.timings_s["P3"], "details": details,
@@ -530,7 +530,7 @@ def e2e_run(
     log(f"timeline (s from the run's start; {wall:.2f} s in all): "
         + ", ".join(f"{phase} {t0:.2f}-{t1:.2f}" for phase, t0, t1 in spans))
     used = result.report["frames"]["used"]
-    details = {e.key: e.params for e in events if getattr(e, "key", "").startswith(("mf_debug", "mf_info_plan"))}
+    details = {e.key: e.params for e in events if getattr(e, "key", "").startswith(("mf_debug", "mf_info_plan", "quality_debug"))}
     timings = result.report["timings_s"]
     return {
         "config": config,
@@ -653,7 +653,8 @@ def bench_e2e(
                 full = e2e_run(frames_dir, work / f"full{repeat}", {"gpu_strict": True, **PIPELINE_SET}, limit_s=full_limit_s)
             results.setdefault("pipeline_runs", []).append(full)
             log(f"whole pipeline, default config, run {repeat + 1}: {full.get('frames_per_s')} frames/s, "
-                f"timings {full.get('timings_s')}, {full.get('details', {}).get('mf_debug_gpu_p3')}")
+                f"timings {full.get('timings_s')}, {full.get('details', {}).get('mf_debug_gpu_p3')}, "
+                f"P2 {full.get('details', {}).get('quality_debug_device')}")
             save(out)
         runs = results["pipeline_runs"]
         results["pipeline_gpu_default_config"] = sorted(runs, key=lambda r: r.get("wall_s", 1e9))[len(runs) // 2]

@@ -182,3 +182,21 @@ def test_the_fused_adaptive_moments_iterate_as_the_array_code():
     for ours, theirs in zip(got[:3], expected[:3]):
         assert np.allclose(ours[both], theirs[both], rtol=2e-3, atol=1e-6), np.max(np.abs(ours[both] - theirs[both]))
     assert gpu.fused_adaptive_moments(cp.zeros((0, 4), dtype=cp.float32), dx[:4], dy[:4], cp.zeros((0, 5)), 30, 2.0, 1e-3, cp) is None
+
+
+@pytest.mark.parametrize("length, mesh", [(540, 64), (960, 64), (135, 32), (100, 64), (70, 64), (1000, 250)])
+def test_the_spline_matrix_is_scipys_natural_cubic_spline(length, mesh):
+    """``scipy.interpolate.CubicSpline`` (natural ends) through the unit values at the mesh
+    centres, evaluated at every pixel clipped to the centres: the oracle of the background's
+    interpolation, to float32 rounding."""
+    from scipy.interpolate import CubicSpline
+
+    n_meshes = -(-length // mesh)
+    detect._spline_matrix.cache_clear()
+    ours = detect._spline_matrix(length, mesh, n_meshes)
+    centres = np.array([(k * mesh + min((k + 1) * mesh, length) - 1) / 2.0 for k in range(n_meshes)])
+    positions = np.clip(np.arange(length, dtype=np.float64), centres[0], centres[-1])
+    expected = CubicSpline(centres, np.eye(n_meshes), bc_type="natural")(positions) if n_meshes > 1 else np.ones((length, 1))
+    assert ours.shape == (length, n_meshes) and ours.dtype == np.float32
+    assert np.max(np.abs(ours - expected)) < 1e-6
+    assert np.allclose(ours.sum(axis=1), 1.0, atol=1e-5)  # a constant sky stays constant

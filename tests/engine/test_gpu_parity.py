@@ -1128,7 +1128,9 @@ def _run_demo(frames: Any, out: Any, events: list | None = None, **config: Any) 
 def demo_cpu_and_gpu(demo_night, tmp_path_factory, device):
     root, truth = demo_night
     cpu = _run_demo(root / "frames", tmp_path_factory.mktemp("cpu"), use_gpu_phase5=False, stack_use_gpu=False)
-    gpu_run = _run_demo(root / "frames", tmp_path_factory.mktemp("gpu"), gpu_strict=True)
+    events: list = []
+    gpu_run = _run_demo(root / "frames", tmp_path_factory.mktemp("gpu"), events, gpu_strict=True)
+    gpu_run.events = events  # the GPU run's events, for what its log says
     return cpu, gpu_run, truth
 
 
@@ -1171,6 +1173,9 @@ def test_full_demo_run_on_the_gpu_matches_the_cpu_run(demo_cpu_and_gpu) -> None:
     assert units["stack"]["gpu"] >= 1 and units["stack"]["cpu"] == 0
     # P2 measured on the device the raw planes P3 decoded there: the host's metrics, to rounding.
     assert compute["backend_by_stage"]["quality"] == "gpu" and units["quality"]["gpu"] >= 1
+    # ...by the measuring process started before the header pass (engine/quality_device.py).
+    device_p2 = [e.params for e in gpu_run.events if getattr(e, "key", "") == "quality_debug_device"]
+    assert [(p["where"], p["frames"]) for p in device_p2] == [("process", used + rejected)]
     for on_cpu, on_gpu in zip(cpu.report["frames"]["metrics"], gpu_run.report["frames"]["metrics"]):
         assert on_gpu["path"] == on_cpu["path"] and on_gpu["n_stars"] == on_cpu["n_stars"]
         assert on_gpu["decision"]["accepted"] == on_cpu["decision"]["accepted"]

@@ -240,6 +240,8 @@ class _Run:
         self.config = config
         self.ctx = ctx
         self.started = time.time()
+        #: P2's measuring process started before the header pass (engine/quality_device.py), or None.
+        self.measuring_process: Any = None
         self.report: dict[str, Any] = {
             "status": "running",
             "version": __version__,
@@ -428,6 +430,19 @@ def _open_manifest(run: _Run, lock: Any) -> None:
 
 
 def _run_body(run: _Run, include: Iterable[str | Path] | None) -> Generator[Event, None, MosaicResult]:
+    from .quality_device import early_measuring_process
+
+    # P2's measuring process on the device, when P2 will likely run there beside P3: its start
+    # (a CUDA context, the measurement's kernels) overlaps the header pass.
+    run.measuring_process = early_measuring_process(run.config, run.ctx.policy, run.ctx.executor)
+    try:
+        return (yield from _run_stages(run, include))
+    finally:
+        if run.measuring_process is not None:
+            run.measuring_process.close()
+
+
+def _run_stages(run: _Run, include: Iterable[str | Path] | None) -> Generator[Event, None, MosaicResult]:
     ctx, config, reporter = run.ctx, run.config, run.ctx.reporter
 
     # P1 ------------------------------------------------------------------------------
@@ -776,7 +791,7 @@ class _QualityBeside:
         if policy is not None and policy.uses_gpu("reproject") and policy.uses_gpu("quality"):
             from .quality_device import DeviceMeasurer
 
-            self.device_measurer = DeviceMeasurer(self._frames, policy)
+            self.device_measurer = DeviceMeasurer(self._frames, policy, process=run.measuring_process)
         self._stop = threading.Event()
         self._accepted: list[FrameInfo] | None = None
         self._error: BaseException | None = None
