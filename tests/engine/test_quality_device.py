@@ -164,3 +164,17 @@ def test_the_device_measurer_gives_the_same_metrics_with_or_without_its_process(
     _assert_same_metrics(measured[True][0], measured[False][0], 1e-9)
     _assert_same_metrics(measured["early"][0], measured[False][0], 1e-9)
     assert all(math.isfinite(m.fwhm_px) and m.fwhm_arcsec > 0 for m in measured[True][0])
+
+    # No device memory to keep the planes waiting: they are left to the host, which reads the files.
+    measurer = DeviceMeasurer(infos, policy)
+    measurer._pending_limit = 0
+    with policy.device():
+        for info, plane in zip(infos, planes):
+            measurer.offer(info, cp.asarray(plane), cp)
+    measurer.finish()
+    on_host = [measurer.measure(info) for info in infos]
+    measurer.close()
+    assert (measurer.timing["left_to_host"], measurer.timing["frames"]) == (len(infos), 0)
+    for got, expected in zip(on_host, measured[False][0]):
+        assert got.n_stars == expected.n_stars
+        assert got.fwhm_px == pytest.approx(expected.fwhm_px, rel=1e-4)

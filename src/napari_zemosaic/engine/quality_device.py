@@ -354,9 +354,10 @@ class DeviceMeasurer:
         self._separate = separate_process
         self._started = process
         self._process: MeasuringProcess | None = None
-        #: Seconds the measuring thread spent on batches, how many, and where: ``run`` (this
-        #: process) or ``process`` (a measuring process). Logged as ``quality_debug_device``.
-        self.timing: dict[str, Any] = {"batches": 0, "frames": 0, "measure_s": 0.0, "where": "run"}
+        #: Seconds the measuring thread spent on batches, how many, where (``run``: this process,
+        #: ``process``: a measuring process), and the planes not kept for want of device memory
+        #: (``left_to_host``: measured on the host). Logged as ``quality_debug_device``.
+        self.timing: dict[str, Any] = {"batches": 0, "frames": 0, "measure_s": 0.0, "where": "run", "left_to_host": 0}
         self._thread = threading.Thread(target=self._work, name="zemosaic-quality-gpu", daemon=True)
         self._thread.start()
 
@@ -376,7 +377,10 @@ class DeviceMeasurer:
         ready = xp.cuda.Event(disable_timing=True)
         ready.record()
         with self._changed:
-            if self._closed or self._pending_bytes + plane.nbytes > self._pending_limit:
+            if self._closed:
+                return
+            if self._pending_bytes + plane.nbytes > self._pending_limit:
+                self.timing["left_to_host"] += 1
                 return
             self._pending.append((index, plane, ready))
             self._pending_bytes += plane.nbytes
@@ -445,7 +449,7 @@ class DeviceMeasurer:
             self._error = exc
         finally:
             reporter = getattr(self._policy, "reporter", None)
-            if reporter is not None and self.timing["batches"]:
+            if reporter is not None and (self.timing["batches"] or self.timing["left_to_host"]):
                 reporter.debug("quality_debug_device", **{**self.timing, "measure_s": round(self.timing["measure_s"], 2)})
             for ready in self._ready:  # whatever was not measured here is measured on the host
                 ready.set()
