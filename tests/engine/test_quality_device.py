@@ -130,6 +130,18 @@ def test_plane_views_and_capacity():
         shared.close()
 
 
+def _offer_and_measure(measurer, policy, infos, planes, cp) -> list[q.FrameMetrics]:
+    """What P3 and P2 do with a measurer: offer each raw plane from the device, end P3, take the
+    metrics, close."""
+    with policy.device():
+        for info, plane in zip(infos, planes):
+            measurer.offer(info, cp.asarray(plane), cp)
+    measurer.finish()
+    got = [measurer.measure(info) for info in infos]
+    measurer.close()
+    return got
+
+
 @pytest.mark.gpu
 def test_the_device_measurer_gives_the_same_metrics_with_or_without_its_process(frames):
     cp = pytest.importorskip("cupy")
@@ -149,12 +161,7 @@ def test_the_device_measurer_gives_the_same_metrics_with_or_without_its_process(
             measurer = DeviceMeasurer(infos, policy, process=early)
         else:
             measurer = DeviceMeasurer(infos, policy, separate_process=way)
-        with policy.device():
-            for info, plane in zip(infos, planes):
-                measurer.offer(info, cp.asarray(plane), cp)
-        measurer.finish()
-        got = [measurer.measure(info) for info in infos]
-        measurer.close()
+        got = _offer_and_measure(measurer, policy, infos, planes, cp)
         measured[way] = (got, measurer.timing["where"], measurer.timing["frames"])
     early.close()  # the run joins the process it started, after its outputs
     assert not early._process.is_alive()
@@ -168,12 +175,7 @@ def test_the_device_measurer_gives_the_same_metrics_with_or_without_its_process(
     # No device memory to keep the planes waiting: they are left to the host, which reads the files.
     measurer = DeviceMeasurer(infos, policy)
     measurer._pending_limit = 0
-    with policy.device():
-        for info, plane in zip(infos, planes):
-            measurer.offer(info, cp.asarray(plane), cp)
-    measurer.finish()
-    on_host = [measurer.measure(info) for info in infos]
-    measurer.close()
+    on_host = _offer_and_measure(measurer, policy, infos, planes, cp)
     assert (measurer.timing["left_to_host"], measurer.timing["frames"]) == (len(infos), 0)
     for got, expected in zip(on_host, measured[False][0]):
         assert got.n_stars == expected.n_stars
