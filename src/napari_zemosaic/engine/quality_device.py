@@ -125,11 +125,11 @@ def open_shared(handle: tuple[str, Any, int], xp: Any) -> tuple[Any, Any]:
         memory = xp.cuda.UnownedMemory(pointer, nbytes, None)
         array = xp.ndarray((nbytes,), dtype=xp.uint8, memptr=xp.cuda.MemoryPointer(memory, 0))
         return array, lambda: xp.cuda.runtime.ipcCloseMemHandle(pointer)
-    from multiprocessing import resource_tracker, shared_memory
+    from multiprocessing import shared_memory
 
+    # The run's process owns the block and unlinks it; the resource tracker both processes share
+    # (they descend from one) sees this process's registration of the same name as a no-op.
     shared = shared_memory.SharedMemory(name=key)
-    # The run's process owns (and unlinks) the block; this process only maps it.
-    resource_tracker.unregister(shared._name, "shared_memory")  # type: ignore[attr-defined]
     return np.ndarray((nbytes,), dtype=np.uint8, buffer=shared.buf), shared.close
 
 
