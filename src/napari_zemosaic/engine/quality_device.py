@@ -238,13 +238,20 @@ class MeasuringProcess:
 
     def _open(self, shared: SharedPlanes) -> None:
         self.shared = shared
-        try:
-            self._connection.send(("open", shared.handle))
-        except OSError as exc:
-            raise MeasuringProcessError(f"the measuring process ended: {type(exc).__name__}") from None
-        reply = self._receive()
-        if reply[0] != "ready":
+        self._ask(("open", shared.handle), "ready")
+
+    def _ask(self, message: Any, expected: str) -> Any:
+        """Send ``message`` and return the answer's payload when it is ``(expected, ...)``; raises
+        :class:`MeasuringProcessError` with the process's error text, or when it has ended."""
+        with self._lock:
+            try:
+                self._connection.send(message)
+            except OSError as exc:
+                raise MeasuringProcessError(f"the measuring process ended: {type(exc).__name__}") from None
+            reply = self._receive()
+        if reply[0] != expected:
             raise MeasuringProcessError(reply[1])
+        return reply[1] if len(reply) > 1 else None
 
     def _receive(self) -> tuple[Any, ...]:
         try:
@@ -258,15 +265,7 @@ class MeasuringProcess:
                 paths: Sequence[str]) -> list[FrameMetrics]:
         """Metrics of the first ``n_planes`` planes of the shared buffer (written and synchronised
         by the caller), one per path; raises :class:`MeasuringProcessError`."""
-        with self._lock:
-            try:
-                self._connection.send((n_planes, tuple(shape), np.dtype(dtype).str, parity, list(paths)))
-            except OSError as exc:
-                raise MeasuringProcessError(f"the measuring process ended: {type(exc).__name__}") from None
-            reply = self._receive()
-        if reply[0] != "ok":
-            raise MeasuringProcessError(reply[1])
-        return reply[1]
+        return self._ask((n_planes, tuple(shape), np.dtype(dtype).str, parity, list(paths)), "ok")
 
     def stop(self) -> None:
         """Tell the process to end once its current request is answered (waiting at most
