@@ -1236,6 +1236,10 @@ def mosaic_first(
     if units.active and not label:  # nested calls (SDS batches, classic tiles): their workflow says it
         units.manifest.log_summary("reproject", ctx.reporter)
 
+    # P5's block signatures name the frames by their resume tokens: computed on a thread while
+    # this one waits for P2's verdicts (its process is idle then), for every frame P3 kept.
+    tokens = threading.Thread(target=units.names, args=(sorted(coarse),), name="zemosaic-tokens", daemon=True)
+    tokens.start()
     if verdicts is not None:
         rejected = yield from verdicts.rejected(frames)
         for index in rejected:
@@ -1248,10 +1252,6 @@ def mosaic_first(
     coarse_shape = (-(-canvas.shape[0] // PHOTOMETRY_BIN_PX), -(-canvas.shape[1] // PHOTOMETRY_BIN_PX))
     used = sorted(coarse)
     # --- P4.5: photometric normalisation of the frames --------------------------------------
-    # P5's block signatures name the frames by their resume tokens: computed meanwhile on a
-    # thread, while this one mostly waits for the pair fits' processes.
-    tokens = threading.Thread(target=units.names, args=(used,), name="zemosaic-tokens", daemon=True)
-    tokens.start()
     with ctx.timed("P4.5"):
         norm_used = solve_photometry(policy, [coarse[i] for i in used], coarse_shape, config["stacking_normalize_method"])
         ctx.reporter.info(
