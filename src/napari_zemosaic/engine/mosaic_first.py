@@ -730,6 +730,16 @@ def _process_context() -> Any:
     return multiprocessing.get_context("spawn")
 
 
+def start_process_server() -> None:
+    """Have the forkserver of :func:`_process_context` start now, without waiting for it: a new
+    server imports the engine (about 1 s) while the run sets up (the GPU's start), not when the
+    first reader or measuring process is asked for. Nothing where processes are spawned."""
+    if _process_context().get_start_method() == "forkserver":
+        from multiprocessing import forkserver
+
+        forkserver.ensure_running()
+
+
 def _main_module_is_importable() -> bool:
     """Whether child processes can re-import ``__main__`` (they do; stdin scripts cannot be)."""
     main_file = getattr(sys.modules.get("__main__"), "__file__", None)

@@ -63,6 +63,13 @@ MAD_TO_SIGMA = 1.4826
 
 _CHUNK_SAMPLES_CPU = 1 << 20
 _CHUNK_SAMPLES_GPU = 1 << 24
+#: The fused rejection kernels take at least this share of a cube's columns at a time. Their
+#: workspace (a sorted float32 copy and two float64 prefix tables, 20 bytes a value) then stays
+#: within 1.25 times the cube, which the strips Mosaic-First plans count
+#: (``gpu.kernel_bytes_per_pixel``), in a few launches: a 500-frame strip of P5 was cut into
+#: about 27 chunks of 2**24 values, each with its allocations and copies (one H100: P5
+#: 0.60-0.62 s with a few chunks against 0.68 s).
+_FUSED_CHUNK_SHARE = 4
 """Values (N × columns) processed together by the rejection kernels; bounds their temporaries.
 On the CPU a chunk's tables stay cache-sized; on the GPU larger chunks mean fewer kernel launches."""
 
@@ -151,8 +158,8 @@ def _as_columns(cube: Array) -> Array:
     return cube.reshape(cube.shape[0], -1)
 
 
-def _column_chunks(n_rows: int, n_columns: int, xp: Any) -> Iterator[slice]:
-    budget = _CHUNK_SAMPLES_CPU if xp is np else _CHUNK_SAMPLES_GPU
+def _column_chunks(n_rows: int, n_columns: int, xp: Any, samples: int = 0) -> Iterator[slice]:
+    budget = samples or (_CHUNK_SAMPLES_CPU if xp is np else _CHUNK_SAMPLES_GPU)
     step = max(1, budget // max(n_rows, 1))
     for begin in range(0, n_columns, step):
         yield slice(begin, min(begin + step, n_columns))
@@ -618,7 +625,7 @@ def _fused_rejection_bounds(cube: Array, params: StackParams, xp: Any) -> tuple[
     columns = _as_columns(cube)
     lower = xp.empty(columns.shape[1], dtype=xp.float64)
     upper = xp.empty(columns.shape[1], dtype=xp.float64)
-    for chunk in _column_chunks(n_rows, columns.shape[1], xp):
+    for chunk in _column_chunks(n_rows, columns.shape[1], xp, max(_CHUNK_SAMPLES_GPU, columns.size // _FUSED_CHUNK_SHARE)):
         values = columns[:, chunk]
         if params.rejection == "kappa_sigma":
             bounds = _fused_kappa_sigma(values, params.kappa_low, params.kappa_high, iterations, xp)
