@@ -733,7 +733,7 @@ def _process_context() -> Any:
 def start_process_server() -> None:
     """Have the forkserver of :func:`_process_context` start now, without waiting for it: a new
     server imports the engine (about 1 s) while the run sets up (the GPU's start), not when the
-    first reader or measuring process is asked for. Nothing where processes are spawned."""
+    first reader or measuring process is asked for. Does nothing where processes are spawned."""
     if _process_context().get_start_method() == "forkserver":
         from multiprocessing import forkserver
 

@@ -63,15 +63,15 @@ MAD_TO_SIGMA = 1.4826
 
 _CHUNK_SAMPLES_CPU = 1 << 20
 _CHUNK_SAMPLES_GPU = 1 << 24
-#: The fused rejection kernels take at least this share of a cube's columns at a time. Their
-#: workspace (a sorted float32 copy and two float64 prefix tables, 20 bytes a value) then stays
-#: within 1.25 times the cube, which the strips Mosaic-First plans count
-#: (``gpu.kernel_bytes_per_pixel``), in a few launches: a 500-frame strip of P5 was cut into
-#: about 27 chunks of 2**24 values, each with its allocations and copies (one H100: P5
-#: 0.60-0.62 s with a few chunks against 0.68 s).
-_FUSED_CHUNK_SHARE = 4
 """Values (N × columns) processed together by the rejection kernels; bounds their temporaries.
 On the CPU a chunk's tables stay cache-sized; on the GPU larger chunks mean fewer kernel launches."""
+#: The fused rejection kernels take a cube's columns in about this many chunks (of at least
+#: ``_CHUNK_SAMPLES_GPU`` values). Their workspace (a sorted float32 copy and two float64 prefix
+#: tables, 20 bytes a value) then stays within 1.25 times the cube, which the strips Mosaic-First
+#: plans count (``gpu.kernel_bytes_per_pixel``), in a few launches: a 500-frame strip of P5 was
+#: cut into about 27 chunks of 2**24 values, each with its allocations and copies (one H100: P5
+#: 0.60-0.62 s with a few chunks against 0.68 s).
+_FUSED_CHUNK_SHARE = 4
 
 _MIN_SAMPLES_TO_REJECT = 3
 """Winsorized and linear-fit clipping leave samples with fewer kept values alone."""
