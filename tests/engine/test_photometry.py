@@ -463,3 +463,32 @@ def test_photometric_solve_on_the_gpu_equals_the_host_solve(monkeypatch: pytest.
     gains = np.ones((len(pieces), 3))
     expected = _runner_fits(photometry._PairFitRunner({"pieces": pieces}, 3.0, 12, 0), pieces, gains)
     _assert_same_fits(_runner_fits(DevicePairFits({"pieces": pieces}, 3.0, 12, cp, 10**10), pieces, gains), expected, 1e-9)
+
+
+def test_pieces_coarsened_ahead_give_the_solve_of_the_frames_kept() -> None:
+    """Mosaic-First coarsens every piece P3 kept while P2 finishes; the solve of the frames P2 then
+    keeps, from those pieces, is the solve of their pieces as P3 made them (to the bit). Where the
+    frames kept would be coarsened otherwise, the pieces as P3 made them are solved."""
+    from napari_zemosaic.engine.mosaic_first import _PhotometryAhead
+    from napari_zemosaic.engine.photometry import PHOTOMETRY_BIN_PX, coarsening_factor
+
+    rng = np.random.default_rng(8)
+    y, x = np.mgrid[:160, :400].astype(float)
+    sky = 500.0 + 60.0 * np.sin(x / 23.0) * np.cos(y / 17.0) + (rng.random((160, 400)) < 0.05) * rng.uniform(20, 300, (160, 400))
+    sky = np.stack([sky, 0.8 * sky, 0.6 * sky])
+    coarse = {k: _piece(sky, 7 * (k % 3), 30 * k, 80, 90, gain=1.0 + 0.03 * (k % 4), offset=4.0 * k, seed=50 + k)
+              for k in range(9)}  # 7200 cells each: coarsened 2x
+    coarse[9] = _piece(sky, 0, 350, 40, 50, gain=1.0, offset=0.0, seed=70)  # a small one
+    ahead = _PhotometryAhead(coarse)
+    ahead.coarsen()
+    used = [0, 1, 2, 4, 5, 6, 7, 8, 9]  # P2 rejected frame 3
+    pieces, bin_px = ahead.pieces(used, coarse)
+    assert coarsening_factor([coarse[i] for i in used]) == 2 and bin_px == 2 * PHOTOMETRY_BIN_PX
+    expected = solve_normalisation([coarse[i] for i in used], method="linear_fit", bin_px=PHOTOMETRY_BIN_PX, shared_gain=True)
+    got = solve_normalisation(pieces, method="linear_fit", bin_px=bin_px, shared_gain=True)
+    assert got.bin_px == expected.bin_px
+    for name in ("gains", "offsets", "tilts", "centres"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(expected, name), err_msg=name)
+    assert not np.allclose(expected.gains, 1.0)  # the solve did something
+    small = [9]  # solved alone, this piece is not coarsened: P3's piece goes to the solve
+    assert ahead.pieces(small, coarse) == ([coarse[9]], PHOTOMETRY_BIN_PX)

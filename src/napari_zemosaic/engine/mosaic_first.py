@@ -113,7 +113,15 @@ from .gpu import (
     to_device,
     to_host,
 )
-from .photometry import PHOTOMETRY_BIN_PX, CoarsePiece, Normalisation, coarse_piece, solve_normalisation
+from .photometry import (
+    PHOTOMETRY_BIN_PX,
+    CoarsePiece,
+    Normalisation,
+    coarse_piece,
+    coarsened_pieces,
+    coarsening_factor,
+    solve_normalisation,
+)
 from .resume import ensure_free_space, write_raw_atomic
 from .reproject import (
     ControlGrid,
@@ -1246,9 +1254,16 @@ def mosaic_first(
     if units.active and not label:  # nested calls (SDS batches, classic tiles): their workflow says it
         units.manifest.log_summary("reproject", ctx.reporter)
 
-    # P5's block signatures name the frames by their resume tokens: computed on a thread while
-    # this one waits for P2's verdicts (its process is idle then), for every frame P3 kept.
-    tokens = threading.Thread(target=units.names, args=(sorted(coarse),), name="zemosaic-tokens", daemon=True)
+    # While this thread waits for P2's verdicts (its process is idle then), a thread computes,
+    # for every frame P3 kept, what P5's block signatures name the frames by (their resume tokens)
+    # and the pieces P4.5 fits (coarsened as the solve would).
+    ahead = _PhotometryAhead(coarse)
+
+    def compute_ahead() -> None:
+        units.names(ahead.kept)
+        ahead.coarsen()
+
+    tokens = threading.Thread(target=compute_ahead, name="zemosaic-tokens", daemon=True)
     tokens.start()
     if verdicts is not None:
         rejected = yield from verdicts.rejected(frames)
@@ -1263,7 +1278,9 @@ def mosaic_first(
     used = sorted(coarse)
     # --- P4.5: photometric normalisation of the frames --------------------------------------
     with ctx.timed("P4.5"):
-        norm_used = solve_photometry(policy, [coarse[i] for i in used], coarse_shape, config["stacking_normalize_method"])
+        tokens.join()
+        pieces, bin_px = ahead.pieces(used, coarse)
+        norm_used = solve_photometry(policy, pieces, coarse_shape, config["stacking_normalize_method"], bin_px)
         ctx.reporter.info(
             "mf_info_normalisation",
             method=config["stacking_normalize_method"],
@@ -1284,7 +1301,6 @@ def mosaic_first(
         normalisation.centres[index] = norm_used.centres[slot]
         noise_all[index] = noises[index]
     normalisation.iterations, normalisation.converged = norm_used.iterations, norm_used.converged
-    tokens.join()
     fwhm = np.array([info.metrics.get("fwhm_px", np.nan) for info in frames], dtype=np.float64)
     # Normalised over the stacked frames only, so frames that failed or were rejected do not scale them.
     weights = np.ones(len(frames), dtype=np.float32)
@@ -1421,17 +1437,44 @@ def mosaic_first(
 # ------------------------------------------------------------------------- P3, both backends
 
 
+class _PhotometryAhead:
+    """The pieces P4.5 fits, coarsened as its solve would (:func:`.photometry.coarsened_pieces`)
+    for every frame P3 kept (:attr:`kept`), while the run waits for P2's verdicts (:meth:`coarsen`);
+    :meth:`pieces` then takes those of the frames kept after P2."""
+
+    def __init__(self, coarse: dict[int, CoarsePiece]) -> None:
+        self.kept = sorted(coarse)
+        self._raw = [coarse[i] for i in self.kept]
+        self._coarser: dict[int, CoarsePiece] = {}
+        self._factor = 1
+
+    def coarsen(self) -> None:
+        pieces, self._factor = coarsened_pieces(self._raw)
+        self._coarser = dict(zip(self.kept, pieces))
+
+    def pieces(self, used: Sequence[int], coarse: dict[int, CoarsePiece]) -> tuple[list[CoarsePiece], int]:
+        """``(pieces, bin_px)`` for P4.5's solve of the frames ``used`` (after :meth:`coarsen`): the
+        coarsened pieces when the solve of ``used`` alone coarsens them by the same factor, else
+        the pieces as P3 made them."""
+        raw = [coarse[i] for i in used]
+        if self._factor > 1 and coarsening_factor(raw) == self._factor and all(i in self._coarser for i in used):
+            return [self._coarser[i] for i in used], PHOTOMETRY_BIN_PX * self._factor
+        return raw, PHOTOMETRY_BIN_PX
+
+
 def solve_photometry(
-    policy: Any, pieces: Sequence[CoarsePiece], coarse_shape: tuple[int, int], method: str
+    policy: Any, pieces: Sequence[CoarsePiece], coarse_shape: tuple[int, int], method: str,
+    bin_px: int = PHOTOMETRY_BIN_PX,
 ) -> Normalisation:
     """The frames' photometric solve (:func:`.photometry.solve_normalisation`, one gain per frame for
     all channels) as one unit of the ``intertile`` stage: its pair fits on the GPU when the policy
-    puts that stage there (:mod:`.photometry_device`), on the host's processes otherwise."""
+    puts that stage there (:mod:`.photometry_device`), on the host's processes otherwise.
+    ``bin_px``: the canvas pixels of a cell of ``pieces``."""
 
     def solve(xp: Any = np, chunk_scale: float = 1.0) -> Normalisation:
         budget = int(policy.gpu_budget_bytes() * chunk_scale) if xp is not np else 0
         return solve_normalisation(
-            pieces, coarse_shape, method, bin_px=PHOTOMETRY_BIN_PX, shared_gain=True, xp=xp, device_budget_bytes=budget
+            pieces, coarse_shape, method, bin_px=bin_px, shared_gain=True, xp=xp, device_budget_bytes=budget
         )
 
     if policy is None:

@@ -1196,7 +1196,7 @@ MAX_LOG_GAIN_SIGMA = 0.05
 MAX_CELLS_PER_PIECE = 3000
 
 
-def _coarsening_factor(pieces: Sequence[CoarsePiece]) -> int:
+def coarsening_factor(pieces: Sequence[CoarsePiece]) -> int:
     """Power of two that brings the median piece to at most ``MAX_CELLS_PER_PIECE`` cells."""
     sizes = [p.data.shape[1] * p.data.shape[2] for p in pieces if p.data.size]
     if not sizes:
@@ -1205,6 +1205,17 @@ def _coarsening_factor(pieces: Sequence[CoarsePiece]) -> int:
     while float(np.median(sizes)) / factor**2 > MAX_CELLS_PER_PIECE:
         factor *= 2
     return factor
+
+
+def coarsened_pieces(pieces: Sequence[CoarsePiece], factor: int | None = None) -> tuple[list[CoarsePiece], int]:
+    """The pieces :func:`solve_normalisation` fits, and the factor of their cells: large frames get
+    fewer, bigger cells, which keep the pairwise fits fast without losing the signal. ``factor``:
+    that of other pieces (:func:`coarsening_factor`), for pieces coarsened ahead of a solve of
+    a set they belong to; solved with ``bin_px`` times the factor, they are solved as that set's."""
+    factor = coarsening_factor(pieces) if factor is None else int(factor)
+    if factor == 1:
+        return list(pieces), 1
+    return [_coarser_piece(p, factor) for p in pieces], factor
 
 
 def _coarser_piece(piece: CoarsePiece, factor: int) -> CoarsePiece:
@@ -1291,12 +1302,8 @@ def solve_normalisation(
         raise ValueError(f"unknown pair_fits {pair_fits!r}")
     if plane_solve not in ("graph", "joint"):
         raise ValueError(f"unknown plane_solve {plane_solve!r}")
-    factor = _coarsening_factor(pieces)
-    if factor > 1:
-        # Large frames: fewer, bigger cells keep the pairwise fits fast without losing the signal.
-        pieces = [_coarser_piece(p, factor) for p in pieces]
-        bin_px *= factor
-    pieces = list(pieces)
+    pieces, factor = coarsened_pieces(pieces)
+    bin_px *= factor
     n_channels = next((p.data.shape[0] for p in pieces if p.data.size), 1)
     luminance = None
     if shared_gain and fixed_gains is None and method == "linear_fit" and len(pieces) > 1:
