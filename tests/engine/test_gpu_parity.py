@@ -399,12 +399,20 @@ def test_fused_hot_pixel_kernels_equal_the_numpy_path_to_the_bit(device: int, ca
     step = debayer._noise_step(cfa.shape)
     parts = gpu.fused_hot_pixel_residuals(plane, step, cp)
     padded = np.pad(cfa, 2, mode="reflect")
+    wanted = []
     for (dy, dx), part in zip(debayer._PHASES, parts):
         def at(oy: int, ox: int, dy: int = dy, dx: int = dx) -> np.ndarray:
             return debayer._phase_view(padded, 2, cfa.shape, dy, dx, oy, ox)[::step, ::step]
 
         want = (at(0, 0) - debayer.median_of_8([at(oy, ox) for oy, ox in debayer._SAME_COLOUR_OFFSETS], np)).ravel()
         np.testing.assert_array_equal(gpu.to_host(part), want)
+        wanted.append(want)
+    # Phases grouped (as by colour): each group's samples one after the other, in the group's order.
+    grouped = gpu.fused_hot_pixel_residuals(plane, step, cp, [[3, 0], [1], [2]])
+    for got, group in zip(grouped, [[3, 0], [1], [2]]):
+        np.testing.assert_array_equal(gpu.to_host(got), np.concatenate([wanted[phase] for phase in group]))
+    with pytest.raises(ValueError):
+        gpu.fused_hot_pixel_residuals(plane, step, cp, [[0, 1], [1, 2]])
 
 
 @pytest.mark.parametrize("case", ["stars", "nan_and_inf", "integers", "tiny"])
@@ -893,6 +901,29 @@ def fused_kappa_sigma_cube(rng: np.random.Generator, n_frames: int, columns: int
     if n_frames > 2:
         cube[: n_frames // 2, quarter + 16 : quarter + 24] = np.nan  # half-empty samples
     return cube.reshape(n_frames, 1, 1, columns)
+
+
+@pytest.mark.parametrize("n_frames", [1, 2, 31, 32, 33, 500, 1024, 1025, 2000])
+def test_fused_sort_gives_each_column_its_finite_values_in_numpy_order(device: int, n_frames: int) -> None:
+    """Both sorts of the fused clipping kernels (a warp's registers up to FUSED_WARP_SORT_MAX_ROWS
+    rows, shared memory beyond): each column's finite values as numpy.sort orders them, and their
+    count, also for a strided view of the columns; signed zeros compare equal, as in NumPy."""
+    rng = np.random.default_rng(4000 + n_frames)
+    cube = fused_kappa_sigma_cube(rng, n_frames, 2 * 300).reshape(n_frames, -1)
+    cube[rng.random(cube.shape) < 0.02] = np.float32(-0.0)
+    cube[rng.random(cube.shape) < 0.02] = np.float32(0.0)
+    # The last 200 columns filled to every depth: each size of the register network sorts some.
+    depth = rng.integers(0, n_frames + 1, 200)
+    cube[:, -200:][np.arange(n_frames)[:, None] >= depth[None, :]] = np.nan
+    for columns in (cp.asarray(cube), cp.asarray(cube)[:, ::2]):
+        host = gpu.to_host(columns)
+        sorted_values, counts, prefix, prefix_sq = gpu._sorted_finite_columns(columns, cp)
+        assert prefix.shape == prefix_sq.shape == (n_frames + 1, host.shape[1])
+        sorted_host, counts_host = gpu.to_host(sorted_values), gpu.to_host(counts)
+        for col in range(host.shape[1]):
+            finite = np.sort(host[np.isfinite(host[:, col]), col])
+            assert counts_host[col] == finite.size
+            np.testing.assert_array_equal(sorted_host[: finite.size, col], finite, err_msg=f"column {col}")
 
 
 @pytest.mark.parametrize("n_frames", [1, 2, 3, 7, 24, 100, 513])

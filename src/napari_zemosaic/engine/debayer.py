@@ -243,12 +243,13 @@ def _fused_correction(
     """
     gpu = _fused_gpu()
     height, width = plane.shape
-    parts = gpu.fused_hot_pixel_residuals(plane, _noise_step((int(height), int(width))), xp)
+    colours = [colour for colour in "RGB" if colour in name]
+    # Each colour's phases side by side: its residuals are one array, without a copy to join them.
+    groups = [[phase for phase in range(4) if name[phase] == colour] for colour in colours]
+    parts = gpu.fused_hot_pixel_residuals(plane, _noise_step((int(height), int(width))), xp, groups)
     if parts is None:
         return None
-    by_colour: dict[str, list[Any]] = {"R": [], "G": [], "B": []}
-    for (dy, dx), part in zip(_PHASES, parts):
-        by_colour[name[2 * dy + dx]].append(part)
+    by_colour: dict[str, list[Any]] = {colour: [part] for colour, part in zip(colours, parts)}
     stats = gpu.fused_median_mad_on_device(_joined_by_colour(by_colour, xp), xp)
     if stats is None:
         return None

@@ -639,6 +639,7 @@ _KAPPA_SIGMA_SOURCE = _PREFIX_SUMS_SOURCE + r"""
 #define ZM_INF __int_as_float(0x7f800000)
 #define ZM_NAN __longlong_as_double(0x7ff8000000000000ULL)
 #define ZM_SORT_MAX_GROUP 32
+#define ZM_SORT_LOADS 4
 
 // One block per group of `group` adjacent columns: gather each column's finite values into its
 // slice of shared memory (threads side by side read side-by-side columns of a row: one memory
@@ -660,9 +661,18 @@ extern "C" __global__ void zemosaic_sort_finite_columns(
         const long long col = col0 + lane;
         if (col < n_cols && threadIdx.x < rows_per_pass * group) {
             float* mine = s + lane * slice;
-            for (int i = threadIdx.x / group; i < n_rows; i += rows_per_pass) {
-                const float v = values[(long long)i * row_stride + col * col_stride];
-                if (isfinite(v)) { mine[atomicAdd(&count[lane], 1)] = v; }
+            // ZM_SORT_LOADS rows read before any is stored: the reads' latency overlaps.
+            for (int i0 = threadIdx.x / group; i0 < n_rows; i0 += ZM_SORT_LOADS * rows_per_pass) {
+                float loaded[ZM_SORT_LOADS];
+#pragma unroll
+                for (int u = 0; u < ZM_SORT_LOADS; ++u) {
+                    const int i = i0 + u * rows_per_pass;
+                    loaded[u] = i < n_rows ? values[(long long)i * row_stride + col * col_stride] : ZM_INF;
+                }
+#pragma unroll
+                for (int u = 0; u < ZM_SORT_LOADS; ++u) {
+                    if (isfinite(loaded[u])) { mine[atomicAdd(&count[lane], 1)] = loaded[u]; }
+                }
             }
         }
         __syncthreads();
@@ -880,17 +890,19 @@ __device__ __forceinline__ float zm_same_colour_median(const float* p, int y, in
     return zm_median8(p[rm + xm], p[rm + x], p[rm + xp], p[r0 + xm], p[r0 + xp], p[rp + xm], p[rp + x], p[rp + xp]);
 }
 
-// debayer._residual_noise_by_colour: value - median8 on the strided subsample of each phase.
+// debayer._residual_noise_by_colour: value - median8 on the strided subsample of each phase, the
+// phases' samples one after the other in out, slot s holding phase phase_s (n_s values).
 extern "C" __global__ void zemosaic_hot_residuals(
     const float* __restrict__ plane, const int h, const int w, const int step,
     const int rows0, const int cols0, const int rows1, const int cols1,
-    const long long n0, const long long n1, const long long n2, const long long n3, float* __restrict__ out)
+    const long long n0, const long long n1, const long long n2, const long long n3,
+    const int phase0, const int phase1, const int phase2, const int phase3, float* __restrict__ out)
 {
     const long long total = n0 + n1 + n2 + n3;
     for (long long k = (long long)blockIdx.x * blockDim.x + threadIdx.x; k < total; k += (long long)gridDim.x * blockDim.x) {
         long long local = k;
-        int phase = 0;
-        if (local >= n0) { local -= n0; phase = 1; if (local >= n1) { local -= n1; phase = 2; if (local >= n2) { local -= n2; phase = 3; } } }
+        int phase = phase0;
+        if (local >= n0) { local -= n0; phase = phase1; if (local >= n1) { local -= n1; phase = phase2; if (local >= n2) { local -= n2; phase = phase3; } } }
         const int dy = phase >> 1, dx = phase & 1;
         const int cols = dx ? cols1 : cols0;
         const int a = (int)(local / cols), b = (int)(local % cols);
@@ -1020,24 +1032,33 @@ def _launch_1d(function: Any, n_items: int, args: tuple[Any, ...], block: int = 
     function((grid,), (block,), args)
 
 
-def fused_hot_pixel_residuals(plane: Any, step: int, xp: Any) -> list[Any] | None:
+def fused_hot_pixel_residuals(
+    plane: Any, step: int, xp: Any, groups: Sequence[Sequence[int]] = ((0,), (1,), (2,), (3,))
+) -> list[Any] | None:
     """``value - median8`` of each phase's strided subsample (``debayer._residual_noise_by_colour``),
-    as four float32 arrays in phase order, from one kernel; ``None`` when not on CuPy."""
+    from one kernel: one float32 array per group of phases (row-major over the Bayer cell; every
+    phase in one group), the samples of a group's phases one after the other in it. ``None`` when
+    not on CuPy."""
     if not is_device_module(xp) or plane.ndim != 2 or plane.dtype != xp.float32 or not plane.flags.c_contiguous:
         return None
     height, width = (int(v) for v in plane.shape)
     shapes = []
     for dy, dx in ((0, 0), (0, 1), (1, 0), (1, 1)):
         shapes.append((-(-(-(-(height - dy) // 2)) // step), -(-(-(-(width - dx) // 2)) // step)))
-    sizes = [rows * cols for rows, cols in shapes]
+    order = [int(phase) for group in groups for phase in group]
+    if sorted(order) != [0, 1, 2, 3]:
+        raise ValueError(f"groups {groups!r} must hold each Bayer phase 0-3 once")
+    sizes = [shapes[phase][0] * shapes[phase][1] for phase in order]
     out = xp.empty(sum(sizes), dtype=xp.float32)
     function = _fused_function(xp, _HOT_PIXEL_SOURCE, "zemosaic_hot_residuals")
     _launch_1d(function, sum(sizes), (
         plane, np.int32(height), np.int32(width), np.int32(step), np.int32(shapes[0][0]), np.int32(shapes[0][1]),
-        np.int32(shapes[1][0]), np.int32(shapes[1][1]), *(np.int64(size) for size in sizes), out,
+        np.int32(shapes[1][0]), np.int32(shapes[1][1]), *(np.int64(size) for size in sizes),
+        *(np.int32(phase) for phase in order), out,
     ))
+    ends = np.cumsum([len(group) for group in groups])
     bounds = np.cumsum([0, *sizes])
-    return [out[int(bounds[i]) : int(bounds[i + 1])] for i in range(4)]
+    return [out[int(bounds[end - len(group)]) : int(bounds[end])] for group, end in zip(groups, ends)]
 
 
 def fused_hot_pixel_noise(stats: Any, row_of_phase: Sequence[int], xp: Any) -> tuple[Any, Any]:
@@ -1307,12 +1328,9 @@ __device__ unsigned int zm_middle_keys(const float* __restrict__ v, const long l
 // debayer._robust_sigma's two medians of each row: out[row] = (finite count, median, median absolute
 // deviation), the medians as numpy.median computes them in float32 (NaN, NaN without a finite value).
 // rows[2 r], rows[2 r + 1]: address and length of row r (float32, contiguous).
-extern "C" __global__ void __launch_bounds__(ZM_THREADS) zemosaic_median_mad_rows(
-    const long long* __restrict__ rows, double* __restrict__ out)
+__device__ __forceinline__ void zm_median_mad_row(const float* __restrict__ v, const long long n, double* __restrict__ out)
 {
     __shared__ ZmScratch s;
-    const float* v = (const float*)rows[2 * blockIdx.x];
-    const long long n = rows[2 * blockIdx.x + 1];
     const ZmSelection finite = {ZM_KEY_LOWEST, ZM_KEY_HIGHEST, false, 0.0f, 0.0f, false, 0.0f};
     unsigned int first, second, low, high;
     const unsigned int size = zm_middle_keys(v, n, finite, 1u, ZM_NONE, &s, &first, &second, &low, &high);
@@ -1330,6 +1348,23 @@ extern "C" __global__ void __launch_bounds__(ZM_THREADS) zemosaic_median_mad_row
         out[3 * blockIdx.x + 1] = centre;
         out[3 * blockIdx.x + 2] = mad;
     }
+}
+
+extern "C" __global__ void __launch_bounds__(ZM_THREADS) zemosaic_median_mad_rows(
+    const long long* __restrict__ rows, double* __restrict__ out)
+{
+    zm_median_mad_row((const float*)rows[2 * blockIdx.x], rows[2 * blockIdx.x + 1], out);
+}
+
+// The same for at most four rows, their addresses and lengths passed with the launch (no table
+// to copy to the device first).
+extern "C" __global__ void __launch_bounds__(ZM_THREADS) zemosaic_median_mad_rows4(
+    const long long row0, const long long n0, const long long row1, const long long n1,
+    const long long row2, const long long n2, const long long row3, const long long n3, double* __restrict__ out)
+{
+    const long long row = blockIdx.x == 0 ? row0 : blockIdx.x == 1 ? row1 : blockIdx.x == 2 ? row2 : row3;
+    const long long n = blockIdx.x == 0 ? n0 : blockIdx.x == 1 ? n1 : blockIdx.x == 2 ? n2 : n3;
+    zm_median_mad_row((const float*)row, n, out);
 }
 
 // frames._clipped_mad_sigma of each row (row r at rows + r x row_stride, n values): the finite
@@ -1377,18 +1412,29 @@ def _float32_row(row: Any, xp: Any) -> Any:
     return xp.ascontiguousarray(row, dtype=xp.float32)
 
 
+#: Rows :func:`fused_median_mad_on_device` passes with the launch (zemosaic_median_mad_rows4).
+_ROWS_PASSED = 4
+
+
 def fused_median_mad_on_device(rows: Sequence[Any], xp: Any) -> Any | None:
     """``(finite count, median, MAD)`` of each 1-D float32 device array as a float64 (R, 3) device
     array, as ``numpy.median`` gives them in float32 (NaN, NaN for a row without a finite value):
-    one kernel reading the rows in place (a table of their addresses), nothing waited for. ``None``
+    one kernel reading the rows in place (their addresses passed with it, or a table of them for
+    more than :data:`_ROWS_PASSED` rows), nothing waited for. ``None``
     when not on CuPy or a row is longer than :data:`_SELECT_MAX_VALUES`."""
     if not is_device_module(xp) or not rows:
         return None
     rows = [_float32_row(row, xp) for row in rows]  # CuPy's pool reuses their memory only after the kernel
     if any(int(row.size) > _SELECT_MAX_VALUES for row in rows):
         return None
-    table = upload_async(np.array([[int(row.data.ptr), int(row.size)] for row in rows], dtype=np.int64), xp)
     out = xp.empty((len(rows), 3), dtype=xp.float64)
+    if len(rows) <= _ROWS_PASSED:  # a device thread's CUDA calls wait for the GIL: one copy fewer
+        passed = [value for row in rows for value in (np.int64(row.data.ptr), np.int64(row.size))]
+        passed += [np.int64(0)] * (2 * _ROWS_PASSED - len(passed))
+        function = _fused_function(xp, _SELECT_SOURCE, "zemosaic_median_mad_rows4")
+        function((len(rows),), (_SELECT_THREADS,), (*passed, out))
+        return out
+    table = upload_async(np.array([[int(row.data.ptr), int(row.size)] for row in rows], dtype=np.int64), xp)
     function = _fused_function(xp, _SELECT_SOURCE, "zemosaic_median_mad_rows")
     function((len(rows),), (_SELECT_THREADS,), (table, out))
     return out
@@ -2086,16 +2132,219 @@ def fused_adaptive_moments(
     return out[:, 0], out[:, 1], out[:, 2], converged
 
 
+#: Deepest column the register sort takes (:data:`_WARP_SORT_TEMPLATE`: 32 values per lane of a
+#: warp); deeper ones go to the shared-memory network of :data:`_KAPPA_SIGMA_SOURCE`.
+FUSED_WARP_SORT_MAX_ROWS = 1024
+#: Columns (one warp each) of a block of the register sort: as many as fit their slices in
+#: 48 KB of shared memory (a power of two, at most 32).
+_WARP_SORT_SHARED_BYTES = 48 * 1024
+
+# ZM_E is set first (the module cache tells sources apart by their start).
+_WARP_SORT_TEMPLATE = r"""#define ZM_E {elems}
+#define ZM_S (32 * ZM_E)
+#define ZM_COLUMNS {columns}
+#define ZM_INF __int_as_float(0x7f800000)
+#define ZM_LOADS 4
+// Column slices in shared memory: one spare word after every 32 values, so that the 32 lanes of a
+// warp reading their ZM_E consecutive values hit 32 banks; a slice length of 32 / ZM_COLUMNS
+// modulo 32, so that the ZM_COLUMNS columns x 32 / ZM_COLUMNS rows a warp reads or writes at the
+// edges hit 32 banks too.
+#define ZM_PAD(i) ((i) + ((i) >> 5))
+#define ZM_SLICE ((((ZM_S + ZM_E) + 31) / 32) * 32 + 32 / ZM_COLUMNS)
+
+// The bitonic network of zemosaic_sort_finite_columns (compare-exchanges swapping when
+// (a > b) == ascending, padding +inf) on one column of n values by one warp, E consecutive values
+// per lane held in registers (32 E >= n): exchanges of pairs less than E apart stay in a lane's
+// registers, the others pass through shuffles; no shared memory and no block barrier between the
+// network's steps. Reads and writes the column's slice.
+template <int E, int LOG_S>
+__device__ __forceinline__ void zm_warp_sort(float* column, const int n, const int lane)
+{{
+    float v[E];
+#pragma unroll
+    for (int r = 0; r < E; ++r) {{
+        const int g = lane * E + r;
+        v[r] = g < n ? column[ZM_PAD(g)] : ZM_INF;
+    }}
+#pragma unroll
+    for (int kb = 1; kb <= LOG_S; ++kb) {{
+        const int k = 1 << kb;
+#pragma unroll
+        for (int jb = kb - 1; jb >= 0; --jb) {{
+            const int j = 1 << jb;
+            if (j >= E) {{
+                // The partner is in lane ^ (j / E), at the same register.
+                const int lane_j = j / E;
+                const bool low = (lane & lane_j) == 0;
+                const bool ascending = ((lane * E) & k) == 0;
+#pragma unroll
+                for (int r = 0; r < E; ++r) {{
+                    const float other = __shfl_xor_sync(0xffffffffu, v[r], lane_j);
+                    const float a = low ? v[r] : other, b = low ? other : v[r];
+                    const bool swap = (a > b) == ascending;
+                    v[r] = low == swap ? b : a;
+                }}
+            }} else {{
+#pragma unroll
+                for (int r = 0; r < E; ++r) {{
+                    if ((r & j) == 0) {{
+                        const bool ascending = ((lane * E + r) & k) == 0;
+                        const float a = v[r], b = v[r + j];
+                        const bool swap = (a > b) == ascending;
+                        v[r] = swap ? b : a;
+                        v[r + j] = swap ? a : b;
+                    }}
+                }}
+            }}
+        }}
+    }}
+#pragma unroll
+    for (int r = 0; r < E; ++r) {{
+        const int g = lane * E + r;
+        if (g < n) column[ZM_PAD(g)] = v[r];
+    }}
+}}
+
+// Each column's finite values sorted, a warp per column (zm_warp_sort, its network the power of
+// two of 32 or more that holds the column's count), with their counts; columns of at most
+// 32 ZM_E values.
+extern "C" __global__ void zemosaic_warp_sort_finite_columns(
+    const float* __restrict__ values, const long long row_stride, const long long col_stride,
+    const int n_rows, const long long n_cols, float* __restrict__ sorted_out, int* __restrict__ counts)
+{{
+    __shared__ float s[ZM_COLUMNS * ZM_SLICE];
+    __shared__ int count[ZM_COLUMNS];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    // At the edges, threads side by side take columns side by side (one memory transaction for
+    // the block's columns of a row).
+    const int edge_col = threadIdx.x % ZM_COLUMNS, edge_row = threadIdx.x / ZM_COLUMNS;
+    const int rows_per_pass = blockDim.x / ZM_COLUMNS;
+    for (long long col0 = (long long)blockIdx.x * ZM_COLUMNS; col0 < n_cols; col0 += (long long)gridDim.x * ZM_COLUMNS) {{
+        if (threadIdx.x < ZM_COLUMNS) count[threadIdx.x] = 0;
+        __syncthreads();
+        const long long col = col0 + edge_col;
+        float* slice = s + edge_col * ZM_SLICE;
+        if (col < n_cols) {{
+            // ZM_LOADS rows read before any is stored: the reads' latency overlaps (this pass is
+            // bound by it, not by the bandwidth).
+            for (int i0 = edge_row; i0 < n_rows; i0 += ZM_LOADS * rows_per_pass) {{
+                float loaded[ZM_LOADS];
+#pragma unroll
+                for (int u = 0; u < ZM_LOADS; ++u) {{
+                    const int i = i0 + u * rows_per_pass;
+                    loaded[u] = i < n_rows ? values[(long long)i * row_stride + col * col_stride] : ZM_INF;
+                }}
+#pragma unroll
+                for (int u = 0; u < ZM_LOADS; ++u) {{
+                    if (isfinite(loaded[u])) {{
+                        const int at = atomicAdd(&count[edge_col], 1);  // once: ZM_PAD repeats its argument
+                        slice[ZM_PAD(at)] = loaded[u];
+                    }}
+                }}
+            }}
+        }}
+        __syncthreads();
+        const int n = count[warp];  // the same in the whole warp: so is the branch taken
+        float* column = s + warp * ZM_SLICE;
+        if (n <= 1) {{
+        }} else if (n <= 32) {{
+            zm_warp_sort<1, 5>(column, n, lane);
+#if ZM_E >= 2
+        }} else if (n <= 64) {{
+            zm_warp_sort<2, 6>(column, n, lane);
+#endif
+#if ZM_E >= 4
+        }} else if (n <= 128) {{
+            zm_warp_sort<4, 7>(column, n, lane);
+#endif
+#if ZM_E >= 8
+        }} else if (n <= 256) {{
+            zm_warp_sort<8, 8>(column, n, lane);
+#endif
+#if ZM_E >= 16
+        }} else if (n <= 512) {{
+            zm_warp_sort<16, 9>(column, n, lane);
+#endif
+#if ZM_E >= 32
+        }} else {{
+            zm_warp_sort<32, 10>(column, n, lane);
+#endif
+        }}
+        __syncthreads();
+        if (col < n_cols) {{
+            const int m = count[edge_col];
+            for (int i = edge_row; i < m; i += rows_per_pass) sorted_out[(long long)i * n_cols + col] = slice[ZM_PAD(i)];
+            if (threadIdx.x < ZM_COLUMNS) counts[col] = m;
+        }}
+        __syncthreads();
+    }}
+}}
+"""
+_warp_sort_sources: dict[int, str] = {}
+
+
+def _warp_sort_columns(elems: int) -> int:
+    """Columns of a block of the register sort at ``elems`` values per lane (their slices, of
+    about 33 ``elems`` floats each, within :data:`_WARP_SORT_SHARED_BYTES`; 8 at most: blocks of
+    256 threads, whose registers leave room for more blocks, on one H100 faster than 16)."""
+    columns = 8
+    while columns > 1 and columns * 4 * (32 * elems + elems + 32 + 32 // columns) > _WARP_SORT_SHARED_BYTES:
+        columns //= 2
+    return columns
+
+
+def _warp_sort_source(elems: int) -> str:
+    """:data:`_WARP_SORT_TEMPLATE` for ``elems`` values per lane (one string per size, as the
+    function cache keys on the source object)."""
+    source = _warp_sort_sources.get(elems)
+    if source is None:
+        source = _WARP_SORT_TEMPLATE.format(elems=elems, columns=_warp_sort_columns(elems))
+        source = _warp_sort_sources.setdefault(elems, source)
+    return source
+
+
+def _sort_finite_columns_in_registers(values: Any, sorted_values: Any, counts: Any, xp: Any) -> None:
+    """The register sort of columns at most :data:`FUSED_WARP_SORT_MAX_ROWS` deep (compiled for the
+    launch's depth, the shared memory of its slices; each column's network fits its own count)."""
+    n_rows, n_cols = (int(v) for v in values.shape)
+    elems = 1
+    while 32 * elems < n_rows:
+        elems <<= 1
+    sort = _fused_function(xp, _warp_sort_source(elems), "zemosaic_warp_sort_finite_columns")
+    itemsize = values.itemsize
+    columns = _warp_sort_columns(elems)
+    sort(
+        (min(-(-n_cols // columns), 1 << 22),), (32 * columns,),
+        (values, np.int64(values.strides[0] // itemsize), np.int64(values.strides[1] // itemsize),
+         np.int32(n_rows), np.int64(n_cols), sorted_values, counts),
+    )
+
+
 def _sorted_finite_columns(values: Any, xp: Any) -> tuple[Any, Any, Any, Any] | None:
-    """The fused clipping kernels' shared first step: every column's finite values sorted (one
-    block per column, :data:`_KAPPA_SIGMA_SOURCE`) and their counts, with empty float64 prefix-sum
-    tables for the second kernel. ``None`` where the kernels decline: not CuPy, not 2-D float32,
+    """The fused clipping kernels' shared first step: every column's finite values sorted (a warp
+    per column in registers up to :data:`FUSED_WARP_SORT_MAX_ROWS` values, a block's shared memory
+    beyond) and their counts, with empty float64 prefix-sum tables for the second kernel. ``None`` where the kernels decline: not CuPy, not 2-D float32,
     columns deeper than :data:`FUSED_SORT_MAX_ROWS` (shared memory) or nothing to sort."""
     if not is_device_module(xp) or values.ndim != 2 or values.dtype != xp.float32:
         return None
     n_rows, n_cols = (int(v) for v in values.shape)
     if n_rows < 1 or n_rows > FUSED_SORT_MAX_ROWS or n_cols == 0:
         return None
+    sorted_values = xp.empty((n_rows, n_cols), dtype=xp.float32)
+    counts = xp.empty(n_cols, dtype=xp.int32)
+    if n_rows <= FUSED_WARP_SORT_MAX_ROWS:
+        _sort_finite_columns_in_registers(values, sorted_values, counts, xp)
+    else:
+        _sort_finite_columns_in_shared_memory(values, sorted_values, counts, xp)
+    prefix = xp.empty((n_rows + 1, n_cols), dtype=xp.float64)
+    prefix_sq = xp.empty((n_rows + 1, n_cols), dtype=xp.float64)
+    return sorted_values, counts, prefix, prefix_sq
+
+
+def _sort_finite_columns_in_shared_memory(values: Any, sorted_values: Any, counts: Any, xp: Any) -> None:
+    """The shared-memory network of :data:`_KAPPA_SIGMA_SOURCE` (one block per group of columns),
+    for columns of up to :data:`FUSED_SORT_MAX_ROWS` values, each group padded to its widest count."""
+    n_rows, n_cols = (int(v) for v in values.shape)
     size = 1
     while size < n_rows:
         size <<= 1
@@ -2105,17 +2354,12 @@ def _sorted_finite_columns(values: Any, xp: Any) -> tuple[Any, Any, Any, Any] | 
     threads = max(32, min(512, group * size // 2))  # at least one per column of the group (≤ 32)
     sort = _fused_function(xp, _KAPPA_SIGMA_SOURCE, "zemosaic_sort_finite_columns")
     itemsize = values.itemsize
-    sorted_values = xp.empty((n_rows, n_cols), dtype=xp.float32)
-    counts = xp.empty(n_cols, dtype=xp.int32)
     sort(
         (min(-(-n_cols // group), 1 << 22),), (threads,),
         (values, np.int64(values.strides[0] // itemsize), np.int64(values.strides[1] // itemsize),
          np.int32(n_rows), np.int64(n_cols), np.int32(group), np.int32(size), sorted_values, counts),
         shared_mem=4 * size * group,
     )
-    prefix = xp.empty((n_rows + 1, n_cols), dtype=xp.float64)
-    prefix_sq = xp.empty((n_rows + 1, n_cols), dtype=xp.float64)
-    return sorted_values, counts, prefix, prefix_sq
 
 
 #: Threads per block of the per-column iteration kernels (one thread per column).
