@@ -130,6 +130,11 @@ def _print_error(key: str, params: dict[str, Any]) -> None:
 
 
 def _run_pipeline(input_dir: str, output_dir: str, config: dict[str, Any], verbose: bool) -> int:
+    from .engine.worker_env import start_process_server, wants_device
+
+    # The worker processes' server imports the engine while this process does (about 1 s each),
+    # instead of once the run has started.
+    start_process_server(wants_device(config))
     from .engine.context import UserError
     from .engine.pipeline import iter_run
 

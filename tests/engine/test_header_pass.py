@@ -418,12 +418,12 @@ def test_parallel_pass_gives_the_serial_outcomes(night: list[Path], monkeypatch:
 def test_pool_that_cannot_start_leaves_the_work_to_the_main_process(
     night: list[Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from napari_zemosaic.engine import mosaic_first
+    from napari_zemosaic.engine import worker_env
 
     def broken() -> Any:
         raise OSError("no processes here")
 
-    monkeypatch.setattr(mosaic_first, "_process_context", broken)
+    monkeypatch.setattr(worker_env, "process_context", broken)
     serial = [outcome_key(item) for item in iter_frame_infos(night, min_files=10**9)]
     start = time.perf_counter()
     assert [outcome_key(item) for item in iter_frame_infos(night, workers=2, min_files=0)] == serial

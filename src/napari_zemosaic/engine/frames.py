@@ -1224,12 +1224,12 @@ class _SharedHeaderPass:
         import threading
         from concurrent.futures import ProcessPoolExecutor
 
-        from .mosaic_first import _process_context
+        from .worker_env import process_context
 
         pool = None
         claimed: list[Any] = []
         try:
-            pool = ProcessPoolExecutor(max_workers=self._readers, mp_context=_process_context())
+            pool = ProcessPoolExecutor(max_workers=self._readers, mp_context=process_context())
             # Two tasks per reader in flight: enough to keep them busy, while the chunks not yet
             # given out stay with the main process.
             slots = threading.Semaphore(2 * self._readers)

@@ -2519,7 +2519,9 @@ def config_overrides_for_gpu_mode(mode: str) -> dict[str, Any]:
 
 
 def _env_flag(env: Mapping[str, str], name: str) -> bool:
-    return env.get(name, "").strip().lower() not in ("", "0", "false", "no", "off")
+    from .worker_env import env_flag
+
+    return env_flag(env, name)
 
 
 def _jsonable(value: Any) -> Any:

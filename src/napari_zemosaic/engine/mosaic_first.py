@@ -123,6 +123,7 @@ from .photometry import (
     solve_normalisation,
 )
 from .resume import ensure_free_space, write_raw_atomic
+from .worker_env import process_context
 from .reproject import (
     ControlGrid,
     _check_method,
@@ -724,30 +725,6 @@ def _reader_count(config: dict[str, Any]) -> int:
     return requested if requested > 0 else max(1, min(MAX_DEFAULT_READERS, (os.cpu_count() or 1) - 2))
 
 
-def _process_context() -> Any:
-    """forkserver where it exists (no fork of a process holding a CUDA context and threads)."""
-    if "forkserver" in multiprocessing.get_all_start_methods():
-        context = multiprocessing.get_context("forkserver")
-        # Forked readers (and quality workers) start with the engine imported, their native
-        # libraries limited to one thread (worker_env, set before NumPy loads); no effect once
-        # the server runs.
-        context.set_forkserver_preload(
-            ["napari_zemosaic.engine._worker_preload", __name__, "napari_zemosaic.engine.quality"]
-        )
-        return context
-    return multiprocessing.get_context("spawn")
-
-
-def start_process_server() -> None:
-    """Have the forkserver of :func:`_process_context` start now, without waiting for it: a new
-    server imports the engine (about 1 s) while the run sets up (the GPU's start), not when the
-    first reader or measuring process is asked for. Does nothing where processes are spawned."""
-    if _process_context().get_start_method() == "forkserver":
-        from multiprocessing import forkserver
-
-        forkserver.ensure_running()
-
-
 def _main_module_is_importable() -> bool:
     """Whether child processes can re-import ``__main__`` (they do; stdin scripts cannot be)."""
     main_file = getattr(sys.modules.get("__main__"), "__file__", None)
@@ -833,7 +810,7 @@ def _reader_executor(
     readers = _reader_count(config)
     if n_frames >= PROCESS_READERS_MIN_FRAMES and readers >= 2 and _main_module_is_importable():
         pool = ProcessPoolExecutor(
-            max_workers=readers, mp_context=_process_context(), initializer=_init_reader_process, initargs=(canvas,)
+            max_workers=readers, mp_context=process_context(), initializer=_init_reader_process, initargs=(canvas,)
         )
 
         def submit_to_process(

@@ -997,13 +997,13 @@ class _PairFitRunner:
     def _start_pool(self, workers: int) -> None:
         from concurrent.futures import ProcessPoolExecutor
 
-        from .mosaic_first import _process_context
+        from .worker_env import process_context
 
         try:
             self.workers = workers
             self.shm, layout = _share_pieces(self.piece_sets)
             self.pool = ProcessPoolExecutor(
-                max_workers=workers, mp_context=_process_context(), initializer=_init_pair_worker,
+                max_workers=workers, mp_context=process_context(), initializer=_init_pair_worker,
                 initargs=(self.shm.name, layout, self.kappa, self.min_cells),
             )
         except (OSError, ValueError):  # no shared memory here (e.g. a full /dev/shm): threads

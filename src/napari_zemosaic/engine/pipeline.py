@@ -340,9 +340,9 @@ def iter_run(
         from .distributed import open_scheduler, scheduler_report
 
         with ctx.timed("setup"):  # the GPU's start and a local cluster's: outside every phase
-            from .mosaic_first import start_process_server
+            from .worker_env import start_process_server, wants_device
 
-            start_process_server()  # its imports overlap the GPU's start
+            start_process_server(wants_device(config))  # its imports overlap the GPU's start
             _open_manifest(run, lock)
             ctx.policy = _build_policy(config, reporter)
             if ctx.policy is not None:

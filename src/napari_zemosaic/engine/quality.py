@@ -1081,12 +1081,13 @@ def _measure_executor(
     if measure is measure_one and total >= PROCESS_MEASURE_MIN_FRAMES and (os.cpu_count() or 1) >= 4:
         from dataclasses import replace
 
-        from .mosaic_first import _main_module_is_importable, _process_context
+        from .mosaic_first import _main_module_is_importable
+        from .worker_env import process_context
 
         if _main_module_is_importable():
             requested = int(config.get("num_workers", 0) or 0)
             workers = max(1, min(requested if requested > 0 else (os.cpu_count() or 1), total))
-            pool = ProcessPoolExecutor(max_workers=workers, mp_context=_process_context(),
+            pool = ProcessPoolExecutor(max_workers=workers, mp_context=process_context(),
                                        initializer=_lower_worker_priority)
 
             def submit_to_process(index: int) -> Any:

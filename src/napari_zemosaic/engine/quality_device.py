@@ -212,13 +212,13 @@ class MeasuringProcess:
     stand-in); ``warm_up``: see :func:`_serve`."""
 
     def __init__(self, device_id: int, module_name: str, warm_up: tuple[tuple[int, int], int | None] | None = None) -> None:
-        from .mosaic_first import _process_context
+        from .worker_env import process_context
 
         self._module_name = module_name
         self.shared: SharedPlanes | None = None
         self._closed = self._stopped = False
         self._lock = threading.Lock()
-        context = _process_context()
+        context = process_context()
         self._connection, child = context.Pipe()
         self._process = context.Process(
             target=_serve, args=(child, int(device_id), module_name, warm_up), name="zemosaic-quality-gpu", daemon=True
