@@ -448,7 +448,7 @@ def read_only_rates(frames_dir: Path, single: int) -> dict[str, Any]:
     """Reading and decoding alone: astropy in one process, and the GPU path's reader pool."""
     from concurrent.futures import ProcessPoolExecutor
 
-    from napari_zemosaic.engine import mosaic_first
+    from napari_zemosaic.engine import mosaic_first, worker_env
     from napari_zemosaic.engine.canvas import build_canvas
     from napari_zemosaic.engine.frames import _read_raw_image, _scaled_pixels, read_frame_info
 
@@ -463,7 +463,7 @@ def read_only_rates(frames_dir: Path, single: int) -> dict[str, Any]:
     one_process = single / (time.perf_counter() - start)
     canvas = build_canvas([i.wcs for i in infos], [i.shape for i in infos])
     readers = mosaic_first._reader_count({})
-    with ProcessPoolExecutor(readers, mp_context=mosaic_first._process_context()) as pool:
+    with ProcessPoolExecutor(readers, mp_context=worker_env.process_context()) as pool:
         list(pool.map(mosaic_first.prepare_frame_on_host, infos[:readers], range(readers),
                       [canvas] * readers, [0.01] * readers))  # start the workers
         start = time.perf_counter()
