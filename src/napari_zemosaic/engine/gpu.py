@@ -108,6 +108,7 @@ import numpy as np
 
 from ..config import GPU_STACK_ALIASES, validate_config
 from .context import UserError
+from .worker_env import ENV_FORCE_CPU, env_flag
 
 STAGES: tuple[str, ...] = ("debayer", "reproject", "stack", "assembly", "intertile", "quality")
 
@@ -120,7 +121,6 @@ STAGE_FLAGS: dict[str, str] = {
     "quality": "use_gpu_phase5",
 }
 
-ENV_FORCE_CPU = "ZEMOSAIC_FORCE_CPU"
 ENV_FORCE_CPU_INTERTILE = "ZEMOSAIC_FORCE_CPU_INTERTILE"
 ENV_SAFETY_FRACTION = "ZEMOSAIC_GPU_SAFETY_FRACTION"
 ENV_MEMORY_LIMIT_MB = "ZEMOSAIC_GPU_MEMORY_LIMIT_MB"
@@ -2518,12 +2518,6 @@ def config_overrides_for_gpu_mode(mode: str) -> dict[str, Any]:
     raise ValueError(f"unknown GPU mode {mode!r} (auto, on, off)")
 
 
-def _env_flag(env: Mapping[str, str], name: str) -> bool:
-    from .worker_env import env_flag
-
-    return env_flag(env, name)
-
-
 def _jsonable(value: Any) -> Any:
     """Log/report parameters as plain JSON types (numpy scalars, tuples, paths → str)."""
     if isinstance(value, (bool, int, float, str)) or value is None:
@@ -2682,7 +2676,7 @@ class ComputePolicy:
     def _apply_force_cpu_env(self, env: Mapping[str, str], wanted: list[str]) -> list[str]:
         """Drop the stages an environment variable forces onto the CPU (logged)."""
         for variable, stages in ((ENV_FORCE_CPU, STAGES), (ENV_FORCE_CPU_INTERTILE, ("intertile",))):
-            if not _env_flag(env, variable):
+            if not env_flag(env, variable):
                 continue
             self.env_overrides[variable] = env[variable]
             forced = [stage for stage in wanted if stage in stages]

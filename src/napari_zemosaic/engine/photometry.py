@@ -1207,12 +1207,12 @@ def coarsening_factor(pieces: Sequence[CoarsePiece]) -> int:
     return factor
 
 
-def coarsened_pieces(pieces: Sequence[CoarsePiece], factor: int | None = None) -> tuple[list[CoarsePiece], int]:
-    """The pieces :func:`solve_normalisation` fits, and the factor of their cells: large frames get
-    fewer, bigger cells, which keep the pairwise fits fast without losing the signal. ``factor``:
-    that of other pieces (:func:`coarsening_factor`), for pieces coarsened ahead of a solve of
-    a set they belong to; solved with ``bin_px`` times the factor, they are solved as that set's."""
-    factor = coarsening_factor(pieces) if factor is None else int(factor)
+def coarsened_pieces(pieces: Sequence[CoarsePiece]) -> tuple[list[CoarsePiece], int]:
+    """The pieces :func:`solve_normalisation` fits, and the factor of their cells
+    (:func:`coarsening_factor`): large frames get fewer, bigger cells, which keep the pairwise fits
+    fast without losing the signal. Pieces coarsened ahead of a solve, by the factor that solve
+    would use, are solved as it would with ``bin_px`` times the factor."""
+    factor = coarsening_factor(pieces)
     if factor == 1:
         return list(pieces), 1
     return [_coarser_piece(p, factor) for p in pieces], factor

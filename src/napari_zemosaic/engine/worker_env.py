@@ -37,7 +37,6 @@ def limit_native_threads(environ: dict[str, str] | os._Environ[str] = os.environ
         environ.setdefault(name, "1")
 
 
-
 #: What the forkserver imports before it forks anything: the engine's worker modules (the first
 #: one limits the native libraries' threads before NumPy loads).
 SERVER_PRELOAD = (
@@ -45,6 +44,8 @@ SERVER_PRELOAD = (
     "napari_zemosaic.engine.mosaic_first",
     "napari_zemosaic.engine.quality",
 )
+#: The environment variable that keeps every stage on the CPU (see :mod:`.gpu`).
+ENV_FORCE_CPU = "ZEMOSAIC_FORCE_CPU"
 #: Also imported by a forkserver started for a run on the GPU: a measuring process forked from
 #: it has them loaded (measured on one H100: ready 1.23 s after its start instead of 1.75 s).
 DEVICE_PRELOAD = ("cupy", "cupyx")
@@ -78,8 +79,8 @@ def start_process_server(device: bool = False) -> None:
 
 def wants_device(config: dict[str, Any], environ: dict[str, str] | os._Environ[str] = os.environ) -> bool:
     """Whether a run of ``config`` asks for the GPU's resampling (``use_gpu_phase5``) and the
-    environment does not force the CPU (``ZEMOSAIC_FORCE_CPU``, see :mod:`.gpu`)."""
-    return bool(config.get("use_gpu_phase5")) and not env_flag(environ, "ZEMOSAIC_FORCE_CPU")
+    environment does not force the CPU (:data:`ENV_FORCE_CPU`)."""
+    return bool(config.get("use_gpu_phase5")) and not env_flag(environ, ENV_FORCE_CPU)
 
 
 def env_flag(environ: Any, name: str) -> bool:
