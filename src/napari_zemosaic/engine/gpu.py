@@ -1327,7 +1327,7 @@ __device__ unsigned int zm_middle_keys(const float* __restrict__ v, const long l
 
 // debayer._robust_sigma's two medians of each row: out[row] = (finite count, median, median absolute
 // deviation), the medians as numpy.median computes them in float32 (NaN, NaN without a finite value).
-// rows[2 r], rows[2 r + 1]: address and length of row r (float32, contiguous).
+// The row of this block: v, n values (float32, contiguous).
 __device__ __forceinline__ void zm_median_mad_row(const float* __restrict__ v, const long long n, double* __restrict__ out)
 {
     __shared__ ZmScratch s;
@@ -1350,6 +1350,7 @@ __device__ __forceinline__ void zm_median_mad_row(const float* __restrict__ v, c
     }
 }
 
+// rows[2 r], rows[2 r + 1]: address and length of row r.
 extern "C" __global__ void __launch_bounds__(ZM_THREADS) zemosaic_median_mad_rows(
     const long long* __restrict__ rows, double* __restrict__ out)
 {
