@@ -596,6 +596,16 @@ def test_raw_pixel_plan_loads_the_values_of_the_general_read(tmp_path: Path, kin
     with ThreadPoolExecutor(1) as loader:
         prefetched = PrefetchedRaw(plan, loader.submit(plan.read_for_device))
         np.testing.assert_array_equal(prefetched.load(np), expected)
+    # A small array staged after the pixels (a control grid) travels in the same buffer, untouched.
+    extra = np.random.default_rng(2).normal(size=(2, 5, 7))
+    staged = plan.read_for_device(extra)
+    assert staged.offset % 256 == 0 and staged.offset >= staged.raw.nbytes
+    np.testing.assert_array_equal(staged.raw, plan.read())
+    np.testing.assert_array_equal(staged.extra, extra)
+    raw_values, extra_values = staged.upload(np)  # what the device receives, here as NumPy views
+    np.testing.assert_array_equal(raw_values, plan.read().view(raw_values.dtype))
+    np.testing.assert_array_equal(extra_values, extra)
+    assert plan.read_for_device().extra is None
 
 
 def test_raw_pixel_plan_declines_what_needs_the_general_read(tmp_path: Path) -> None:
@@ -636,6 +646,7 @@ def test_reader_process_frames_give_the_pixels_of_a_direct_read(tmp_path: Path) 
     from napari_zemosaic.engine.canvas import build_canvas
     from napari_zemosaic.engine.demo import DemoSpec, generate_demo
     from napari_zemosaic.engine.frames import RawPixels
+    from napari_zemosaic.engine.resume import stamped_file_identity
 
     truth = generate_demo(tmp_path / "night", DemoSpec(panels=(1, 1), frames_per_panel=2, scale=0.25, seed=3))
     infos = [read_frame_info(path) for path in truth.frame_paths]
@@ -656,6 +667,8 @@ def test_reader_process_frames_give_the_pixels_of_a_direct_read(tmp_path: Path) 
         fingerprint = mosaic_first._wcs_fingerprint(info.wcs)
         in_reader = mosaic_first._prepare_in_reader_process(light, index, 0.01, None, fingerprint)
         assert isinstance(in_reader.pixels, RawPixels)
+        # The reader also says what identifies the file for the run's resume signatures.
+        assert in_reader.file_identity == stamped_file_identity(info.path) and direct.file_identity is None
         np.testing.assert_array_equal(in_reader.grid.bbox, direct.grid.bbox)
         np.testing.assert_array_equal(mosaic_first.frame_pixels(in_reader, info, config, 3, np), a)
         wrong = (fingerprint[0], fingerprint[1], fingerprint[2], (b"x",) + fingerprint[3][1:])

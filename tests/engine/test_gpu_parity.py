@@ -847,6 +847,23 @@ def test_fused_map_and_bilinear_sampling_equal_the_numpy_path_to_the_bit(device:
         np.testing.assert_array_equal(gpu.to_host(footprint), cpu_fp)
     # The kernel computed the control rows itself: no expander array was made.
     assert expander._arrays is None
+    # Control points staged after a frame's pixels and copied with them: the same bits.
+    from napari_zemosaic.engine.frames import StagedPixels
+
+    raw = np.arange(6000, dtype=np.uint16)
+    points = reproject.control_points(grid)
+    buffer = np.zeros(12288 + points.nbytes, np.uint8)
+    buffer[: raw.nbytes] = raw.view(np.uint8)
+    buffer[12288:] = points.view(np.uint8).reshape(-1)
+    staged = StagedPixels(buffer, raw, buffer[12288:].view(np.float64).reshape(points.shape), 12288)
+    raw_on_device, points_on_device = staged.upload(cp)
+    staged_expander = reproject._MapExpander(grid, cp, grid_on_device=points_on_device)
+    out = cp.empty((data.shape[0], height, width), dtype=cp.float32)
+    footprint = cp.empty((height, width), dtype=cp.float32)
+    assert staged_expander.sample_bilinear_into(source, 0, height, out, footprint)
+    np.testing.assert_array_equal(gpu.to_host(out), cpu_out)
+    np.testing.assert_array_equal(gpu.to_host(footprint), cpu_fp)
+    np.testing.assert_array_equal(gpu.to_host(raw_on_device), raw)
     # The public helper, fused and not (rows() + fused_bilinear_into): the same bits.
     for fused in (True, False):
         out = cp.empty((data.shape[0], height, width), dtype=cp.float32)

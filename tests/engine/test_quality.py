@@ -136,6 +136,66 @@ def test_background_noise_and_transparency_match_truth(night):
     assert metrics[truth.cloudy_frame].transparency == pytest.approx(demo.CLOUDY_TRANSPARENCY, abs=0.04)
 
 
+def _matched_ratios_one_query_a_frame(members, metrics, frames):
+    """The matching as it reads: one cKDTree query per frame at that frame's radius."""
+    from scipy.spatial import cKDTree
+
+    geometry = q._FrameGeometry(frames)
+    reference = max(members, key=lambda i: (metrics[i].stars.flux.size, -i))
+    tree = cKDTree(geometry.vectors(reference, metrics[reference].stars))
+    ratios = {}
+    for i in members:
+        fwhm = metrics[i].fwhm_px if math.isfinite(metrics[i].fwhm_px) else 0.0
+        radius = math.radians(max(q.MATCH_RADIUS_PX, fwhm) * geometry.scale(i) / 3600.0)
+        distance, nearest = tree.query(geometry.vectors(i, metrics[i].stars), k=1, distance_upper_bound=radius)
+        matched = np.isfinite(distance)
+        assert matched.sum() >= q.MIN_MATCHES
+        ratios[i] = float(np.median(metrics[i].stars.flux[matched] / metrics[reference].stars.flux[nearest[matched]]))
+    return ratios
+
+
+def test_one_query_for_all_frames_matches_as_one_query_a_frame(night):
+    truth, infos, metrics, _ = night
+    for group in {m.group for m in metrics}:
+        members = [i for i, m in enumerate(metrics) if m.group == group]
+        expected = _matched_ratios_one_query_a_frame(members, metrics, infos)
+        assert q._matched_ratios(members, metrics, infos) == expected  # to the bit
+    # Radii that cut through the matches: each frame's own bound still decides, as a query would.
+    members = [i for i, m in enumerate(metrics) if m.group == metrics[0].group]
+    tree_vectors = q._FrameGeometry(infos)
+    reference = max(members, key=lambda i: (metrics[i].stars.flux.size, -i))
+    ref = tree_vectors.vectors(reference, metrics[reference].stars)
+    from scipy.spatial import cKDTree
+
+    tree = cKDTree(ref)
+    sets = [tree_vectors.vectors(i, metrics[i].stars) for i in members]
+    typical = float(np.median(np.concatenate([tree.query(v, k=1)[0] for v in sets])))
+    radii = [typical * f for f in np.linspace(0.5, 2.0, len(sets))]
+    partial = 0
+    for (matched, nearest), vectors, radius in zip(q._within_radius(tree, ref, sets, radii), sets, radii):
+        distance, expected_nearest = tree.query(vectors, k=1, distance_upper_bound=radius)
+        assert np.array_equal(matched, np.isfinite(distance))
+        assert np.array_equal(nearest[matched], expected_nearest[matched])
+        partial += 0 < matched.sum() < matched.size
+    assert partial >= len(sets) // 2
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_medians_of_many_arrays_are_numpys(dtype):
+    rng = np.random.default_rng(5)
+    samples = [rng.normal(size=int(rng.integers(0, 12))).astype(dtype) for _ in range(400)]
+    samples[:4] = [np.array([1.0, np.nan, 2.0], dtype), np.array([np.inf, 1.0], dtype),
+                   np.array([-0.0, 0.0], dtype), np.array([], dtype)]
+    samples += [np.array([], dtype), np.array([3.0], dtype), np.array([], dtype)]  # empty ones last
+    with np.errstate(all="ignore"):
+        expected = [float(np.median(sample)) if sample.size else math.nan for sample in samples]
+    got = q._medians_of(samples)
+    assert len(got) == len(expected)
+    for mine, theirs in zip(got, expected):
+        assert mine == theirs or (math.isnan(mine) and math.isnan(theirs))
+    assert all(math.isnan(value) for value in q._medians_of([np.array([], dtype)] * 3))
+
+
 def test_transparency_without_wcs_falls_back_to_flux_levels(night):
     import copy
 

@@ -8,6 +8,7 @@ SIGKILL); a full disk is a 1 MiB tmpfs where the test may mount one, a file-size
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -38,6 +39,7 @@ from napari_zemosaic.engine.resume import (
     UnitManifest,
     ensure_free_space,
     file_identity,
+    stamped_file_identity,
     write_file_atomic,
 )
 from napari_zemosaic.events import Reporter
@@ -310,6 +312,29 @@ def test_signature_follows_input_identity(frame_file: Path, tmp_path: Path) -> N
     assert manifest.signature("block", {"gains": np.array([1.0, 2.0])}) != manifest.signature("block", {"gains": np.array([1.0, 2.0 + 1e-12])})
     with pytest.raises(KeyError):
         manifest.signature("no_such_kind", {})
+
+
+def test_a_readers_identity_is_taken_while_the_file_keeps_its_stamp(frame_file: Path, tmp_path: Path) -> None:
+    from napari_zemosaic.engine.frames import read_frame_info
+
+    def digest(info: Any) -> str:  # a fresh manifest: nothing memoised
+        return UnitManifest(tmp_path / "cache", "1.0", config=validate_config({})).digest(info)
+
+    stamp, identity = stamped_file_identity(frame_file)
+    assert identity == file_identity(frame_file)
+    info = read_frame_info(frame_file)
+    assert info.file_identity is None  # only P3's reader processes compute it
+    plain = digest(info)
+    info.file_identity = (stamp, identity)
+    assert digest(info) == plain  # the same identity, without reading the header again
+    # A forged hash shows which one the signature took: the known one, while the stamp holds ...
+    info.file_identity = (stamp, {**identity, "header_sha256": "0" * 64})
+    assert digest(info) != plain
+    stat = frame_file.stat()
+    os.utime(frame_file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    # ... and the file's own once it is touched (a new stamp).
+    touched = digest(dataclasses.replace(info, file_identity=None))
+    assert digest(info) == touched != plain
 
 
 def _unit_file(cache: Path, name: str, payload: bytes) -> Path:

@@ -123,6 +123,9 @@ class FrameInfo:
     header: fits.Header = field(repr=False)
     wcs_detail: str = ""
     metrics: dict[str, float] = field(default_factory=dict)  # frame quality numbers, once measured
+    #: ``(stat stamp, identity)`` of the file as a reader process found it
+    #: (:func:`.resume.stamped_file_identity`), for the run's resume signatures; None elsewhere.
+    file_identity: tuple[tuple[int, int, int], dict[str, Any]] | None = field(default=None, repr=False, compare=False)
 
     def __getstate__(self) -> dict[str, Any]:
         # A plate-solved WCS is computed, not read: its header text would round it (wcs_exact.py).
@@ -1112,6 +1115,18 @@ def _read_chunk(paths: list[Path], auto_detect_seestar: bool, force_seestar_mode
     return shipped
 
 
+def stamped_identity(path: str | os.PathLike[str]) -> tuple[tuple[int, int, int], dict[str, Any]] | None:
+    """The file's resume identity (:func:`.resume.stamped_file_identity`), for reader processes to
+    compute beside their read (the run's signatures would otherwise read every header again in the
+    main process); None when it cannot be read."""
+    from .resume import stamped_file_identity
+
+    try:
+        return stamped_file_identity(path)
+    except OSError:
+        return None
+
+
 def _unship(item: _Shipped) -> FrameInfo | FrameError:
     """The outcome :func:`read_frame_info` gives in this process for a reader's answer."""
     if item[0] == "error":
@@ -1413,16 +1428,31 @@ class RawPixels:
             raise FrameError(REASON_TRUNCATED, f"{got} of {count} pixels in the file", path=self.path)
         return raw.reshape(self.shape)
 
-    def read_for_device(self) -> np.ndarray:
+    def read_for_device(self, extra: np.ndarray | None = None) -> "StagedPixels":
         """:meth:`read` into page-locked memory (CuPy's pinned pool), whose copy to the device
-        runs asynchronously on the copying thread's stream; ordinary memory without CuPy."""
+        runs asynchronously on the copying thread's stream; ordinary memory without CuPy.
+
+        ``extra``: a small array staged after the pixels in the same buffer (a frame's control
+        grid), so that one copy takes both to the device (:class:`StagedPixels`)."""
+        dtype = np.dtype(np.uint8 if self.bitpix == 8 else np.uint16)
+        raw_bytes = int(np.prod(self.shape, dtype=np.int64)) * dtype.itemsize
+        offset = -(-raw_bytes // _STAGING_ALIGN) * _STAGING_ALIGN
+        extra = None if extra is None else np.ascontiguousarray(extra)
+        total = offset + (0 if extra is None else extra.nbytes)
+        # Sizes rounded up, so that frames of one shape reuse the pool's buffers (it keeps them by size).
+        allocated = -(-total // _STAGING_ROUND) * _STAGING_ROUND
         try:
             import cupyx
 
-            into = cupyx.empty_pinned(self.shape, dtype=np.uint8 if self.bitpix == 8 else np.uint16)
+            buffer = cupyx.empty_pinned((allocated,), dtype=np.uint8)[:total]
         except Exception:  # no CuPy or no pinned memory left: an ordinary buffer reads the same
-            into = None
-        return self.read(into)
+            buffer = np.empty(total, dtype=np.uint8)
+        raw = self.read(buffer[:raw_bytes])
+        staged_extra = None
+        if extra is not None:
+            staged_extra = buffer[offset:total].view(extra.dtype).reshape(extra.shape)
+            staged_extra[...] = extra
+        return StagedPixels(buffer, raw, staged_extra, offset)
 
     def load(self, xp: Any = np, raw: np.ndarray | None = None) -> Any:
         """The decoded pixels on ``xp``: uint16 (BZERO 32768), int16 or uint8, as :func:`_scaled_pixels`.
@@ -1436,9 +1466,15 @@ class RawPixels:
             if self.flip_sign:
                 return np.bitwise_xor(raw.view(">u2"), np.uint16(0x8000), dtype=np.uint16)
             return raw.astype(raw.dtype.newbyteorder("="))
+        return self.decode_on_device(_upload(raw.view(np.uint16), xp), xp)
+
+    def decode_on_device(self, swapped: Any, xp: Any) -> Any:
+        """:meth:`load`'s values from the file's bytes on the device (``swapped``: uint16 as read,
+        or uint8 for BITPIX 8), decoded in place where one kernel applies."""
+        if self.bitpix == 8:
+            return swapped
         from .gpu import fused_decode_big_endian_16
 
-        swapped = _upload(raw.view(np.uint16), xp)  # the file's bytes, read as native uint16
         if fused_decode_big_endian_16(swapped, self.flip_sign, xp) is None:  # one kernel where it applies
             swapped = xp.bitwise_or(xp.right_shift(swapped, 8), xp.left_shift(swapped, 8))  # uint16: wraps
             if self.flip_sign:
@@ -1446,17 +1482,51 @@ class RawPixels:
         return swapped if self.flip_sign else swapped.view(xp.int16)
 
 
+#: Byte alignment of what :meth:`RawPixels.read_for_device` stages after the pixels.
+_STAGING_ALIGN = 256
+#: Granularity of its buffers' sizes (a frame's control grid takes a few kB).
+_STAGING_ROUND = 1 << 16
+
+
+@dataclass
+class StagedPixels:
+    """A frame's raw values (:attr:`raw`, big-endian as in the file) and an optional small array
+    (:attr:`extra`, from ``offset``), side by side in one host buffer (page-locked with CuPy)."""
+
+    buffer: np.ndarray  # uint8
+    raw: np.ndarray
+    extra: np.ndarray | None
+    offset: int
+
+    def upload(self, xp: Any) -> tuple[Any, Any]:
+        """``(raw bytes as native uint16 or uint8, extra)`` on the device, both from one
+        asynchronous copy of the buffer on the current stream (keep this alive until it has run)."""
+        device = _upload(self.buffer, xp)
+        dtype = xp.uint8 if self.raw.dtype.itemsize == 1 else xp.uint16
+        raw = device[: self.raw.nbytes].view(dtype).reshape(self.raw.shape)
+        extra = None
+        if self.extra is not None:
+            extra = device[self.offset : self.offset + self.extra.nbytes].view(self.extra.dtype).reshape(self.extra.shape)
+        return raw, extra
+
+
 @dataclass
 class PrefetchedRaw:
     """A :class:`RawPixels` whose read was started on a loader thread (:meth:`RawPixels.read_for_device`):
     the device thread then only copies and decodes (:meth:`load`), the read's wait and its GIL-free
-    I/O happen beside it."""
+    I/O happen beside it. What was staged with the pixels is :attr:`extra_on_device` once loaded
+    on the device."""
 
     plan: RawPixels
-    pending: Any  # concurrent.futures.Future of the raw values
+    pending: Any  # concurrent.futures.Future of the StagedPixels
+    extra_on_device: Any = None
 
     def load(self, xp: Any = np) -> Any:
-        return self.plan.load(xp, self.pending.result())
+        staged = self.pending.result()
+        if getattr(xp, "cuda", None) is None:
+            return self.plan.load(xp, staged.raw)
+        swapped, self.extra_on_device = staged.upload(xp)
+        return self.plan.decode_on_device(swapped, xp)
 
 
 def _upload(host: np.ndarray, xp: Any) -> Any:

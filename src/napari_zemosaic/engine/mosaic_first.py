@@ -100,6 +100,7 @@ from .frames import (
     _to_chw,
     estimate_background_noise,
     load_frame,
+    stamped_identity,
     validate_wcs,
 )
 from .gpu import (
@@ -131,6 +132,7 @@ from .reproject import (
     _prepare_source,
     _rows_per_chunk,
     compute_control_grid,
+    control_points,
     reproject_frame,
     sample_rows,
 )
@@ -189,6 +191,7 @@ class HostFrame:
     grid: ControlGrid  # canvas → frame control grid over the frame's bounding box
     read_s: float = 0.0  # seconds spent reading and decoding the file
     grid_s: float = 0.0  # seconds spent computing the control grid
+    file_identity: Any = None  # a reader process's frames.stamped_identity of the file
 
 
 @dataclass
@@ -450,17 +453,19 @@ def frame_pixels(
 
 
 def sample_control_grid(
-    data: Any, grid: ControlGrid, method: str, xp: Any, rows_per_chunk: int, may_hold_nan: bool = True
+    data: Any, grid: ControlGrid, method: str, xp: Any, rows_per_chunk: int, may_hold_nan: bool = True,
+    grid_on_device: Any = None,
 ) -> tuple[Any, Any]:
     """Resample ``data`` (C, H, W) over the grid's bounding box, ``rows_per_chunk`` rows at a time.
 
     The loop of :func:`.reproject.reproject_frame` with the chunk size chosen by the caller
     (from the GPU budget); every output pixel is computed independently, so the chunking
     never changes a value. ``may_hold_nan=False``: ``data`` is known to hold no NaN.
+    ``grid_on_device``: the grid's control points already on the device (see :class:`_MapExpander`).
     """
     _check_method(method)
     source = _prepare_source(data, xp, may_hold_nan)
-    expander = _MapExpander(grid, xp)
+    expander = _MapExpander(grid, xp, grid_on_device=grid_on_device)
     height, width = grid.shape
     out = xp.empty((source.flat.shape[0], height, width), dtype=xp.float32)
     footprint = xp.empty((height, width), dtype=xp.float32)
@@ -534,7 +539,11 @@ def reproject_host_frame(
         free_for_chunks = int(budget_bytes) - _reproject_fixed_bytes(info, host.grid, n_channels)
         rows = plan_chunks(height, per_row, free_for_chunks, min_items=MIN_SAMPLE_ROWS)
     rows = _scaled_rows(rows, height, chunk_scale, MIN_SAMPLE_ROWS)
-    out, _footprint = sample_control_grid(data, host.grid, config["resample_method"], xp, rows, host.may_hold_nan)
+    # A frame read ahead by a loader brought its control points to the device with its pixels.
+    staged_grid = host.pixels.extra_on_device if isinstance(host.pixels, PrefetchedRaw) else None
+    out, _footprint = sample_control_grid(
+        data, host.grid, config["resample_method"], xp, rows, host.may_hold_nan, grid_on_device=staged_grid
+    )
     del data, _footprint
     bbox = tuple(int(v) for v in host.grid.bbox)
     coarse = coarse_piece(out, bbox, PHOTOMETRY_BIN_PX)
@@ -797,7 +806,10 @@ def _prepare_in_reader_process(
         if wcs is None or _wcs_fingerprint(wcs) != fingerprint:
             return NEEDS_WCS
         info = replace(info, wcs=wcs)
-    return prepare_frame_on_host(info, index, _READER_CANVAS, tol_px, bbox, defer_pixels=True)
+    host = prepare_frame_on_host(info, index, _READER_CANVAS, tol_px, bbox, defer_pixels=True)
+    if host is not None:  # the file's resume identity, here beside the read (see FrameInfo.file_identity)
+        host.file_identity = stamped_identity(info.path)
+    return host
 
 
 def _reader_executor(
@@ -1638,8 +1650,12 @@ def _reproject_frames_gpu(
                     if host is not None:
                         timing["read_s"] += host.read_s
                         timing["grid_s"] += host.grid_s
+                        if host.file_identity is not None:
+                            frames[index].file_identity = host.file_identity
                         if isinstance(host.pixels, RawPixels):
-                            host.pixels = PrefetchedRaw(host.pixels, loaders.submit(host.pixels.read_for_device))
+                            host.pixels = PrefetchedRaw(
+                                host.pixels, loaders.submit(host.pixels.read_for_device, control_points(host.grid))
+                            )
                         computing[device_pool.submit(device_unit, host)] = index
                         continue
                 else:

@@ -1271,7 +1271,12 @@ def assign_transparency(
 def _matched_ratios(
     members: list[int], metrics: Sequence[FrameMetrics], frames: Sequence[Any], geometry: _FrameGeometry | None = None
 ) -> dict[int, float] | None:
-    """Median flux ratio to the group's reference frame, or None if matching is not possible for all."""
+    """Median flux ratio to the group's reference frame, or None if matching is not possible for all.
+
+    Each star is matched to the reference's nearest star within the frame's radius. The stars of
+    all frames go through the tree in one query (at the largest radius): one call instead of one a
+    frame. Each frame's own radius is then applied as cKDTree applies a bound, so the matches are
+    those of a query per frame."""
     from scipy.spatial import cKDTree
 
     geometry = geometry if geometry is not None else _FrameGeometry(frames)
@@ -1282,8 +1287,8 @@ def _matched_ratios(
     ref_vectors = geometry.vectors(reference, metrics[reference].stars)
     if ref_vectors is None:
         return None
-    tree = cKDTree(ref_vectors)
-    ratios: dict[int, float] = {}
+    radii: list[float] = []
+    star_vectors: list[np.ndarray] = []
     for i in members:
         scale = geometry.scale(i) or math.nan
         fwhm = metrics[i].fwhm_px if math.isfinite(metrics[i].fwhm_px) else 0.0
@@ -1291,15 +1296,61 @@ def _matched_ratios(
         vectors = geometry.vectors(i, metrics[i].stars)
         if vectors is None or not math.isfinite(radius):
             return None
-        distance, nearest = tree.query(vectors, k=1, distance_upper_bound=radius)
-        matched = np.isfinite(distance)
-        if int(matched.sum()) < MIN_MATCHES:
+        radii.append(radius)
+        star_vectors.append(vectors)
+    within = _within_radius(cKDTree(ref_vectors), ref_vectors, star_vectors, radii)
+    ref_flux = metrics[reference].stars.flux
+    flux_ratios = [metrics[i].stars.flux[matched] / ref_flux[nearest[matched]] for i, (matched, nearest) in zip(members, within)]
+    medians = _medians_of(flux_ratios)
+    ratios: dict[int, float] = {}
+    for i, frame_ratios, median in zip(members, flux_ratios, medians):
+        if frame_ratios.size < MIN_MATCHES:
             if metrics[i].n_stars == 0:
                 continue  # nothing to match: assign_transparency gives 0
             return None
-        ratio = metrics[i].stars.flux[matched] / metrics[reference].stars.flux[nearest[matched]]
-        ratios[i] = float(np.median(ratio))
+        ratios[i] = float(median)
     return ratios
+
+
+def _medians_of(samples: Sequence[np.ndarray]) -> list[float]:
+    """``numpy.median`` of each 1-D array (NaN for an empty one), with one sort for all of them:
+    the middle value, or the mean of the two middle values, NaN where an array holds a NaN."""
+    counts = np.array([sample.size for sample in samples], dtype=np.intp)
+    if counts.sum() == 0:
+        return [math.nan] * len(samples)
+    values = np.concatenate(samples)
+    owner = np.repeat(np.arange(len(samples)), counts)
+    ordered = values[np.lexsort((values, owner))]  # by array, then by value (NaN last)
+    ends = np.cumsum(counts)
+    last = values.size - 1  # the positions of empty arrays are clipped in; their median is NaN
+    low = np.clip(ends - counts + (counts - 1) // 2, 0, last)
+    high = np.clip(ends - counts + counts // 2, 0, last)
+    middle = np.mean(np.stack([ordered[low], ordered[high]]), axis=0)
+    medians = np.where(counts % 2 == 1, ordered[low], middle)
+    has_nan = np.isnan(ordered[np.clip(ends - 1, 0, last)])
+    return [math.nan if n == 0 or nan else float(m) for n, nan, m in zip(counts, has_nan, medians)]
+
+
+def _within_radius(
+    tree: Any, ref_vectors: np.ndarray, star_vectors: Sequence[np.ndarray], radii: Sequence[float]
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``(matched, nearest)`` per set of ``star_vectors``: the index of each star's nearest reference
+    vector and whether it lies within that set's radius, as ``tree.query(vectors, k=1,
+    distance_upper_bound=radius)`` decides it: squared distance (summed over x, y, z in order)
+    below the squared radius."""
+    counts = [len(vectors) for vectors in star_vectors]
+    if not counts or sum(counts) == 0:
+        return [(np.zeros(n, bool), np.zeros(n, np.intp)) for n in counts]
+    stars = np.concatenate(star_vectors)
+    distance, nearest = tree.query(stars, k=1, distance_upper_bound=max(radii), workers=-1)
+    found = np.isfinite(distance)
+    nearest = np.where(found, nearest, 0)
+    difference = stars - ref_vectors[nearest]
+    squared = difference[:, 0] * difference[:, 0] + difference[:, 1] * difference[:, 1] + difference[:, 2] * difference[:, 2]
+    bound = np.repeat(np.asarray(radii, dtype=np.float64), counts)
+    matched = found & (squared < bound * bound)
+    ends = np.cumsum(counts)
+    return [(matched[end - n : end], nearest[end - n : end]) for n, end in zip(counts, ends)]
 
 
 def _star_vectors(info: Any, stars: StarList) -> np.ndarray | None:

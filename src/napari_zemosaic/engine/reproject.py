@@ -190,10 +190,12 @@ class _MapExpander:
     requested row range is then a y-interpolation between two of those rows.
     """
 
-    def __init__(self, grid: ControlGrid, xp: Any = np, dtype: Any = np.float32) -> None:
+    def __init__(self, grid: ControlGrid, xp: Any = np, dtype: Any = np.float32, grid_on_device: Any = None) -> None:
+        """``grid_on_device``: :func:`control_points` of ``grid`` already on the device (copied with
+        the frame's pixels), else copied here when the bilinear kernel first needs it."""
         self.grid, self.xp, self.dtype = grid, xp, dtype
         self._arrays: dict[str, Any] | None = None
-        self._grid_on_device: Any = None
+        self._grid_on_device: Any = grid_on_device
         if xp is np:
             self._expanded()
 
@@ -265,11 +267,16 @@ class _MapExpander:
         from .gpu import fused_bilinear_control_into, upload_async
 
         if self._grid_on_device is None:
-            self._grid_on_device = upload_async(np.stack([self.grid.src_x, self.grid.src_y]).astype(np.float64), xp)
+            self._grid_on_device = upload_async(control_points(self.grid), xp)
         return fused_bilinear_control_into(
             source.flat, source.bad, source.height, source.width, self._grid_on_device, self.grid.step,
             self.grid.shape, r0, r1, out, footprint, xp,
         )
+
+
+def control_points(grid: ControlGrid) -> np.ndarray:
+    """The grid's frame coordinates as the bilinear kernel reads them: float64 ``(2, ny, nx)``, x then y."""
+    return np.stack([grid.src_x, grid.src_y]).astype(np.float64)
 
 
 def expand_control_grid(grid: ControlGrid, xp: Any = np, dtype: Any = np.float32) -> tuple[Any, Any]:

@@ -680,6 +680,20 @@ def file_identity(path: str | os.PathLike[str]) -> dict[str, Any]:
     return _identity_of(str(resolved), resolved.stat())
 
 
+def stamped_file_identity(path: str | os.PathLike[str]) -> tuple[tuple[int, int, int], dict[str, Any]]:
+    """``(stat stamp, file_identity)`` of ``path``. Mosaic-First's reader processes compute it beside
+    each frame's read (``FrameInfo.file_identity``), so that the run's signatures take it instead of
+    reading every header again in the run's process (``_Canonicaliser.identity``'s ``known``)."""
+    resolved = Path(path).resolve()
+    stat = resolved.stat()
+    return _stamp_of(stat), _identity_of(str(resolved), stat)
+
+
+def _stamp_of(stat: os.stat_result) -> tuple[int, int, int]:
+    """What says a file is still the one identified: size, mtime_ns, inode."""
+    return int(stat.st_size), int(stat.st_mtime_ns), int(stat.st_ino)
+
+
 def _identity_of(resolved: str, stat: os.stat_result) -> dict[str, Any]:
     return {
         "path": resolved,
@@ -732,24 +746,33 @@ class _Canonicaliser:
         self._resolved: dict[str, str] = {}
         self._lock = threading.Lock()
 
-    def identity(self, path: str | os.PathLike[str]) -> dict[str, Any]:
+    def identity(
+        self, path: str | os.PathLike[str], known: tuple[tuple[int, int, int], dict[str, Any]] | None = None
+    ) -> dict[str, Any]:
+        """``file_identity(path)``, memoised while the file's stamp holds. ``known``: a
+        :func:`stamped_file_identity` computed earlier (by a reader process), taken when the file
+        still has its stamp, so that its header is not read again."""
         key = os.fspath(path)
         with self._lock:
             resolved = self._resolved.get(key)
         if resolved is None:  # resolved once a run: a path's links do not move under a run
-            resolved = str(Path(path).resolve())
+            # An absolute path resolves the same in every process; a relative one follows the cwd.
+            resolved = known[1]["path"] if known is not None and os.path.isabs(key) else str(Path(path).resolve())
             with self._lock:
                 self._resolved[key] = resolved
         try:
             stat = os.stat(resolved)
         except OSError as exc:  # a vanished input: its signature can never match a recorded one
             return {"path": resolved, "missing": type(exc).__name__}
-        stamp = (int(stat.st_size), int(stat.st_mtime_ns), int(stat.st_ino))
+        stamp = _stamp_of(stat)
         with self._lock:
-            known = self._identities.get(resolved)
-        if known is not None and known[0] == stamp:
-            return known[1]
-        identity = _identity_of(resolved, stat)  # the stat just taken, not a second one
+            memo = self._identities.get(resolved)
+        if memo is not None and memo[0] == stamp:
+            return memo[1]
+        if known is not None and known[0] == stamp and known[1].get("path") == resolved:
+            identity = dict(known[1])
+        else:
+            identity = _identity_of(resolved, stat)  # the stat just taken, not a second one
         with self._lock:
             self._identities[resolved] = (stamp, identity)
         return identity
@@ -782,7 +805,7 @@ class _Canonicaliser:
             return sorted((self(item) for item in value), key=lambda item: json.dumps(item, sort_keys=True))
         if hasattr(value, "wcs") and hasattr(value, "path") and hasattr(value, "shape"):  # a FrameInfo
             return {
-                "frame": self.identity(value.path),
+                "frame": self.identity(value.path, getattr(value, "file_identity", None)),
                 "hdu": int(getattr(value, "hdu_index", 0)),
                 "shape": [int(size) for size in value.shape],
                 "wcs": None if value.wcs is None else self(_wcs_content(value.wcs)),
