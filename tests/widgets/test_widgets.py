@@ -83,6 +83,42 @@ def test_each_widget_opens_from_the_manifest(make_napari_viewer):
     assert widgets[2].start_button.text == "Start" and not widgets[2].cancel_button.enabled
 
 
+WIDGET_SERVER_PROBE = """
+import json, sys, time
+from multiprocessing import forkserver
+import napari
+from qtpy.QtWidgets import QApplication
+
+viewer = napari.Viewer(show=False)
+running = lambda: forkserver._forkserver._forkserver_pid is not None  # CPython keeps the server's pid there
+before = running()
+viewer.window.add_plugin_dock_widget("napari-zemosaic", "Run mosaic")
+deadline = time.monotonic() + 10
+while not running() and time.monotonic() < deadline:
+    QApplication.instance().processEvents()
+    time.sleep(0.01)
+engine_here = "napari_zemosaic.engine.mosaic_first" in sys.modules
+print(json.dumps({"before": before, "after": running(), "engine_here": engine_here}))
+viewer.close()
+"""
+
+
+def test_the_run_widget_starts_the_worker_server_before_any_run(tmp_path):
+    """Opening the Run widget starts the engine's worker-process server (its imports then overlap
+    the user's setup instead of the first run's header pass), without importing the engine here."""
+    import json
+    import subprocess
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return  # spawned worker processes: there is no server to start
+    script = tmp_path / "widget_server_probe.py"
+    script.write_text(WIDGET_SERVER_PROBE)
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=240, check=True)
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    assert seen == {"before": False, "after": True, "engine_here": False}
+
+
 def test_labels_follow_the_configured_language(make_napari_viewer, user_config):
     user_config({"language": "fr"})
     viewer = make_napari_viewer()

@@ -137,6 +137,16 @@ class RunMosaicWidget(EngineWidget):
         from qtpy.QtCore import QTimer
 
         QTimer.singleShot(0, warm_up)  # once the dock is shown, not during a run
+        QTimer.singleShot(0, self._start_worker_server)
+
+    def _start_worker_server(self) -> None:
+        """Start the engine's worker-process server while the form is filled in: it imports the
+        engine, and CuPy where the runs will ask for the GPU (1-2 s), which the first run would
+        otherwise wait for in its header pass. Runs started later use this server."""
+        from ..config import apply_overrides, gpu_mode_overrides
+        from ..engine.worker_env import start_process_server, wants_device
+
+        start_process_server(wants_device(apply_overrides(self.config, gpu_mode_overrides(str(self.gpu.value)))))
 
     def _scheduler_widgets(self) -> tuple[ComboBox, LineEdit]:
         """The scheduler choice (same values as ``--scheduler``) and the address of an existing cluster."""
