@@ -676,8 +676,7 @@ def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
 
 def file_identity(path: str | os.PathLike[str]) -> dict[str, Any]:
     """What identifies an input file's content cheaply: resolved path, size, mtime_ns, header hash."""
-    resolved = Path(path).resolve()
-    return _identity_of(str(resolved), resolved.stat())
+    return stamped_file_identity(path)[1]
 
 
 def stamped_file_identity(path: str | os.PathLike[str]) -> tuple[tuple[int, int, int], dict[str, Any]]:
