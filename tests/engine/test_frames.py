@@ -596,6 +596,10 @@ def test_raw_pixel_plan_loads_the_values_of_the_general_read(tmp_path: Path, kin
     with ThreadPoolExecutor(1) as loader:
         prefetched = PrefetchedRaw(plan, loader.submit(plan.read_for_device))
         np.testing.assert_array_equal(prefetched.load(np), expected)
+        values, as_float = PrefetchedRaw(plan, loader.submit(plan.read_for_device)).load(np, with_float=True)
+        np.testing.assert_array_equal(values, expected)
+        assert as_float.dtype == np.float32
+        np.testing.assert_array_equal(as_float, expected.astype(np.float32))
     # A small array staged after the pixels (a control grid) travels in the same buffer, untouched.
     extra = np.random.default_rng(2).normal(size=(2, 5, 7))
     staged = plan.read_for_device(extra)

@@ -249,6 +249,41 @@ def test_safety_fraction_env_override_is_used_and_logged() -> None:
     assert policy.gpu_budget_bytes(concurrent_units=4) == (4 * GIB - 256 * MIB) // 8
 
 
+def test_a_recent_memory_reading_sizes_the_budget_until_it_is_too_old_or_an_oom_happened() -> None:
+    """gpu_budget_bytes(max_age_s=...) reuses a reading younger than that (P3 sizes frame after frame),
+    reads the device again once it is older, always without max_age_s, and after an out-of-memory."""
+    backend, _ = decision_logic_backend(free_bytes=4 * GIB, total_bytes=8 * GIB)
+    free = {"bytes": 4 * GIB, "reads": 0}
+
+    def free_memory(_device_id: int) -> dict[str, int]:
+        free["reads"] += 1
+        return {"total_bytes": 8 * GIB, "free_bytes": free["bytes"], "pool_free_bytes": 0}
+
+    backend = GpuBackend(probe=backend.probe, memory_info=backend.memory_info, free_memory=free_memory,
+                         array_module=backend.array_module, init_pools=backend.init_pools,
+                         free_pools=backend.free_pools, device_scope=backend.device_scope)
+    policy = ComputePolicy.from_config(default_config(), Reporter(), env={}, backend=backend)
+    fraction = policy.safety_fraction
+    first = policy.gpu_budget_bytes(max_age_s=60.0)
+    assert first == int((4 * GIB - 256 * MIB) * fraction)
+    reads = free["reads"]
+    free["bytes"] = 2 * GIB
+    assert policy.gpu_budget_bytes(max_age_s=60.0) == first and free["reads"] == reads  # the same reading
+    assert policy.gpu_budget_bytes(2, max_age_s=60.0) == first // 2
+    assert policy.gpu_budget_bytes(max_age_s=1e-9) == int((2 * GIB - 256 * MIB) * fraction)  # too old
+    assert free["reads"] == reads + 1
+    free["bytes"] = 3 * GIB
+    assert policy.gpu_budget_bytes() == int((3 * GIB - 256 * MIB) * fraction)  # live without max_age_s
+    free["bytes"] = 1 * GIB
+
+    def out_of_memory(xp: Any, chunk_scale: float) -> float:
+        if chunk_scale == 1.0:
+            raise MemoryError("out of memory while allocating")
+        return policy.gpu_budget_bytes(max_age_s=60.0)
+
+    assert policy.run_stage("reproject", out_of_memory, lambda xp=np: -1.0) == int((1 * GIB - 256 * MIB) * fraction)
+
+
 @pytest.mark.parametrize("value", ["abc", "0", "1.5", "nan"])
 def test_invalid_safety_fraction_env_is_ignored_with_a_warning(value: str) -> None:
     reporter = Reporter()

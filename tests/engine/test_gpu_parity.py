@@ -25,6 +25,7 @@ samples lying exactly on a threshold.
 
 from __future__ import annotations
 
+import sys
 import threading
 from typing import Any
 
@@ -475,6 +476,13 @@ def test_raw_pixels_decode_on_the_device_as_on_the_host(device: int, dtype: str,
             values = prefetched.load(cp)
             stream.synchronize()
     np.testing.assert_array_equal(gpu.to_host(values), host)
+    # With the float copy the device thread uses (from the decoding kernel for 16-bit values).
+    with ThreadPoolExecutor(1) as loader:
+        prefetched = PrefetchedRaw(plan, loader.submit(plan.read_for_device))
+        values, as_float = prefetched.load(cp, with_float=True)
+    assert values.dtype == host.dtype and as_float.dtype == cp.float32 and as_float.shape == host.shape
+    np.testing.assert_array_equal(gpu.to_host(values), host)
+    np.testing.assert_array_equal(gpu.to_host(as_float), host.astype(np.float32))
 
 
 def test_device_frames_cut_into_the_pieces_of_the_host_split(device: int) -> None:
@@ -1165,11 +1173,11 @@ def _bright_isolated_stars(result: Any, truth: Any, min_flux: float = 3000.0) ->
     return x[keep], y[keep]
 
 
-def _run_demo(frames: Any, out: Any, events: list | None = None, **config: Any) -> Any:
+def _run_demo(frames: Any, out: Any, events: list | None = None, on_event: Any = None, **config: Any) -> Any:
     from napari_zemosaic.engine.pipeline import run
 
     settings = {"max_memory_mb": 512, "language": "en", **config}
-    return run(frames, out, settings, on_event=None if events is None else events.append)
+    return run(frames, out, settings, on_event=on_event if events is None else events.append)
 
 
 @pytest.fixture(scope="module")
@@ -1177,8 +1185,16 @@ def demo_cpu_and_gpu(demo_night, tmp_path_factory, device):
     root, truth = demo_night
     cpu = _run_demo(root / "frames", tmp_path_factory.mktemp("cpu"), use_gpu_phase5=False, stack_use_gpu=False)
     events: list = []
-    gpu_run = _run_demo(root / "frames", tmp_path_factory.mktemp("gpu"), events, gpu_strict=True)
+    slices: list = []  # the interpreter's switch interval at each event of the GPU run
+    before = sys.getswitchinterval()
+
+    def on_event(event: Any) -> None:
+        events.append(event)
+        slices.append((getattr(event, "key", ""), sys.getswitchinterval()))
+
+    gpu_run = _run_demo(root / "frames", tmp_path_factory.mktemp("gpu"), gpu_strict=True, on_event=on_event)
     gpu_run.events = events  # the GPU run's events, for what its log says
+    gpu_run.slices = (before, slices, sys.getswitchinterval())
     return cpu, gpu_run, truth
 
 
@@ -1224,6 +1240,14 @@ def test_full_demo_run_on_the_gpu_matches_the_cpu_run(demo_cpu_and_gpu) -> None:
     # ...by the measuring process started before the header pass (engine/quality_device.py).
     device_p2 = [e.params for e in gpu_run.events if getattr(e, "key", "") == "quality_debug_device"]
     assert [(p["where"], p["frames"]) for p in device_p2] == [("process", used + rejected)]
+    # Short GIL slices from P3 until P2's verdicts (mosaic_first.P3_SWITCH_INTERVAL_S), the
+    # interpreter's own again from the photometric solve on, and after the run.
+    from napari_zemosaic.engine.mosaic_first import P3_SWITCH_INTERVAL_S
+
+    before, slices, after = gpu_run.slices
+    assert after == before > P3_SWITCH_INTERVAL_S
+    assert min(interval for _, interval in slices) == P3_SWITCH_INTERVAL_S
+    assert [interval for key, interval in slices if key == "mf_info_normalisation"] == [before]
     for on_cpu, on_gpu in zip(cpu.report["frames"]["metrics"], gpu_run.report["frames"]["metrics"]):
         assert on_gpu["path"] == on_cpu["path"] and on_gpu["n_stars"] == on_cpu["n_stars"]
         assert on_gpu["decision"]["accepted"] == on_cpu["decision"]["accepted"]
@@ -1328,6 +1352,53 @@ def test_fused_column_coverage_equals_the_per_column_reductions(device: int) -> 
         assert want.any()
         if x0 == 37:  # five block columns: the last (box x 219-229) holds nothing, the first not every row
             assert want.shape == (5, 150) and not want[-1].any() and not want[0].all()
+
+
+def test_packed_download_gives_each_array_as_its_own_download(device: int) -> None:
+    """gpu.download_packed_async (one gather kernel, one copy) gives every array with its shape, dtype
+    and values: a frame's results (bool coverage, float32 noise, int32 checks, float32 coarse means),
+    float64 and empty arrays, a strided view; more arrays than one kernel takes go one by one."""
+    rng = np.random.default_rng(5)
+    arrays = [
+        cp.asarray(rng.random((5, 1401)) < 0.5),
+        cp.asarray(rng.standard_normal(3).astype(np.float32)),
+        cp.asarray(np.array([7], dtype=np.int32)),
+        cp.asarray(np.array([-1, 0], dtype=np.int32)),
+        cp.asarray(np.zeros((3, 0, 0), dtype=np.float32)),
+        cp.asarray(rng.standard_normal((3, 87, 131)).astype(np.float32))[:, ::2, 1:],
+        cp.asarray(rng.standard_normal(5)),
+        cp.asarray(np.array([True])),
+    ]
+    for chosen in (arrays, arrays[:1], arrays[1:4], arrays + arrays[:3]):
+        got = gpu.download_packed_async(chosen, cp)
+        cp.cuda.get_current_stream().synchronize()
+        assert len(got) == len(chosen)
+        for host, array in zip(got, chosen):
+            want = cp.asnumpy(array)
+            assert isinstance(host, np.ndarray) and host.dtype == want.dtype and host.shape == want.shape
+            np.testing.assert_array_equal(host, want)
+    assert gpu.download_packed_async([], cp) == []
+
+
+def test_fused_block_means_equal_numpy_coarse_piece(device: int) -> None:
+    """photometry.coarse_piece of a CuPy piece (gpu.fused_block_means, one kernel) equals NumPy's
+    float64 means cast to float32, to the bit: boxes that start off the cell grid, NaN (a partly
+    covered cell is NaN), bins of 16 and 5, a piece smaller than a cell."""
+    from napari_zemosaic.engine.photometry import coarse_piece
+
+    rng = np.random.default_rng(9)
+    data = (SKY + NOISE_SIGMA * rng.standard_normal((3, 150, 233))).astype(np.float32)
+    data[:, :40, :25] = np.nan
+    data[1, 100, 100] = np.nan
+    for bbox, bin_px in (((7, 157, 11, 244), 16), ((0, 150, 0, 233), 16), ((3, 153, 1, 234), 5)):
+        want = coarse_piece(data, bbox, bin_px)
+        got = coarse_piece(cp.asarray(data), bbox, bin_px)
+        assert (got.y0, got.x0) == (want.y0, want.x0)
+        assert isinstance(got.data, cp.ndarray) and got.data.dtype == cp.float32
+        np.testing.assert_array_equal(cp.asnumpy(got.data), want.data)
+        assert np.isnan(want.data).any() and np.isfinite(want.data).any()
+    small = coarse_piece(cp.asarray(data[:, :10, :10]), (3, 13, 3, 13), 16)
+    assert small.data.shape == (3, 0, 0)
 
 
 def test_fused_masked_row_medians_equal_numpy_median(device: int) -> None:

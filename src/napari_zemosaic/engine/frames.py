@@ -1416,7 +1416,7 @@ class RawPixels:
     def read(self, into: np.ndarray | None = None) -> np.ndarray:
         """The raw big-endian values, shaped; read into ``into`` (e.g. pinned memory) when given."""
         dtype = np.dtype(">i2" if self.bitpix == 16 else "u1")
-        count = int(np.prod(self.shape, dtype=np.int64))
+        count = math.prod(self.shape)
         raw = np.empty(count, dtype=dtype) if into is None else into.reshape(-1).view(dtype)
         try:
             with open(self.path, "rb") as handle:
@@ -1435,7 +1435,7 @@ class RawPixels:
         ``extra``: a small array staged after the pixels in the same buffer (a frame's control
         grid), so that one copy takes both to the device (:class:`StagedPixels`)."""
         dtype = np.dtype(np.uint8 if self.bitpix == 8 else np.uint16)
-        raw_bytes = int(np.prod(self.shape, dtype=np.int64)) * dtype.itemsize
+        raw_bytes = math.prod(self.shape) * dtype.itemsize
         offset = -(-raw_bytes // _STAGING_ALIGN) * _STAGING_ALIGN
         extra = None if extra is None else np.ascontiguousarray(extra)
         total = offset + (0 if extra is None else extra.nbytes)
@@ -1468,18 +1468,24 @@ class RawPixels:
             return raw.astype(raw.dtype.newbyteorder("="))
         return self.decode_on_device(_upload(raw.view(np.uint16), xp), xp)
 
-    def decode_on_device(self, swapped: Any, xp: Any) -> Any:
+    def decode_on_device(self, swapped: Any, xp: Any, with_float: bool = False) -> Any:
         """:meth:`load`'s values from the file's bytes on the device (``swapped``: uint16 as read,
-        or uint8 for BITPIX 8), decoded in place where one kernel applies."""
+        or uint8 for BITPIX 8), decoded in place where one kernel applies. ``with_float``:
+        ``(values, the values as float32)``, both from that kernel where it applies."""
         if self.bitpix == 8:
-            return swapped
+            return (swapped, swapped.astype(xp.float32)) if with_float else swapped
         from .gpu import fused_decode_big_endian_16
 
-        if fused_decode_big_endian_16(swapped, self.flip_sign, xp) is None:  # one kernel where it applies
+        as_float = xp.empty(swapped.shape, dtype=xp.float32) if with_float else None
+        if fused_decode_big_endian_16(swapped, self.flip_sign, xp, as_float) is None:  # one kernel where it applies
             swapped = xp.bitwise_or(xp.right_shift(swapped, 8), xp.left_shift(swapped, 8))  # uint16: wraps
             if self.flip_sign:
                 swapped = xp.bitwise_xor(swapped, np.uint16(0x8000))
-        return swapped if self.flip_sign else swapped.view(xp.int16)
+            as_float = None
+        values = swapped if self.flip_sign else swapped.view(xp.int16)
+        if not with_float:
+            return values
+        return values, (values.astype(xp.float32) if as_float is None else as_float)
 
 
 #: Byte alignment of what :meth:`RawPixels.read_for_device` stages after the pixels.
@@ -1521,12 +1527,14 @@ class PrefetchedRaw:
     pending: Any  # concurrent.futures.Future of the StagedPixels
     extra_on_device: Any = None
 
-    def load(self, xp: Any = np) -> Any:
+    def load(self, xp: Any = np, with_float: bool = False) -> Any:
+        """:meth:`RawPixels.load` of the staged values; ``with_float``: ``(values, values as float32)``."""
         staged = self.pending.result()
         if getattr(xp, "cuda", None) is None:
-            return self.plan.load(xp, staged.raw)
+            values = self.plan.load(xp, staged.raw)
+            return (values, values.astype(np.float32)) if with_float else values
         swapped, self.extra_on_device = staged.upload(xp)
-        return self.plan.decode_on_device(swapped, xp)
+        return self.plan.decode_on_device(swapped, xp, with_float)
 
 
 def _upload(host: np.ndarray, xp: Any) -> Any:

@@ -100,6 +100,7 @@ import math
 import os
 import sys
 import threading
+import time
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -265,6 +266,9 @@ def _engine_passthrough_errors() -> tuple[type[BaseException], ...]:
 
 def _import_cupy() -> tuple[Any | None, str]:
     """``(cupy, "")`` or ``(None, reason)``; never raises."""
+    imported = sys.modules.get("cupy")  # device threads ask often: no import machinery then
+    if imported is not None:
+        return imported, ""
     if importlib.util.find_spec("cupy") is None:
         return None, "cupy is not installed"
     try:
@@ -543,6 +547,75 @@ def download_async(array: Any, xp: Any) -> np.ndarray:
         array.data.copy_to_host_async(host.ctypes.data_as(ctypes.c_void_p), array.nbytes,
                                      xp.cuda.get_current_stream())
     return host
+
+
+#: Most device arrays :func:`download_packed_async` gathers with one kernel (its arguments).
+PACKED_ARRAYS_MAX = 8
+_PACKED_ALIGN = 8
+
+_GATHER_SOURCE = r"""
+// gpu.download_packed_async: the bytes of up to 8 device arrays side by side in one buffer, array i
+// at byte offset start_i (8-byte aligned, ascending), so that one copy takes them all to the host.
+extern "C" __global__ void zemosaic_gather_bytes(
+    const unsigned long long p0, const unsigned long long p1, const unsigned long long p2, const unsigned long long p3,
+    const unsigned long long p4, const unsigned long long p5, const unsigned long long p6, const unsigned long long p7,
+    const long long s0, const long long s1, const long long s2, const long long s3,
+    const long long s4, const long long s5, const long long s6, const long long s7,
+    const long long n0, const long long n1, const long long n2, const long long n3,
+    const long long n4, const long long n5, const long long n6, const long long n7,
+    const int count, const long long total, unsigned char* __restrict__ out)
+{
+    const unsigned long long sources[8] = {p0, p1, p2, p3, p4, p5, p6, p7};
+    const long long starts[8] = {s0, s1, s2, s3, s4, s5, s6, s7};
+    const long long sizes[8] = {n0, n1, n2, n3, n4, n5, n6, n7};
+    for (long long k = (long long)blockIdx.x * blockDim.x + threadIdx.x; k < total; k += (long long)gridDim.x * blockDim.x) {
+        int i = count - 1;
+        while (i > 0 && k < starts[i]) --i;
+        const long long at = k - starts[i];
+        if (at < sizes[i]) out[k] = ((const unsigned char*)sources[i])[at];
+    }
+}
+"""
+
+
+def _packed_layout(arrays: Sequence[Any]) -> tuple[list[int], int]:
+    """Byte offsets of ``arrays`` packed side by side (each :data:`_PACKED_ALIGN`-aligned), and the total."""
+    starts, total = [], 0
+    for array in arrays:
+        total = -(-total // _PACKED_ALIGN) * _PACKED_ALIGN
+        starts.append(total)
+        total += int(array.nbytes)
+    return starts, total
+
+
+def download_packed_async(arrays: Sequence[Any], xp: Any) -> list[np.ndarray]:
+    """:func:`download_async` of several small device arrays with one kernel and one copy.
+
+    A device thread's CUDA calls each give the GIL away and wait to take it back, so a frame's
+    results (noise, coarse means, coverage, checks) come over together: gathered into one device
+    buffer, copied once into one page-locked buffer, of which the returned arrays are views (same
+    shapes and dtypes). Read them only once the current stream has passed this point. NumPy arrays,
+    or more than :data:`PACKED_ARRAYS_MAX` arrays, go one by one through :func:`download_async`.
+    """
+    if not is_device_module(xp) or not arrays or len(arrays) > PACKED_ARRAYS_MAX \
+            or any(isinstance(array, np.ndarray) for array in arrays):
+        return [download_async(array, xp) for array in arrays]
+    import cupyx
+
+    arrays = [xp.ascontiguousarray(array) for array in arrays]
+    starts, total = _packed_layout(arrays)
+    host = cupyx.empty_pinned((max(total, 1),), dtype=np.uint8)
+    if total:
+        packed = xp.empty(total, dtype=xp.uint8)
+        padding = PACKED_ARRAYS_MAX - len(arrays)
+        pointers = [np.uint64(array.data.ptr) for array in arrays] + [np.uint64(0)] * padding
+        offsets = [np.int64(start) for start in starts] + [np.int64(total)] * padding
+        sizes = [np.int64(array.nbytes) for array in arrays] + [np.int64(0)] * padding
+        _launch_1d(_fused_function(xp, _GATHER_SOURCE, "zemosaic_gather_bytes"), total,
+                   (*pointers, *offsets, *sizes, np.int32(len(arrays)), np.int64(total), packed))
+        packed.data.copy_to_host_async(host.ctypes.data_as(ctypes.c_void_p), total, xp.cuda.get_current_stream())
+    return [host[start : start + array.nbytes].view(np.dtype(array.dtype)).reshape(array.shape)
+            for start, array in zip(starts, arrays)]
 
 
 def is_device_module(xp: Any) -> bool:
@@ -914,8 +987,10 @@ extern "C" __global__ void zemosaic_hot_residuals(
 // debayer.correct_hot_pixels stage 1: (value - min8) x (1 / noise of the colour), float32.
 extern "C" __global__ void zemosaic_hot_excess(
     const float* __restrict__ plane, const int h, const int w, const float* __restrict__ inverse_noise,
-    float* __restrict__ excess)
+    float* __restrict__ excess, unsigned long long* __restrict__ n_fixed)
 {
+    // The fix kernel, next on the stream, counts from 0 (one memset call fewer for the device thread).
+    if (blockIdx.x == 0 && threadIdx.x == 0) *n_fixed = 0ULL;
     const long long total = (long long)h * w;
     for (long long k = (long long)blockIdx.x * blockDim.x + threadIdx.x; k < total; k += (long long)gridDim.x * blockDim.x) {
         const int y = (int)(k / w), x = (int)(k % w);
@@ -930,39 +1005,53 @@ extern "C" __global__ void zemosaic_hot_excess(
     }
 }
 
-// debayer.correct_hot_pixels stages 2 and 3, one thread per pixel: a candidate (excess > sigma, the
-// pixels NumPy's path gathers with flatnonzero) gets its exact median, z and isolation test; a hot
-// pixel gets its median in `corrected` and is counted.
+// debayer.correct_hot_pixels stages 2 and 3 for pixel k: a candidate (excess > sigma, the pixels
+// NumPy's path gathers with flatnonzero) gets its exact median, z and isolation test; the value it
+// keeps is returned, and *fixed says whether that is its median.
+__device__ __forceinline__ float zm_hot_fixed_value(
+    const float* __restrict__ plane, const float* __restrict__ excess, const long long k, const int h, const int w,
+    const float* __restrict__ noise, const float sigma, const float isolation_fraction, const float isolation_floor,
+    bool* fixed)
+{
+    *fixed = false;
+    if (!(excess[k] > sigma)) return plane[k];
+    const int y = (int)(k / w), x = (int)(k % w);
+    const float median = zm_same_colour_median(plane, y, x, h, w);
+    const float z = __fdiv_rn(__fsub_rn(plane[k], median), noise[((y & 1) << 1) | (x & 1)]);
+    if (!(z > sigma)) return plane[k];
+    // Second largest excess of the 8 immediate neighbours, NaN sorting last (as numpy.sort).
+    float first = -ZM_INFINITY, second = -ZM_INFINITY;
+    int nans = 0;
+    for (int oy = -1; oy <= 1; ++oy) {
+        for (int ox = -1; ox <= 1; ++ox) {
+            if (oy == 0 && ox == 0) continue;
+            const float e = excess[(long long)zm_reflect(y + oy, h) * w + zm_reflect(x + ox, w)];
+            if (isnan(e)) { ++nans; continue; }
+            if (e > first) { second = first; first = e; } else if (e > second) { second = e; }
+        }
+    }
+    const float support = nans >= 2 ? __int_as_float(0x7fc00000) : (nans == 1 ? first : second);
+    const float limit = zm_max(__fmul_rn(isolation_fraction, z), isolation_floor);
+    if (!(support < limit)) return plane[k];
+    *fixed = true;
+    return median;
+}
+
+// Every pixel of `corrected` written (the plane's value, or a hot pixel's median, counted), so that
+// it needs no copy of the plane first. status != 0 (zemosaic_hot_noise found a colour without noise
+// figure): no correction, `corrected` is the plane.
 extern "C" __global__ void zemosaic_hot_fix(
     const float* __restrict__ plane, const float* __restrict__ excess, const int h, const int w,
     const float* __restrict__ noise, const float sigma, const float isolation_fraction, const float isolation_floor,
     const int* __restrict__ status, float* __restrict__ corrected, unsigned long long* __restrict__ n_fixed)
 {
-    if (*status != 0) return;  // zemosaic_hot_noise found a colour without noise figure: no correction
+    const bool active = *status == 0;
     const long long total = (long long)h * w;
     for (long long k = (long long)blockIdx.x * blockDim.x + threadIdx.x; k < total; k += (long long)gridDim.x * blockDim.x) {
-        if (!(excess[k] > sigma)) continue;
-        const int y = (int)(k / w), x = (int)(k % w);
-        const float median = zm_same_colour_median(plane, y, x, h, w);
-        const float z = __fdiv_rn(__fsub_rn(plane[k], median), noise[((y & 1) << 1) | (x & 1)]);
-        if (!(z > sigma)) continue;
-        // Second largest excess of the 8 immediate neighbours, NaN sorting last (as numpy.sort).
-        float first = -ZM_INFINITY, second = -ZM_INFINITY;
-        int nans = 0;
-        for (int oy = -1; oy <= 1; ++oy) {
-            for (int ox = -1; ox <= 1; ++ox) {
-                if (oy == 0 && ox == 0) continue;
-                const float e = excess[(long long)zm_reflect(y + oy, h) * w + zm_reflect(x + ox, w)];
-                if (isnan(e)) { ++nans; continue; }
-                if (e > first) { second = first; first = e; } else if (e > second) { second = e; }
-            }
-        }
-        const float support = nans >= 2 ? __int_as_float(0x7fc00000) : (nans == 1 ? first : second);
-        const float limit = zm_max(__fmul_rn(isolation_fraction, z), isolation_floor);
-        if (support < limit) {
-            corrected[k] = median;
-            atomicAdd(n_fixed, 1ULL);
-        }
+        if (!active) { corrected[k] = plane[k]; continue; }
+        bool fixed;
+        corrected[k] = zm_hot_fixed_value(plane, excess, k, h, w, noise, sigma, isolation_fraction, isolation_floor, &fixed);
+        if (fixed) atomicAdd(n_fixed, 1ULL);
     }
 }
 
@@ -1094,10 +1183,10 @@ def fused_hot_pixel_fix(
         noise_by_phase = upload_async(np.array(values, dtype=np.float32), xp)
         status = xp.zeros(1, dtype=xp.int32)
     excess = xp.empty_like(plane)
+    fixed = xp.empty(1, dtype=xp.uint64)  # zeroed by the first kernel
     _launch_1d(_fused_function(xp, _HOT_PIXEL_SOURCE, "zemosaic_hot_excess"), height * width,
-               (plane, np.int32(height), np.int32(width), noise_by_phase[:4], excess))
-    corrected = plane.copy()
-    fixed = xp.zeros(1, dtype=xp.uint64)
+               (plane, np.int32(height), np.int32(width), noise_by_phase[:4], excess, fixed))
+    corrected = xp.empty_like(plane)  # every pixel written by the fix
     _launch_1d(_fused_function(xp, _HOT_PIXEL_SOURCE, "zemosaic_hot_fix"), height * width, (
         plane, excess, np.int32(height), np.int32(width), noise_by_phase[4:], np.float32(sigma),
         np.float32(isolation_fraction), np.float32(isolation_floor), status, corrected, fixed,
@@ -1591,6 +1680,46 @@ def fused_column_coverage(data: Any, x0: int, side: int, n_cols: int, xp: Any) -
     return out
 
 
+_BLOCK_MEANS_SOURCE = r"""
+// photometry.coarse_piece's block means of a (C, h, w) float32 piece: cell (c, i, j) is the float64
+// mean of the bin x bin pixels from row top + i x bin, column left + j x bin, as float32 (NaN when
+// one of them is NaN, as NumPy's mean). One thread per cell.
+extern "C" __global__ void zemosaic_block_means(
+    const float* __restrict__ data, const int h, const int w, const int top, const int left, const int bin,
+    const int n_rows, const int n_cols, const long long cells, float* __restrict__ out)
+{
+    for (long long k = (long long)blockIdx.x * blockDim.x + threadIdx.x; k < cells; k += (long long)gridDim.x * blockDim.x) {
+        const long long per_channel = (long long)n_rows * n_cols;
+        const long long c = k / per_channel;
+        const int i = (int)((k % per_channel) / n_cols), j = (int)(k % n_cols);
+        const float* cell = data + (c * h + top + (long long)i * bin) * w + left + (long long)j * bin;
+        double total = 0.0;
+        for (int y = 0; y < bin; ++y)
+            for (int x = 0; x < bin; ++x) total += (double)cell[(long long)y * w + x];
+        out[k] = __double2float_rn(total / (double)(bin * bin));
+    }
+}
+"""
+
+
+def fused_block_means(data: Any, top: int, left: int, n_rows: int, n_cols: int, bin_px: int) -> Any | None:
+    """``photometry.coarse_piece``'s means on the GPU in one kernel: (C, n_rows, n_cols) float32 of
+    the ``bin_px`` blocks of a (C, h, w) float32 CuPy array from (``top``, ``left``), each summed in
+    float64. ``None`` when ``data`` is not a C-contiguous float32 CuPy array."""
+    cupy = cupy_or_none()
+    if cupy is None or not isinstance(data, cupy.ndarray) or data.ndim != 3 or data.dtype != cupy.float32 \
+            or not data.flags.c_contiguous:
+        return None
+    channels, height, width = (int(v) for v in data.shape)
+    out = cupy.empty((channels, int(n_rows), int(n_cols)), dtype=cupy.float32)
+    if out.size:
+        _launch_1d(_fused_function(cupy, _BLOCK_MEANS_SOURCE, "zemosaic_block_means"), int(out.size), (
+            data, np.int32(height), np.int32(width), np.int32(top), np.int32(left), np.int32(bin_px),
+            np.int32(n_rows), np.int32(n_cols), np.int64(out.size), out,
+        ))
+    return out
+
+
 _DECODE_SOURCE = r"""
 // frames.RawPixels.load on the device, in place: a FITS 16-bit value read as native uint16
 // gets its two bytes swapped (big-endian file) and, for BZERO 32768, its top bit flipped.
@@ -1602,18 +1731,40 @@ extern "C" __global__ void zemosaic_decode_big_endian_16(
         values[i] = (unsigned short)(((v >> 8) | (v << 8)) ^ flip);
     }
 }
+
+// The same, and the decoded values as float32 too (uint16 values, or the int16 the bits are when
+// the sign is not flipped): the frame's float copy without a second pass.
+extern "C" __global__ void zemosaic_decode_big_endian_16_float(
+    unsigned short* __restrict__ values, const long long n, const unsigned short flip, float* __restrict__ as_float)
+{
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        const unsigned short v = values[i];
+        const unsigned short decoded = (unsigned short)(((v >> 8) | (v << 8)) ^ flip);
+        values[i] = decoded;
+        as_float[i] = flip ? (float)decoded : (float)(short)decoded;
+    }
+}
 """
 
 
-def fused_decode_big_endian_16(values: Any, flip_sign: bool, xp: Any) -> Any | None:
+def fused_decode_big_endian_16(values: Any, flip_sign: bool, xp: Any, as_float: Any = None) -> Any | None:
     """``values`` (uint16 on CuPy: a 16-bit FITS image's bytes as read) decoded in place in one
     kernel: bytes swapped, then the sign bit flipped for BZERO 32768 (the uint16 values) or not
-    (the int16 bits). Returns ``values``; ``None`` when not on CuPy or not contiguous uint16."""
+    (the int16 bits). ``as_float`` (float32, as many values): also receives the decoded values
+    (as uint16 or int16) in the same kernel. Returns ``values``; ``None`` when not on CuPy or not
+    contiguous uint16 (or ``as_float`` not contiguous float32 of that size)."""
     if not is_device_module(xp) or values.dtype != xp.uint16 or not values.flags.c_contiguous:
         return None
-    if values.size:
+    if as_float is not None and (as_float.dtype != xp.float32 or not as_float.flags.c_contiguous
+                                 or as_float.size != values.size):
+        return None
+    flip = np.uint16(0x8000 if flip_sign else 0)
+    if values.size and as_float is None:
         _launch_1d(_fused_function(xp, _DECODE_SOURCE, "zemosaic_decode_big_endian_16"), int(values.size),
-                   (values, np.int64(values.size), np.uint16(0x8000 if flip_sign else 0)))
+                   (values, np.int64(values.size), flip))
+    elif values.size:
+        _launch_1d(_fused_function(xp, _DECODE_SOURCE, "zemosaic_decode_big_endian_16_float"), int(values.size),
+                   (values, np.int64(values.size), flip, as_float))
     return values
 
 
@@ -2582,6 +2733,8 @@ class ComputePolicy:
     _oom_retries: dict[str, int] = field(default_factory=lambda: {stage: 0 for stage in STAGES})
     _fell_back: set[str] = field(default_factory=set)
     _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+    #: The last device memory reading (perf_counter time, info) for :meth:`gpu_budget_bytes`' ``max_age_s``.
+    _memory_reading: tuple[float, Any] | None = field(default=None, repr=False)
 
     # ------------------------------------------------------------------ construction
 
@@ -2737,14 +2890,22 @@ class ComputePolicy:
         with self._lock:
             return any(decision == "gpu" for decision in self.decisions.values())
 
-    def gpu_budget_bytes(self, concurrent_units: int = 1) -> int:
+    def gpu_budget_bytes(self, concurrent_units: int = 1, max_age_s: float = 0.0) -> int:
         """Bytes a GPU unit may plan to use now: free × safety fraction (0 when no stage is on the GPU).
 
-        Live: asks the device each call. Divide among ``concurrent_units`` units running at once.
+        Live: asks the device, unless a reading younger than ``max_age_s`` seconds is at hand (a
+        device thread sizing frame after frame: each reading is a driver call that gives the GIL
+        away). Divide among ``concurrent_units`` units running at once.
         """
         if not self.any_gpu:
             return 0
-        info = self.backend.free_memory(self.device_id)
+        now = time.perf_counter()
+        reading = self._memory_reading
+        if reading is not None and max_age_s > 0.0 and now - reading[0] < max_age_s:
+            info = reading[1]
+        else:
+            info = self.backend.free_memory(self.device_id)
+            self._memory_reading = (now, info)
         allowed = allowed_bytes_from_info(info, self.safety_fraction, self.memory_limit_bytes)
         return allowed // max(1, int(concurrent_units))
 
@@ -2818,6 +2979,7 @@ class ComputePolicy:
             # The exception and its traceback (which pinned the unit's device arrays) are gone
             # now, so freeing the pools really returns that memory before the next attempt.
             self.backend.free_pools(self.device_id)
+            self._memory_reading = None  # the next budget reads the device again
             out_of_memory, error = failure
             next_scale = shrink(scale) if out_of_memory else None
             if out_of_memory and attempt < self.max_oom_retries and next_scale is not None and next_scale < scale:

@@ -106,7 +106,7 @@ from .frames import (
 from .gpu import (
     WorkerStreams,
     chunk_slices,
-    download_async,
+    download_packed_async,
     fused_column_coverage,
     kernel_bytes_per_pixel,
     plan_chunks,
@@ -428,16 +428,19 @@ def frame_pixels(
     ``raw_sink(info, pixels, xp)`` is handed the decoded pixels ``(C, H, W)`` as read, before
     anything changes them (the device measurement of P2).
     """
-    pixels = host.pixels
-    if isinstance(pixels, (RawPixels, PrefetchedRaw)):
+    pixels, as_float = host.pixels, None
+    if isinstance(pixels, PrefetchedRaw):  # the float copy from the decoding kernel
+        pixels, as_float = pixels.load(xp, with_float=True)
+    elif isinstance(pixels, RawPixels):
         pixels = pixels.load(xp)
     try:
         data = _to_chw(xp.asarray(pixels), info.layout, info.shape, xp)
+        as_float = None if as_float is None else _to_chw(as_float, info.layout, info.shape, xp)
     except ValueError as exc:
         raise FrameError(REASON_UNREADABLE, str(exc), path=str(info.path)) from None
     if raw_sink is not None:
         raw_sink(info, data, xp)
-    data = data.astype(xp.float32, copy=False)
+    data = data.astype(xp.float32, copy=False) if as_float is None else as_float
     if host.may_hold_nan and not bool(xp.isfinite(data).any()):
         raise FrameError(REASON_ALL_NAN, "no finite pixel", path=str(info.path))
     if info.layout == "cfa" and info.bayer_pattern:
@@ -1074,10 +1077,11 @@ def _queue_frame_results(
     ``stream`` (the current one; ``None`` for host arrays, copied at once), and an event after
     them: the device thread goes on to the next frame."""
     rows, cols = _piece_layout(frame.bbox, side, canvas_shape)
-    coverage = download_async(_column_coverage(frame.data, cols, frame.bbox[2], side), xp)
-    noise = download_async(frame.noise, xp)
-    coarse = None if frame.coarse is None else download_async(frame.coarse.data, xp)
-    host_checks = [download_async(check, xp) for check in checks]
+    results = [_column_coverage(frame.data, cols, frame.bbox[2], side), frame.noise, *checks]
+    if frame.coarse is not None:
+        results.append(frame.coarse.data)
+    coverage, noise, *host_checks = download_packed_async(results, xp)  # one copy for them all
+    coarse = host_checks.pop() if frame.coarse is not None else None
     done = stream.record() if stream is not None else None
     return _QueuedFrame(host, frame, done, noise, coarse, coverage, host_checks, rows, cols)
 
@@ -1234,9 +1238,16 @@ def mosaic_first(
 
     # P2 on the device, when it runs beside: the raw planes the device threads decode are measured there.
     measurer = getattr(verdicts, "device_measurer", None)
+    # The short GIL slices of P3 stay until P2's verdicts: its measuring thread, which only sends
+    # the last batch to the measuring process, must not queue for 5 ms slices behind the threads
+    # that digest P2's metrics and compute the resume tokens.
+    restore_slices = _shorten_gil_slices(P3_SWITCH_INTERVAL_S) if measurer is not None else (lambda: None)
     try:
         with ctx.timed("P3"):
             yield from reproject(todo)
+    except BaseException:
+        restore_slices()
+        raise
     finally:
         if measurer is not None:
             measurer.finish()
@@ -1255,7 +1266,10 @@ def mosaic_first(
     tokens = threading.Thread(target=compute_ahead, name="zemosaic-tokens", daemon=True)
     tokens.start()
     if verdicts is not None:
-        rejected = yield from verdicts.rejected(frames)
+        try:
+            rejected = yield from verdicts.rejected(frames)
+        finally:
+            restore_slices()
         for index in rejected:
             coarse.pop(index, None)
             noises.pop(index, None)
@@ -1528,6 +1542,10 @@ def _reproject_frames_cpu(
             raise
 
 
+#: How old a reading of the device's free memory P3's units may size their chunks with: frames
+#: follow each other every few milliseconds, and each reading is a driver call of the device thread.
+P3_BUDGET_MAX_AGE_S = 0.25
+
 #: The interpreter's thread switch interval while device threads feed the GPU. A device thread
 #: gives the GIL up at each wait for the device and must then not queue for Python's default
 #: 5 ms slice behind a thread running Python (P2's result handling, the run's loop, loaders).
@@ -1589,7 +1607,7 @@ def _reproject_frames_gpu(
                     return frame_pixels(host, info, config, n_channels, xp, checks if device else None,
                                         raw_sink=measurer.offer if device and measurer is not None else None)
 
-                budget = policy.gpu_budget_bytes(device_threads)
+                budget = policy.gpu_budget_bytes(device_threads, max_age_s=P3_BUDGET_MAX_AGE_S)
                 prepare = lambda: policy.run_stage(  # noqa: E731 - nested unit of the debayer stage
                     "debayer", lambda xp, chunk_scale: prepare_on(xp), prepare_on
                 )

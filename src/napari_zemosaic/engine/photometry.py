@@ -138,6 +138,12 @@ def coarse_piece(
         return CoarsePiece(cy0, cx0, np.median(cells, axis=-1).astype(np.float32))
     if statistic != "mean":
         raise ValueError(f"unknown coarse statistic {statistic!r}")
+    if not isinstance(data, np.ndarray):  # on the GPU: one kernel, not a reduction and a cast
+        from .gpu import fused_block_means
+
+        means = fused_block_means(data, top, left, n_rows, n_cols, bin_px)
+        if means is not None:
+            return CoarsePiece(cy0, cx0, means)
     # A plain mean propagates NaN, which is exactly the "fully covered" rule.
     return CoarsePiece(cy0, cx0, blocks.mean(axis=(2, 4), dtype=np.float64).astype(np.float32))
 
