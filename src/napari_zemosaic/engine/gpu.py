@@ -3193,6 +3193,8 @@ __all__ = [
     "to_host",
     "upload_async",
     "download_async",
+    "download_packed_async",
+    "fused_block_means",
     "fused_decode_big_endian_16",
     "reserve_pool_block",
 ]

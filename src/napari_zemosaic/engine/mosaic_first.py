@@ -1549,6 +1549,7 @@ P3_BUDGET_MAX_AGE_S = 0.25
 #: The interpreter's thread switch interval while device threads feed the GPU. A device thread
 #: gives the GIL up at each wait for the device and must then not queue for Python's default
 #: 5 ms slice behind a thread running Python (P2's result handling, the run's loop, loaders).
+#: With P2 measured beside P3 it stays until P2's verdicts (see :func:`mosaic_first`).
 P3_SWITCH_INTERVAL_S = 0.0005
 
 
