@@ -1243,39 +1243,37 @@ def mosaic_first(
     # that digest P2's metrics and compute the resume tokens.
     restore_slices = _shorten_gil_slices(P3_SWITCH_INTERVAL_S) if measurer is not None else (lambda: None)
     try:
-        with ctx.timed("P3"):
-            yield from reproject(todo)
-    except BaseException:
-        restore_slices()
-        raise
-    finally:
-        if measurer is not None:
-            measurer.finish()
-    if units.active and not label:  # nested calls (SDS batches, classic tiles): their workflow says it
-        units.manifest.log_summary("reproject", ctx.reporter)
-
-    # While this thread waits for P2's verdicts (its process is idle then), a thread computes,
-    # for every frame P3 kept, what P5's block signatures name the frames by (their resume tokens)
-    # and the pieces P4.5 fits (coarsened as the solve would).
-    ahead = _PhotometryAhead(coarse)
-
-    def compute_ahead() -> None:
-        units.names(ahead.kept)
-        ahead.coarsen()
-
-    tokens = threading.Thread(target=compute_ahead, name="zemosaic-tokens", daemon=True)
-    tokens.start()
-    if verdicts is not None:
         try:
-            rejected = yield from verdicts.rejected(frames)
+            with ctx.timed("P3"):
+                yield from reproject(todo)
         finally:
-            restore_slices()
-        for index in rejected:
-            coarse.pop(index, None)
-            noises.pop(index, None)
-            missing_pieces.pop(index, None)
-            store.drop_frame(index)
-        failed = [entry for entry in failed if entry[0] not in rejected]
+            if measurer is not None:
+                measurer.finish()
+        if units.active and not label:  # nested calls (SDS batches, classic tiles): their workflow says it
+            units.manifest.log_summary("reproject", ctx.reporter)
+
+        # While this thread waits for P2's verdicts (its process is idle then), a thread computes,
+        # for every frame P3 kept, what P5's block signatures name the frames by (their resume tokens)
+        # and the pieces P4.5 fits (coarsened as the solve would).
+        ahead = _PhotometryAhead(coarse)
+
+        def compute_ahead() -> None:
+            units.names(ahead.kept)
+            ahead.coarsen()
+
+        tokens = threading.Thread(target=compute_ahead, name="zemosaic-tokens", daemon=True)
+        tokens.start()
+        rejected: set[int] = set()
+        if verdicts is not None:
+            rejected = yield from verdicts.rejected(frames)
+    finally:
+        restore_slices()
+    for index in rejected:
+        coarse.pop(index, None)
+        noises.pop(index, None)
+        missing_pieces.pop(index, None)
+        store.drop_frame(index)
+    failed = [entry for entry in failed if entry[0] not in rejected]
 
     coarse_shape = (-(-canvas.shape[0] // PHOTOMETRY_BIN_PX), -(-canvas.shape[1] // PHOTOMETRY_BIN_PX))
     used = sorted(coarse)
