@@ -132,11 +132,13 @@ def test_plane_views_and_capacity():
 
 def _offer_and_measure(measurer, policy, infos, planes, cp) -> list[q.FrameMetrics]:
     """What P3 and P2 do with a measurer: offer each raw plane from the device, end P3, take the
-    metrics, close."""
+    metrics, close. The last planes are handed over only after P3's end (fewer than a batch here)."""
     with policy.device():
         for info, plane in zip(infos, planes):
             measurer.offer(info, cp.asarray(plane), cp)
+    assert not measurer.wait_handed_over(0.2)
     measurer.finish()
+    assert measurer.wait_handed_over(120)
     got = [measurer.measure(info) for info in infos]
     measurer.close()
     return got

@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from napari_zemosaic.engine.worker_env import SINGLE_THREAD_VARIABLES, env_flag, limit_native_threads, wants_device
 
 PROBE = """
@@ -88,3 +90,47 @@ def test_a_run_wants_the_device_unless_the_config_or_the_environment_says_cpu() 
     assert [env_flag({"X": value}, "X") for value in ("", "0", "False", " no ", "off", "1", "yes", "on")] == [
         False, False, False, False, False, True, True, True
     ]
+
+
+
+MEASURE_PROBE = """
+import importlib, json, sys
+from concurrent.futures import ProcessPoolExecutor
+from napari_zemosaic.engine.worker_env import process_context, start_process_server
+
+def imported_by_a_measurement(module_name):
+    xp = importlib.import_module(module_name)
+    from napari_zemosaic.engine.quality_device import _warm_up
+    before = set(sys.modules)
+    _warm_up(xp, (270, 480), 0)  # a synthetic star field, measured as a frame is
+    return sorted(name for name in set(sys.modules) - before if not name.startswith("napari_zemosaic"))
+
+if __name__ == "__main__":
+    start_process_server(device=sys.argv[1] == "cupy")
+    with ProcessPoolExecutor(max_workers=1, mp_context=process_context()) as pool:
+        print(json.dumps(pool.submit(imported_by_a_measurement, sys.argv[1]).result()))
+"""
+
+
+def _imported_by_a_forked_measurement(tmp_path, module_name: str) -> list[str]:
+    script = tmp_path / "measure_probe.py"
+    script.write_text(MEASURE_PROBE)
+    result = subprocess.run([sys.executable, str(script), module_name], capture_output=True, text=True, timeout=180,
+                            check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_a_forked_worker_measures_a_frame_without_importing_anything_new(tmp_path) -> None:
+    """The server preloads what the measurement imports lazily (SciPy's k-d tree and ndimage), so
+    a quality worker does not spend its first frame importing them."""
+    if not sys.platform.startswith("linux"):
+        return  # spawned processes import what they need themselves
+    assert _imported_by_a_forked_measurement(tmp_path, "numpy") == []
+
+
+@pytest.mark.gpu
+def test_a_forked_measuring_process_measures_on_the_device_without_importing_anything_new(tmp_path) -> None:
+    """The same for a measuring process on the GPU (cupyx's ndimage too): it is ready before P3's
+    first planes instead of importing them during its warm-up."""
+    pytest.importorskip("cupy")
+    assert _imported_by_a_forked_measurement(tmp_path, "cupy") == []

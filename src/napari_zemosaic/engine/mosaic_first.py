@@ -1254,10 +1254,13 @@ def mosaic_first(
 
         # While this thread waits for P2's verdicts (its process is idle then), a thread computes,
         # for every frame P3 kept, what P5's block signatures name the frames by (their resume tokens)
-        # and the pieces P4.5 fits (coarsened as the solve would).
+        # and the pieces P4.5 fits (coarsened as the solve would): once P2's last planes are on
+        # their way to the measuring process, whose hand-over this pure Python would delay.
         ahead = _PhotometryAhead(coarse)
 
         def compute_ahead() -> None:
+            if measurer is not None:
+                measurer.wait_handed_over()
             units.names(ahead.kept)
             ahead.coarsen()
 

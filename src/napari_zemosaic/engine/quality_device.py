@@ -346,7 +346,11 @@ class DeviceMeasurer:
         #: on the host): a measurement that falls behind P3 never takes P3's memory.
         self._pending_limit = HOLD_SHARE * policy.gpu_budget_bytes()
         self._closed = False
-        self._p3_ended = threading.Event()
+        self._final_batch = False
+        #: Set once the last planes are on their way to the measuring process (or the measuring
+        #: thread has ended): P2's digestion of the metrics and the run's threads that wait for
+        #: it start then, so their pure Python does not hold up that last hand-over.
+        self._handed_over = threading.Event()
         self._abandoned = False
         self._error: BaseException | None = None
         self._changed = threading.Condition()
@@ -390,7 +394,11 @@ class DeviceMeasurer:
         with self._changed:
             self._closed = True
             self._changed.notify()
-        self._p3_ended.set()
+
+    def wait_handed_over(self, timeout: float | None = None) -> bool:
+        """Wait until the last planes have been handed to the measuring process, or the
+        measuring thread has ended (after :meth:`finish`); False if ``timeout`` passed first."""
+        return self._handed_over.wait(timeout)
 
     def close(self) -> None:
         """After P5, or at the run's failure: frames still waited for are given up (no host
@@ -411,9 +419,10 @@ class DeviceMeasurer:
     def measure(self, info: Any) -> FrameMetrics:
         """``info``'s metrics: from the device once P3 has ended and its batch is done, else
         measured on the host. (What P2's thread does with each frame's metrics holds the run's
-        GIL: it waits until P3's device thread is done with it.)"""
+        GIL: it waits until P3's device thread is done with it, and the last planes have been
+        handed over.)"""
         index = self._slot[id(info)]
-        self._p3_ended.wait()
+        self._handed_over.wait()
         self._ready[index].wait()
         if self._error is not None:  # a strict run's GPU error, or a bug: the run fails with it
             raise self._error
@@ -439,6 +448,7 @@ class DeviceMeasurer:
                     while not self._closed and (held or len(self._pending) < batch_frames):
                         self._changed.wait()
                     batch, self._pending, self._pending_bytes = self._pending, [], 0
+                    self._final_batch = self._closed  # no plane is offered once closed
                     if not batch and self._closed:
                         return
                 if self._abandoned:
@@ -452,6 +462,7 @@ class DeviceMeasurer:
                 reporter.debug("quality_debug_device", **{**self.timing, "measure_s": round(self.timing["measure_s"], 2)})
             for ready in self._ready:  # whatever was not measured here is measured on the host
                 ready.set()
+            self._handed_over.set()
 
     def _start_process(self, batch_frames: int) -> MeasuringProcess | None:
         """The measuring process (the one started early, else a new one), given its buffer; or
@@ -543,4 +554,6 @@ class DeviceMeasurer:
             return metrics
         xp.stack(planes, out=process.shared.planes(len(planes), planes[0].shape, planes[0].dtype))
         stream.synchronize()  # the other process reads the buffer next
+        if self._final_batch:
+            self._handed_over.set()
         return process.measure(len(planes), planes[0].shape, planes[0].dtype, parity, paths)

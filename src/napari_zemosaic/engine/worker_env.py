@@ -38,17 +38,24 @@ def limit_native_threads(environ: dict[str, str] | os._Environ[str] = os.environ
 
 
 #: What the forkserver imports before it forks anything: the engine's worker modules (the first
-#: one limits the native libraries' threads before NumPy loads).
+#: one limits the native libraries' threads before NumPy loads), and what the frame measurement
+#: imports lazily (SciPy's k-d tree, with scipy.special and scipy.linalg, about 0.4 s, and its
+#: ndimage). A measuring process or quality worker that imported them itself was ready that much
+#: later (one H100: the measuring process's warm-up took 0.99 s, 0.43 s of it in these imports).
 SERVER_PRELOAD = (
     "napari_zemosaic.engine._worker_preload",
     "napari_zemosaic.engine.mosaic_first",
     "napari_zemosaic.engine.quality",
+    "scipy.spatial",
+    "scipy.ndimage",
 )
 #: The environment variable that keeps every stage on the CPU (see :mod:`.gpu`).
 ENV_FORCE_CPU = "ZEMOSAIC_FORCE_CPU"
 #: Also imported by a forkserver started for a run on the GPU: a measuring process forked from
-#: it has them loaded (measured on one H100: ready 1.23 s after its start instead of 1.75 s).
-DEVICE_PRELOAD = ("cupy", "cupyx")
+#: it has them loaded (measured on one H100: ready 1.23 s after its start instead of 1.75 s), cuBLAS's
+#: library included (the background fit's first matrix product loaded it: 0.13 s). A missing
+#: module is skipped by the server.
+DEVICE_PRELOAD = ("cupy", "cupyx", "cupyx.scipy.ndimage", "cupy_backends.cuda.libs.cublas")
 
 
 def process_context() -> Any:
