@@ -93,6 +93,29 @@ def test_rerun_reuses_every_unit_and_gives_the_same_mosaic(tmp_path: Path, night
     np.testing.assert_array_equal(second.coverage, first.coverage)
 
 
+def test_blocks_stacked_in_memory_are_recorded_while_the_outputs_are_written_and_reused(
+    tmp_path: Path, night: Path
+) -> None:
+    """With the pieces in memory the blocks are recorded by writer threads, the last ones while
+    the run writes its outputs; the manifest waits for them when it closes, so every block is in
+    it (and says so in the log) and a rerun reuses them all."""
+    config = {**BASE, "max_memory_mb": 2048}
+    events: list = []
+    first = run(night, tmp_path / "out", config, on_event=events.append)
+    assert not first.report["canvas"]["spilled"]
+    n_blocks = units_of(first)["block"]["computed"]
+    assert n_blocks >= 1
+    block_files = sorted((tmp_path / "out" / ".zemosaic_cache" / "units").rglob("blocks/*.npz"))
+    assert len(block_files) == n_blocks
+    events.clear()
+    second = run(night, tmp_path / "out", config, on_event=events.append)
+    assert units_of(second)["block"] == {**units_of(second)["block"], "reused": n_blocks, "computed": 0}
+    said = [(event.key, event.params.get("kind")) for event in log_messages(events)]
+    # The blocks' summary comes once their records are all in: after the outputs.
+    assert said.index(("resume_info_reused", "block")) > said.index(("run_info_outputs", None))
+    np.testing.assert_array_equal(second.data, first.data)
+
+
 def test_a_stacking_setting_recomputes_the_blocks_only(tmp_path: Path, night: Path) -> None:
     run(night, tmp_path / "out", BASE)
     changed = {**BASE, "stacking_kappa_high": 2.2}

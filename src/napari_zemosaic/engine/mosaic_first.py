@@ -157,6 +157,9 @@ MIN_SAMPLE_ROWS = 8
 MIN_STACK_ROWS = 8
 #: Share of the GPU budget that the reprojected pieces may occupy to stay on the device.
 DEVICE_STORE_SHARE = 0.5
+#: Threads that record stacked blocks of an in-memory store (each record is a file of about
+#: 20 MB for a 1024 px block and its SHA-256: one thread fell behind P5 on one H100 host).
+BLOCK_WRITERS = 2
 
 
 class FrameVerdicts(Protocol):
@@ -972,16 +975,21 @@ class MosaicUnits:
             self.manifest.forget("block", self._block_key(block))
             return None
 
-    def save_block(self, block: tuple[int, int], signature: str, data: np.ndarray, weight: np.ndarray, count: np.ndarray) -> None:
+    def save_block(self, block: tuple[int, int], signature: str, data: np.ndarray, weight: np.ndarray, count: np.ndarray,
+                   durable: bool = True) -> None:
+        """Record a stacked block. ``durable`` (a spilled store, whose pieces of the block are
+        dropped next): the file survives a power cut and the record is on disk before this returns.
+        Otherwise the file is written without fsync (a damaged one fails its hash when a rerun
+        looks it up, and the block is stacked again) and the manifest is written when it is due."""
         if not self.active:
             return
         from .resume import save_unit_arrays
 
         path = self.folder / "blocks" / f"block_{block[0]:04d}_{block[1]:04d}.npz"
-        digest = save_unit_arrays(path, data=data, weight=weight, count=count)
+        digest = save_unit_arrays(path, durable=durable, data=data, weight=weight, count=count)
         self.manifest.record("block", self._block_key(block), signature, path, sha256=digest)
-        # Pieces of a finished block are dropped next: the record must be on disk first.
-        self.manifest.flush()
+        if durable:
+            self.manifest.flush()
 
 
 def _split_into_blocks(
@@ -1376,9 +1384,13 @@ def mosaic_first(
                                  budget_mb=round(budget_bytes / 2**20, 1))
         return said
 
-    # Blocks of an in-memory store are recorded by a writer thread while the next one stacks
-    # (their pieces are not on disk, so the record need not precede the drop).
-    writer = ThreadPoolExecutor(1, thread_name_prefix="zemosaic-units") if units.active and not store.spilled else None
+    # Blocks of an in-memory store are recorded by writer threads while the next ones stack
+    # (their pieces are not on disk, so the record need not precede the drop). The last records
+    # of a run are written while it writes its outputs: the manifest waits for them when it closes
+    # (and logs the blocks' summary then); nested runs wait here.
+    writer = (ThreadPoolExecutor(BLOCK_WRITERS, thread_name_prefix="zemosaic-units")
+              if units.active and not store.spilled else None)
+    defer_records = writer is not None and not label
     saving: list[Future] = []
     def stack_one(block: tuple[int, int], pieces: list[tuple[int, int, int, Any]], concurrent: int
                   ) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], dict[str, int]] | None:
@@ -1405,18 +1417,25 @@ def mosaic_first(
                         strip_stats[key] = strip_stats.get(key, 0) + value
                     place(block, data, weight, count)
                     if block in signatures and writer is not None:
-                        saving.append(writer.submit(units.save_block, block, signatures[block], data, weight, count))
+                        saving.append(writer.submit(units.save_block, block, signatures[block], data, weight, count,
+                                                    durable=False))
                     elif block in signatures:
                         units.save_block(block, signatures[block], data, weight, count)
                 store.drop(block)
                 ctx.reporter.progress("P5", number, len(blocks), "progress_blocks")
                 yield from ctx.drain()
-            for job in saving:
-                job.result()
-    finally:
+            if not defer_records:
+                for job in saving:
+                    job.result()
+    except BaseException:
         if writer is not None:
             writer.shutdown(wait=True, cancel_futures=True)
-    if units.active and not label:
+        raise
+    if writer is not None:
+        writer.shutdown(wait=False)
+        if defer_records:
+            units.manifest.defer("block", lambda: [job.result() for job in saving])
+    if units.active and not label and not defer_records:
         units.manifest.log_summary("block", ctx.reporter)
     if policy is not None:
         policy.end_stage("stack")
