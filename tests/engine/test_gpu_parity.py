@@ -1192,7 +1192,10 @@ def demo_cpu_and_gpu(demo_night, tmp_path_factory, device):
         events.append(event)
         slices.append((getattr(event, "key", ""), sys.getswitchinterval()))
 
-    gpu_run = _run_demo(root / "frames", tmp_path_factory.mktemp("gpu"), gpu_strict=True, on_event=on_event)
+    gpu_out = tmp_path_factory.mktemp("gpu")
+    # The cache is kept for the rerun below (its resume units).
+    gpu_run = _run_demo(root / "frames", gpu_out, gpu_strict=True, on_event=on_event, cache_retention="keep")
+    gpu_run.out = gpu_out
     gpu_run.events = events  # the GPU run's events, for what its log says
     gpu_run.slices = (before, slices, sys.getswitchinterval())
     return cpu, gpu_run, truth
@@ -1421,3 +1424,15 @@ def test_fused_masked_row_medians_equal_numpy_median(device: int) -> None:
         for row in range(1, rows):
             assert got[row] == np.median(values[row][mask[row]]), (rows, width, row)
     assert gpu.fused_masked_row_medians(values, mask, np) is None
+
+
+def test_a_gpu_rerun_reuses_the_metrics_whose_star_files_the_measuring_process_wrote(demo_cpu_and_gpu, demo_night) -> None:
+    """The measuring process wrote the star files of P2's resume units (their SHA-256 in the
+    manifest): a rerun into the same OUTPUT finds every one intact and measures nothing again."""
+    cpu, gpu_run, truth = demo_cpu_and_gpu
+    root, _ = demo_night
+    recorded = gpu_run.report["resume"]["units"]["metrics"]["computed"]
+    assert recorded >= len(truth.frames) - 2
+    again = _run_demo(root / "frames", gpu_run.out, gpu_strict=True, cache_retention="keep")
+    units = again.report["resume"]["units"]["metrics"]
+    assert (units["reused"], units["computed"], units["corrupt"]) == (recorded, 0, 0)

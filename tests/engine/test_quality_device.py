@@ -65,6 +65,33 @@ def test_the_process_measures_the_shared_planes_as_this_process_does(frames):
     _assert_same_metrics(last, expected[2:], 1e-9)
 
 
+def test_the_process_writes_the_star_files_of_the_frames_it_measured(frames, tmp_path):
+    """The resume units' star files of frames measured in the measuring process are written
+    there (its GIL, not the run's): the same arrays and SHA-256 as the run would write."""
+    import hashlib
+
+    from napari_zemosaic.engine.resume import load_unit_arrays
+
+    infos, planes = frames
+    parity = q.green_parity(infos[0].bayer_pattern)
+    process = MeasuringProcess(0, "numpy")
+    try:
+        process.attach(2 * planes[0].nbytes)
+        np.stack(planes[:2], out=process.shared.planes(2, planes[0].shape, planes[0].dtype))
+        got = process.measure(2, planes[0].shape, planes[0].dtype, parity, [str(i.path) for i in infos[:2]])
+        files = [(str(info.path), tmp_path / "units" / f"star_{k}.npz") for k, info in enumerate(infos)]
+        digests = process.write_star_files(files)
+    finally:
+        process.close()
+    assert digests[2] is None and not files[2][1].exists()  # the third frame was not measured there
+    for metric, (_, star_file), digest in zip(got, files, digests):
+        assert digest == hashlib.sha256(star_file.read_bytes()).hexdigest()
+        stars = load_unit_arrays(star_file)
+        assert metric.stars.x.size > 10
+        np.testing.assert_array_equal(stars["x"], metric.stars.x)
+        np.testing.assert_array_equal(stars["flux"], metric.stars.flux)
+
+
 def test_a_failed_request_is_reported_and_the_process_goes_on(frames):
     infos, planes = frames
     parity = q.green_parity(infos[0].bayer_pattern)
@@ -130,7 +157,7 @@ def test_plane_views_and_capacity():
         shared.close()
 
 
-def _offer_and_measure(measurer, policy, infos, planes, cp) -> list[q.FrameMetrics]:
+def _offer_and_measure(measurer, policy, infos, planes, cp, star_dir=None) -> list[q.FrameMetrics]:
     """What P3 and P2 do with a measurer: offer each raw plane from the device, end P3, take the
     metrics, close. The last planes are handed over only after P3's end (fewer than a batch here)."""
     with policy.device():
@@ -140,12 +167,14 @@ def _offer_and_measure(measurer, policy, infos, planes, cp) -> list[q.FrameMetri
     measurer.finish()
     assert measurer.wait_handed_over(120)
     got = [measurer.measure(info) for info in infos]
+    if star_dir is not None:  # as P2's deferred resume units ask, before the measurer is closed
+        measurer.star_digests = measurer.write_star_files({k: star_dir / f"{k}.npz" for k in range(len(infos))})
     measurer.close()
     return got
 
 
 @pytest.mark.gpu
-def test_the_device_measurer_gives_the_same_metrics_with_or_without_its_process(frames):
+def test_the_device_measurer_gives_the_same_metrics_with_or_without_its_process(frames, tmp_path):
     cp = pytest.importorskip("cupy")
     from napari_zemosaic.engine import gpu
     from napari_zemosaic.config import apply_overrides, default_config
@@ -163,8 +192,13 @@ def test_the_device_measurer_gives_the_same_metrics_with_or_without_its_process(
             measurer = DeviceMeasurer(infos, policy, process=early)
         else:
             measurer = DeviceMeasurer(infos, policy, separate_process=way)
-        got = _offer_and_measure(measurer, policy, infos, planes, cp)
+        star_dir = tmp_path / str(way)
+        got = _offer_and_measure(measurer, policy, infos, planes, cp, star_dir)
         measured[way] = (got, measurer.timing["where"], measurer.timing["frames"])
+        # A measuring process writes the star files of the frames it measured; without one, none.
+        assert sorted(measurer.star_digests) == ([] if way is False else list(range(len(infos))))
+        for k, digest in measurer.star_digests.items():
+            assert np.array_equal(np.load(star_dir / f"{k}.npz")["x"], got[k].stars.x) and len(digest) == 64
     early.close()  # the run joins the process it started, after its outputs
     assert not early._process.is_alive()
     assert measured["early"][1:] == ("process", len(infos))

@@ -550,14 +550,15 @@ def _run_stages(run: _Run, include: Iterable[str | Path] | None) -> Generator[Ev
 
 def judge_frames(
     frames: list[FrameInfo], config: dict[str, Any], reporter: Reporter, executor: Any = None, manifest: Any = None,
-    measure: Any = None, defer_units: bool = False,
+    measure: Any = None, defer_units: bool = False, star_writer: Any = None,
 ) -> Generator[Event, None, tuple[list[Any], list[Any]]]:
     """Quality metrics of every frame (stored on ``FrameInfo.metrics``) and the rules' decisions.
 
     With the run's ``executor`` (engine/distributed.py) each frame is measured by a task;
     ``measure`` (one frame's metrics) replaces the default measurement otherwise. With
     ``defer_units`` the ``metrics`` resume units (star files, signatures, records) are written on
-    a thread once the metrics are known (:meth:`~.resume.UnitManifest.defer`), not as they come.
+    a thread once the metrics are known (:meth:`~.resume.UnitManifest.defer`), not as they come;
+    ``star_writer`` then writes the star files of the frames it measured (:class:`_MetricsUnits`).
     """
     from .distributed import measure_options, measures_in_run_process
     from .quality import REASON_NO_VALID_PIXELS, REASON_UNREADABLE, apply_quality_rules, measure_frames
@@ -567,7 +568,7 @@ def judge_frames(
     measure_config, options = measure_options(executor, config)
     if measure is not None and "measure" not in options:
         options["measure"] = measure
-    units = _MetricsUnits(manifest, frames, defer=defer_units) if manifest is not None else None
+    units = _MetricsUnits(manifest, frames, defer=defer_units, star_writer=star_writer) if manifest is not None else None
     metrics = yield from measure_frames(frames, measure_config, reporter, units=units, **options)
     if units is not None:
         units.record(metrics)
@@ -595,14 +596,20 @@ class _MetricsUnits:
     :meth:`store` takes note of it as the frame comes back (or writes it here, e.g. for a frame
     measured by a scheduler's task); :meth:`record` records the units in frame order once the
     transparency, part of the record, is known.
+
+    ``star_writer`` (deferred units): ``{frame index: star file}`` -> ``{frame index: SHA-256}`` of
+    the files it wrote, e.g. :meth:`.quality_device.DeviceMeasurer.write_star_files`, whose
+    measuring process holds the star lists and a GIL of its own; :meth:`record` writes the others.
     """
 
-    def __init__(self, manifest: Any, frames: Sequence[FrameInfo], defer: bool = False) -> None:
+    def __init__(self, manifest: Any, frames: Sequence[FrameInfo], defer: bool = False,
+                 star_writer: Callable[[dict[int, Path]], dict[int, str]] | None = None) -> None:
         from collections import Counter
 
         from .quality import FrameMetrics
 
         self.defer = defer
+        self.star_writer = star_writer
         self.manifest = manifest
         self.frames = frames
         self.folder = manifest.cache_dir / "units" / "metrics"
@@ -692,6 +699,12 @@ class _MetricsUnits:
     def _record(self, metrics: Sequence[Any]) -> None:
         from .quality import UNRECORDED_REASONS
 
+        if self.star_writer is not None:
+            wanted = {index: self._star_path(index) for index, (info, metric) in enumerate(zip(self.frames, metrics))
+                      if index not in self.known and index not in self.written and metric.reason not in UNRECORDED_REASONS
+                      and str(info.path) not in self.shared_keys}
+            for index, digest in self.star_writer(wanted).items():
+                self.written[index] = (wanted[index], digest)
         for index, (info, metric) in enumerate(zip(self.frames, metrics)):
             if index in self.known or metric.reason in UNRECORDED_REASONS:
                 continue  # an unreadable frame is not a finished unit: the loader says why, every run
@@ -701,14 +714,16 @@ class _MetricsUnits:
 
 
 def _quality_filter(
-    run: _Run, frames: list[FrameInfo], reporter: Any = None, workers: int = 0, measure: Any = None
+    run: _Run, frames: list[FrameInfo], reporter: Any = None, workers: int = 0, measure: Any = None,
+    star_writer: Any = None,
 ) -> Generator[Event, None, list[FrameInfo]]:
     """Measure every frame (stars, FWHM, elongation, background, transparency) and apply the rules.
 
     Rejected frames are listed with the rule, the value and the threshold; nothing is deleted.
     ``reporter``: the run's by default (a :class:`_QuietReporter` when this runs on a thread);
     ``workers`` > 0 sizes the measuring pool when the config leaves it automatic; ``measure``
-    replaces the measurement of one frame (:func:`~.quality.measure_frames`' ``measure``).
+    replaces the measurement of one frame (:func:`~.quality.measure_frames`' ``measure``), and
+    ``star_writer`` writes the star files of the frames it measured (see :class:`_MetricsUnits`).
     """
     from .quality import excluded_entries
 
@@ -716,7 +731,8 @@ def _quality_filter(
     reporter = reporter if reporter is not None else ctx.reporter
     measure_config = {**config, "num_workers": workers} if workers > 0 and not config.get("num_workers") else config
     metrics, decisions = yield from judge_frames(
-        frames, measure_config, reporter, ctx.executor, ctx.manifest, measure, defer_units=measure is not None
+        frames, measure_config, reporter, ctx.executor, ctx.manifest, measure, defer_units=measure is not None,
+        star_writer=star_writer,
     )
     run.report["frames"]["metrics"] = [
         {**metric.to_dict(), "decision": decision.to_dict()} for metric, decision in zip(metrics, decisions)
@@ -808,7 +824,9 @@ class _QualityBeside:
         # the measurement gains (measured on one H100 host of 16 cores).
         workers = max(1, (os.cpu_count() or 1) - CORES_LEFT_TO_RESAMPLING)
         measure = None if self.device_measurer is None else self.device_measurer.measure
-        measuring = _quality_filter(self._run, self._frames, _QuietReporter(ctx.reporter), workers, measure)
+        star_writer = None if self.device_measurer is None else self.device_measurer.write_star_files
+        measuring = _quality_filter(self._run, self._frames, _QuietReporter(ctx.reporter), workers, measure,
+                                    star_writer)
         try:
             with ctx.timed("P2"):
                 while True:

@@ -40,7 +40,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .quality import FrameMetrics, _pixel_scale, green_parity, measure_one, measure_planes
+from .quality import FrameMetrics, _pixel_scale, _write_star_file, green_parity, measure_one, measure_planes
 
 #: Device bytes a frame's measurement holds per sensor pixel (its raw plane, the binned image,
 #: the sorted meshes, the smoothed image, labels and the stamps), for the batch size.
@@ -161,8 +161,11 @@ def _serve(connection: Any, device_id: int, module_name: str, warm_up: tuple[tup
     parity, unless None) and says ``("started",)``; opens the buffer of the ``("open", handle)``
     it then receives and says ``("ready",)``; then answers each request ``(n_planes, shape,
     dtype, green parity, paths)`` about the planes at the start of the buffer with ``("ok",
-    metrics)``, until it receives ``None``. A failure is answered ``("error", text)``: at the
-    start or the opening it ends the process, in a request the process goes on."""
+    metrics)``, and each ``("stars", [(path, star file), ...])`` with ``("ok", [SHA-256 or None,
+    ...])`` after writing the star lists it measured for those paths (:func:`.quality._write_star_file`;
+    None: not measured here, or not written), until it receives ``None``. A failure is answered
+    ``("error", text)``: at the start or the opening it ends the process, in a request the
+    process goes on."""
     from .gpu import _describe, free_cupy_memory_pools, is_device_module
 
     xp = importlib.import_module(module_name)
@@ -184,15 +187,20 @@ def _serve(connection: Any, device_id: int, module_name: str, warm_up: tuple[tup
             connection.send(("error", _describe(exc, "the shared planes could not be opened")))
             return
         connection.send(("ready",))
+        measured: dict[str, FrameMetrics] = {}  # by path, for the star files asked for later
         try:
             while True:
                 request = connection.recv()
                 if request is None:
                     return
+                if request[0] == "stars":
+                    connection.send(("ok", _write_star_files(measured, request[1])))
+                    continue
                 n_planes, shape, dtype, parity, paths = request
                 try:
                     metrics = [FrameMetrics(path=path) for path in paths]
                     measure_planes(plane_view(buffer, n_planes, shape, dtype), 1, parity, metrics, xp)
+                    measured.update(zip(paths, metrics))
                     reply: tuple[Any, ...] = ("ok", metrics)
                 except Exception as exc:  # reported to the run, whose policy retries or falls back
                     reply = ("error", _describe(exc))
@@ -202,6 +210,15 @@ def _serve(connection: Any, device_id: int, module_name: str, warm_up: tuple[tup
         finally:
             buffer = None
             close()
+
+
+def _write_star_files(measured: dict[str, FrameMetrics], files: Sequence[tuple[str, str]]) -> list[str | None]:
+    """The star lists of ``measured`` frames written to their files (``(path, star file)`` pairs):
+    each file's SHA-256, or None where the frame was not measured here or was not written."""
+    from pathlib import Path
+
+    return [None if path not in measured else _write_star_file(Path(star_file), measured[path])
+            for path, star_file in files]
 
 
 class MeasuringProcess:
@@ -267,12 +284,19 @@ class MeasuringProcess:
         by the caller), one per path; raises :class:`MeasuringProcessError`."""
         return self._ask((n_planes, tuple(shape), np.dtype(dtype).str, parity, list(paths)), "ok")
 
-    def stop(self) -> None:
+    def write_star_files(self, files: Sequence[tuple[str, str]]) -> list[str | None]:
+        """Have the process write the star lists it measured: ``(path, star file)`` pairs in, each
+        file's SHA-256 (None: not measured there, or not written) out; raises
+        :class:`MeasuringProcessError`."""
+        return self._ask(("stars", [(str(path), str(star_file)) for path, star_file in files]), "ok")
+
+    def stop(self, wait: bool = True) -> None:
         """Tell the process to end once its current request is answered (waiting at most
-        ``CLOSE_TIMEOUT_S`` for it), without waiting for its end: :meth:`close` does."""
+        ``CLOSE_TIMEOUT_S`` for it; not at all without ``wait``: a request in flight then keeps
+        it up), without waiting for its end: :meth:`close` does."""
         if self._stopped or not self._process.is_alive():
             return
-        if self._lock.acquire(timeout=CLOSE_TIMEOUT_S):
+        if self._lock.acquire(timeout=CLOSE_TIMEOUT_S) if wait else self._lock.acquire(blocking=False):
             try:
                 self._connection.send(None)
                 self._stopped = True
@@ -410,7 +434,7 @@ class DeviceMeasurer:
         self.finish()
         self._thread.join()
         if self._started is not None:
-            self._started.stop()
+            self._started.stop(wait=False)  # star files it may be writing: the run closes it later
         elif self._process is not None:
             self._process.close()
 
@@ -433,6 +457,23 @@ class DeviceMeasurer:
         if scale and np.isfinite(metrics.fwhm_px):
             metrics.fwhm_arcsec = metrics.fwhm_px * scale
         return metrics
+
+    def write_star_files(self, files: dict[int, Any]) -> dict[int, str]:
+        """The star lists of frames (index -> star file) written by the measuring process that
+        measured them, off this process's GIL (500 small files held the run's GIL about 1 s
+        beside P5 and P6 on one H100 host): index -> SHA-256 of each file written. Frames it did
+        not measure, or every frame when there is no such process or it fails, are left out
+        (the caller writes them). Waits for the measuring thread's end."""
+        self._thread.join()
+        process = self._process
+        if process is None or not files:
+            return {}
+        indices = list(files)
+        try:
+            digests = process.write_star_files([(str(self._frames[i].path), files[i]) for i in indices])
+        except MeasuringProcessError:
+            return {}
+        return {index: digest for index, digest in zip(indices, digests) if digest is not None}
 
     # ----------------------------------------------------------------- the measuring thread
 
