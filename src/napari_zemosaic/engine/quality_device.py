@@ -473,6 +473,9 @@ class DeviceMeasurer:
             digests = process.write_star_files([(str(self._frames[i].path), files[i]) for i in indices])
         except MeasuringProcessError:
             return {}
+        finally:
+            if self._abandoned and self._started is not None:  # closed meanwhile: end it now
+                self._started.stop(wait=False)
         return {index: digest for index, digest in zip(indices, digests) if digest is not None}
 
     # ----------------------------------------------------------------- the measuring thread
