@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import os
 import shutil
 import struct
@@ -401,7 +402,7 @@ def _json_default(value: Any) -> Any:
 
 def _clean_floats(value: Any) -> Any:
     """NaN/inf are not JSON: write them as null."""
-    if isinstance(value, float) and not np.isfinite(value):
+    if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
         return {k: _clean_floats(v) for k, v in value.items()}
@@ -411,7 +412,8 @@ def _clean_floats(value: Any) -> Any:
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> Path:
+    # One string, then one write (json.dump writes each of its many small pieces).
+    text = json.dumps(_clean_floats(payload), indent=2, default=_json_default, allow_nan=False)
     with atomic_path(path) as temp:
-        with open(temp, "w", encoding="utf-8") as handle:
-            json.dump(_clean_floats(payload), handle, indent=2, default=_json_default, allow_nan=False)
+        temp.write_text(text, encoding="utf-8")
     return path
