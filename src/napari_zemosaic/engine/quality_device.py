@@ -427,9 +427,10 @@ class DeviceMeasurer:
     def close(self) -> None:
         """After P5, or at the run's failure: frames still waited for are given up (no host
         measurement starts any more) and the measuring thread is joined. A process this measurer
-        started is ended; the one started for it (``process``) is told to end, and the run joins
-        it after writing its outputs. (The process stays up through P4.5 and P5, idle, so that
-        the teardown of its context and memory does not fall in them.)"""
+        started is ended; the one started for it (``process``) is told to end (once it has
+        written the star files it is writing, :meth:`write_star_files`), and the run joins it
+        after writing its outputs. (The process stays up through P4.5 and P5, idle, so that the
+        teardown of its context and memory does not fall in them.)"""
         self._abandoned = True
         self.finish()
         self._thread.join()
