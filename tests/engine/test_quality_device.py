@@ -174,6 +174,53 @@ def _offer_and_measure(measurer, policy, infos, planes, cp, star_dir=None) -> li
 
 
 @pytest.mark.gpu
+def test_planes_that_come_in_during_a_part_wait_for_a_whole_batch(frames, monkeypatch):
+    """The measuring thread takes one batch at a time: planes offered while a part is measured
+    make no short part of their own; only the last part may be short."""
+    import dataclasses
+    import threading
+
+    cp = pytest.importorskip("cupy")
+    from napari_zemosaic.engine import gpu, quality_device
+    from napari_zemosaic.config import apply_overrides, default_config
+    from napari_zemosaic.engine.gpu import ComputePolicy
+    from napari_zemosaic.events import Reporter
+
+    infos, planes = frames
+    many = [dataclasses.replace(infos[k % len(infos)]) for k in range(7)]  # 7 frames of their own
+    config = apply_overrides(default_config(), gpu.config_overrides_for_gpu_mode("on"))
+    policy = ComputePolicy.from_config(config, reporter=Reporter(), env={})
+    monkeypatch.setattr(quality_device, "MAX_BATCH_FRAMES", 2)
+    sizes: list[int] = []
+    inside, release = threading.Event(), threading.Event()
+    measure_part = quality_device.DeviceMeasurer._measure_part
+
+    def recorded(self, part, parity, xp, stream):
+        sizes.append(len(part))
+        inside.set()
+        release.wait(60)
+        return measure_part(self, part, parity, xp, stream)
+
+    monkeypatch.setattr(quality_device.DeviceMeasurer, "_measure_part", recorded)
+    measurer = quality_device.DeviceMeasurer(many, policy)
+    with policy.device():
+        for k in range(2):
+            measurer.offer(many[k], cp.asarray(planes[k % len(planes)]), cp)
+        assert inside.wait(120)  # the first batch is being measured
+        for k in range(2, 5):
+            measurer.offer(many[k], cp.asarray(planes[k % len(planes)]), cp)
+        release.set()
+        for k in range(5, 7):
+            measurer.offer(many[k], cp.asarray(planes[k % len(planes)]), cp)
+    measurer.finish()
+    assert measurer.wait_handed_over(120)
+    got = [measurer.measure(info) for info in many]
+    measurer.close()
+    assert sum(sizes) == 7 and sizes[:-1] == [2] * (len(sizes) - 1), sizes
+    assert measurer.timing["frames"] == 7 and all(m.n_stars > 0 for m in got)
+
+
+@pytest.mark.gpu
 def test_the_device_measurer_gives_the_same_metrics_with_or_without_its_process(frames, tmp_path):
     cp = pytest.importorskip("cupy")
     from napari_zemosaic.engine import gpu

@@ -45,6 +45,10 @@ from .outputs import (
 WORKFLOWS_AVAILABLE = ("mosaic_first", "sds", "classic")
 #: Cores the quality measurement leaves to the resampling when both run at once.
 CORES_LEFT_TO_RESAMPLING = 4
+#: Threads that collect the device measurer's metrics for P2 (:class:`.quality_device.DeviceMeasurer`):
+#: they only wait, unless frames fall back to the host. With one per core, a dozen threads woke as
+#: each batch came back and queued for the GIL, with the run's other threads, at P2's end.
+DEVICE_MEASURE_THREADS = 2
 
 
 @dataclass
@@ -711,6 +715,11 @@ class _MetricsUnits:
             path, digest = self.written.get(index) or self._write(index, metric)
             values = {f.name: getattr(metric, f.name) for f in dataclasses.fields(metric) if f.name != "stars"}
             self.manifest.record("metrics", str(info.path), self.signature(index), path, sha256=digest, meta=values)
+            if self.defer:
+                # Beside P5, whose stacking threads give the GIL away at each kernel launch and
+                # queue to take it back: without a pause here they waited up to a switch interval
+                # (5 ms) per launch behind these records (one H100: P5 0.46-0.70 s against 0.39-0.49 s).
+                time.sleep(0)
 
 
 def _quality_filter(
@@ -823,6 +832,8 @@ class _QualityBeside:
         # readers need cores of their own, or the resampling they feed slows down more than
         # the measurement gains (measured on one H100 host of 16 cores).
         workers = max(1, (os.cpu_count() or 1) - CORES_LEFT_TO_RESAMPLING)
+        if self.device_measurer is not None:
+            workers = min(workers, DEVICE_MEASURE_THREADS)
         measure = None if self.device_measurer is None else self.device_measurer.measure
         star_writer = None if self.device_measurer is None else self.device_measurer.write_star_files
         measuring = _quality_filter(self._run, self._frames, _QuietReporter(ctx.reporter), workers, measure,

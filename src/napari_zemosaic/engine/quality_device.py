@@ -492,8 +492,13 @@ class DeviceMeasurer:
                 with self._changed:
                     while not self._closed and (held or len(self._pending) < batch_frames):
                         self._changed.wait()
-                    batch, self._pending, self._pending_bytes = self._pending, [], 0
-                    self._final_batch = self._closed  # no plane is offered once closed
+                    # At most one batch at a time: the planes that came in meanwhile wait for the
+                    # next, rather than make a short part of their own (a part costs about 37 ms
+                    # beside its frames' 1.5 ms each on one H100: 12 parts instead of 8 for 500 frames).
+                    batch = self._pending if held else self._pending[:batch_frames]
+                    self._pending = self._pending[len(batch):]
+                    self._pending_bytes = sum(item[1].nbytes for item in self._pending)
+                    self._final_batch = self._closed and not self._pending  # no plane is offered once closed
                     if not batch and self._closed:
                         return
                 if self._abandoned:
