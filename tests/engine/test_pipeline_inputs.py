@@ -202,3 +202,40 @@ def test_a_second_run_into_the_same_output_refuses_while_the_first_runs(small_ni
     assert tr(info.value.key, **info.value.params) != info.value.key
     first.close()  # cancelled: the lock goes with it
     assert run(root / "frames", tmp_path / "out", {"max_memory_mb": 256}).status == "ok"
+
+
+def test_a_run_freezes_the_heap_while_it_runs_and_gives_it_back(small_night, tmp_path) -> None:
+    """The objects alive at the run's start and after its header pass are kept out of the garbage
+    collector's full passes during the run only; after a run, ended or failed, nothing is frozen;
+    a program that froze objects itself keeps its own freeze."""
+    import gc
+
+    from napari_zemosaic.engine.pipeline import drain, iter_run
+
+    root, _ = small_night
+    assert gc.get_freeze_count() == 0
+    seen: list[int] = []
+    result = drain(iter_run(root / "frames", tmp_path / "out", {"max_memory_mb": 256}),
+                   lambda event: seen.append(gc.get_freeze_count()))
+    assert result.status == "ok"
+    assert seen and max(seen) > 0 and gc.get_freeze_count() == 0
+    broken = iter_run(root / "frames", tmp_path / "out2", {"max_memory_mb": 256})
+    try:
+        for event in broken:  # up to the header pass's first file
+            if getattr(event, "phase", "") == "P1":
+                break
+        assert gc.get_freeze_count() > 0
+    finally:
+        broken.close()  # cancelled
+    assert gc.get_freeze_count() == 0
+
+    gc.freeze()  # the program's own
+    try:
+        frozen = gc.get_freeze_count()
+        seen.clear()
+        drain(iter_run(root / "frames", tmp_path / "out3", {"max_memory_mb": 256}),
+              lambda event: seen.append(gc.get_freeze_count()))
+        # Neither given back nor grown by the run (frozen objects still go when their last reference does).
+        assert seen and all(0 < count <= frozen for count in seen) and 0 < gc.get_freeze_count() <= frozen
+    finally:
+        gc.unfreeze()
