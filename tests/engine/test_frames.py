@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -677,6 +678,26 @@ def test_reader_process_frames_give_the_pixels_of_a_direct_read(tmp_path: Path) 
         np.testing.assert_array_equal(mosaic_first.frame_pixels(in_reader, info, config, 3, np), a)
         wrong = (fingerprint[0], fingerprint[1], fingerprint[2], (b"x",) + fingerprint[3][1:])
         assert mosaic_first._prepare_in_reader_process(light, index, 0.01, None, wrong) == mosaic_first.NEEDS_WCS
+        # ... and the frame's resume digest, the one the run's manifest computes for the frame.
+        from napari_zemosaic.engine.resume import UnitManifest
+
+        frame = replace(info, file_identity=in_reader.file_identity, resume_token=in_reader.resume_token)
+        manifest = UnitManifest(tmp_path / f"cache{index}", "test")
+        expected = manifest.digest(frame)
+        assert in_reader.resume_token == (in_reader.file_identity[1], expected) and len(expected) == 24
+        fresh = UnitManifest(tmp_path / f"fresh{index}", "test")
+        calls = []  # the token is taken as it is: nothing is canonicalised again ...
+        original = fresh.digest
+        fresh.digest = lambda value: calls.append(value) or original(value)  # type: ignore[method-assign]
+        assert fresh.frame_digest(frame) == expected and calls == []
+        # ... unless the file has changed since (its stamp): then the digest is computed again.
+        stat = info.path.stat()
+        os.utime(info.path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+        try:
+            changed = UnitManifest(tmp_path / f"changed{index}", "test")
+            assert changed.frame_digest(frame) == changed.digest(replace(frame, file_identity=None)) != expected
+        finally:
+            os.utime(info.path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
 
 
 def test_device_cut_of_a_frame_keeps_the_pieces_of_the_host_split() -> None:

@@ -126,6 +126,9 @@ class FrameInfo:
     #: ``(stat stamp, identity)`` of the file as a reader process found it
     #: (:func:`.resume.stamped_file_identity`), for the run's resume signatures; None elsewhere.
     file_identity: tuple[tuple[int, int, int], dict[str, Any]] | None = field(default=None, repr=False, compare=False)
+    #: ``(file identity, digest)``: the frame's resume digest as a reader process computed it beside
+    #: that identity (:func:`.resume.frame_token`); None elsewhere.
+    resume_token: tuple[dict[str, Any], str] | None = field(default=None, repr=False, compare=False)
 
     def __getstate__(self) -> dict[str, Any]:
         # A plate-solved WCS is computed, not read: its header text would round it (wcs_exact.py).

@@ -123,7 +123,7 @@ from .photometry import (
     coarsening_factor,
     solve_normalisation,
 )
-from .resume import ensure_free_space, write_raw_atomic
+from .resume import ensure_free_space, frame_token, write_raw_atomic
 from .worker_env import process_context
 from .reproject import (
     ControlGrid,
@@ -195,6 +195,7 @@ class HostFrame:
     read_s: float = 0.0  # seconds spent reading and decoding the file
     grid_s: float = 0.0  # seconds spent computing the control grid
     file_identity: Any = None  # a reader process's frames.stamped_identity of the file
+    resume_token: Any = None  # and its resume.frame_token of the frame
 
 
 @dataclass
@@ -759,7 +760,8 @@ NEEDS_WCS = "needs_wcs"
 
 
 def _wcs_fingerprint(wcs: Any) -> tuple[Any, ...] | None:
-    """Everything the pixel mapping of a (TAN/SIP/PV) WCS depends on, as exact bytes.
+    """Everything the pixel mapping of a (TAN/SIP/PV) WCS depends on, as exact bytes, and its
+    celestial frame (the rest of what the frame's resume digest holds: :func:`.resume.frame_token`).
 
     ``None`` for WCSs with lookup-table distortions (those always travel whole).
     """
@@ -775,6 +777,7 @@ def _wcs_fingerprint(wcs: Any) -> tuple[Any, ...] | None:
         tuple(str(unit) for unit in core.cunit),
         tuple(core.get_pv()),
         tuple(b"" if a is None else np.asarray(a, dtype=np.float64).tobytes() for a in arrays),
+        (str(core.radesys), repr(float(core.equinox))),  # repr: a NaN equinox equals itself
     )
 
 
@@ -813,8 +816,10 @@ def _prepare_in_reader_process(
             return NEEDS_WCS
         info = replace(info, wcs=wcs)
     host = prepare_frame_on_host(info, index, _READER_CANVAS, tol_px, bbox, defer_pixels=True)
-    if host is not None:  # the file's resume identity, here beside the read (see FrameInfo.file_identity)
+    if host is not None:  # the file's resume identity and digest, here beside the read (see FrameInfo)
         host.file_identity = stamped_identity(info.path)
+        if host.file_identity is not None:
+            host.resume_token = frame_token(replace(info, file_identity=host.file_identity))
     return host
 
 
@@ -898,7 +903,7 @@ class MosaicUnits:
     def token(self, index: int) -> str:
         """A short digest of the frame's identity (file, HDU, shape, WCS), computed once per run."""
         if index not in self._tokens:
-            self._tokens[index] = self.manifest.digest(self.frames[index])
+            self._tokens[index] = self.manifest.frame_digest(self.frames[index])
         return self._tokens[index]
 
     def names(self, indices: Sequence[int]) -> dict[int, str]:
@@ -1691,6 +1696,7 @@ def _reproject_frames_gpu(
                         timing["grid_s"] += host.grid_s
                         if host.file_identity is not None:
                             frames[index].file_identity = host.file_identity
+                            frames[index].resume_token = host.resume_token
                         if isinstance(host.pixels, RawPixels):
                             host.pixels = PrefetchedRaw(
                                 host.pixels, loaders.submit(host.pixels.read_for_device, control_points(host.grid))
