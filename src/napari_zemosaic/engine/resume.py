@@ -979,7 +979,7 @@ class UnitManifest:
 
     def frame_digest(self, frame: Any) -> str:
         """:meth:`digest` of a FrameInfo, taken from its ``resume_token`` (:func:`frame_token`, computed
-        by a reader process) while its file still has the stamp the token was computed for."""
+        by a reader process) while its file still has the identity the token was computed for."""
         known = getattr(frame, "resume_token", None)
         if known is not None and self._canonical.identity(frame.path, frame.file_identity) == known[0]:
             return known[1]
