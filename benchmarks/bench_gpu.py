@@ -50,6 +50,7 @@ KEEP_PAGE_CACHE = False  # --keep-page-cache: the stage runs start from a warm p
 PROFILE = False  # --profile: cProfile of the main thread during the last --pipeline-only run
 SAMPLE = False  # --sample: every thread's stacks sampled during the last --pipeline-only run
 STEP_TIMES = False  # --step-times: the device unit's steps timed during the last --pipeline-only run
+MARKS = False  # --marks: chosen calls and the collector's passes timed during the last --pipeline-only run
 PIPELINE_SET: dict[str, Any] = {}  # --set KEY=VALUE: config of the --pipeline-only runs (JSON values)
 
 
@@ -588,6 +589,33 @@ TIMED_STEPS = ("reproject_host_frame", "frame_pixels", "correct_hot_pixels", "de
 
 
 @contextlib.contextmanager
+def _calls_timed(
+    targets: list[tuple[Any, str, str]], on_call: Callable[[str, float, float], None]
+) -> Iterator[None]:
+    """Wrap each ``(owner, attribute, label)`` of ``targets`` (a module's function or a class's
+    method, called through its owner) so that ``on_call(label, start, end)`` sees every call, in
+    the calling thread, until the block ends."""
+    originals = []
+    for owner, attribute, label in targets:
+        function = getattr(owner, attribute)
+        originals.append((owner, attribute, function))
+
+        def timed(*args: Any, _function: Any = function, _label: str = label, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return _function(*args, **kwargs)
+            finally:
+                on_call(_label, start, time.perf_counter())
+
+        setattr(owner, attribute, timed)
+    try:
+        yield
+    finally:
+        for owner, attribute, function in reversed(originals):
+            setattr(owner, attribute, function)
+
+
+@contextlib.contextmanager
 def _step_timers() -> Iterator[dict[str, list[float]]]:
     """Wrap :data:`TIMED_STEPS` with wall-clock accumulators for the duration of the block.
 
@@ -596,30 +624,91 @@ def _step_timers() -> Iterator[dict[str, list[float]]]:
     from napari_zemosaic.engine import mosaic_first
 
     totals: dict[str, list[float]] = {}
-    originals = {}
     names = {"accept_frame": "_split_into_blocks"}
     lock = threading.Lock()
-    for label in TIMED_STEPS:
-        name = names.get(label, label)
-        function = getattr(mosaic_first, name)
-        originals[name] = function
 
-        def timed(*args: Any, _function: Any = function, _label: str = label, **kwargs: Any) -> Any:
-            start = time.perf_counter()
-            try:
-                return _function(*args, **kwargs)
-            finally:
-                with lock:
-                    entry = totals.setdefault(_label, [0.0, 0])
-                    entry[0] += time.perf_counter() - start
-                    entry[1] += 1
+    def add(label: str, start: float, end: float) -> None:
+        with lock:
+            entry = totals.setdefault(label, [0.0, 0])
+            entry[0] += end - start
+            entry[1] += 1
 
-        setattr(mosaic_first, name, timed)
-    try:
+    with _calls_timed([(mosaic_first, names.get(label, label), label) for label in TIMED_STEPS], add):
         yield totals
+
+
+#: What --marks times in the last run (module, owner in it or "", attribute): the header pass's
+#: reads, P2's parts and its end, what runs while the run waits for P2's verdicts, P4.5's steps,
+#: P5's blocks and the deferred metric records. Called through their owners, so the wrappers see
+#: every call.
+MARKED_CALLS = (
+    ("frames", "", "_read_outcome"),
+    ("frames", "", "_unship"),
+    ("quality_device", "DeviceMeasurer", "_measure_part"),
+    ("quality_device", "DeviceMeasurer", "finish"),
+    ("quality_device", "DeviceMeasurer", "write_star_files"),
+    ("quality", "", "assign_transparency"),
+    ("mosaic_first", "MosaicUnits", "names"),
+    ("mosaic_first", "_PhotometryAhead", "coarsen"),
+    ("photometry", "", "overlap_edges"),
+    ("photometry_device", "DevicePairFits", "gain_ratios"),
+    ("photometry_device", "DevicePairFits", "plane_fits"),
+    ("photometry", "", "_graph_solve"),
+    ("mosaic_first", "", "_stack_block_unit"),
+    ("pipeline", "_MetricsUnits", "_record"),
+)
+#: Marks printed call by call (the others only as counts and totals).
+MARKS_IN_FULL = {"_measure_part", "finish", "write_star_files", "assign_transparency", "names", "coarsen",
+                 "overlap_edges", "gain_ratios", "plane_fits", "_stack_block_unit", "_record", "gc2"}
+
+
+@contextlib.contextmanager
+def _call_marks(start: float) -> Iterator[list[tuple[str, float, float, str]]]:
+    """``(label, start, end, thread)`` of every call of :data:`MARKED_CALLS` and of the garbage
+    collector's passes (``gc0``-``gc2``), in seconds after ``start``, for the block's duration."""
+    import gc
+    import importlib
+
+    marks: list[tuple[str, float, float, str]] = []
+
+    def add(label: str, begin: float, end: float) -> None:
+        marks.append((label, begin - start, end - start, threading.current_thread().name))
+
+    targets = []
+    for module_name, owner_name, attribute in MARKED_CALLS:
+        module = importlib.import_module(f"napari_zemosaic.engine.{module_name}")
+        targets.append((getattr(module, owner_name) if owner_name else module, attribute, attribute))
+    began: dict[int, float] = {}
+
+    def collected(phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            began[info["generation"]] = time.perf_counter()
+        elif info["generation"] in began:
+            add(f"gc{info['generation']}", began.pop(info["generation"]), time.perf_counter())
+
+    gc.callbacks.append(collected)
+    try:
+        with _calls_timed(targets, add):
+            yield marks
     finally:
-        for name, function in originals.items():
-            setattr(mosaic_first, name, function)
+        gc.callbacks.remove(collected)
+
+
+def _report_marks(marks: list[tuple[str, float, float, str]]) -> str:
+    """Counts, totals and first/last times of each mark, then the calls of :data:`MARKS_IN_FULL` in order."""
+    lines = ["calls (s from the run's start):"]
+    summary: dict[str, list[float]] = {}
+    for label, begin, end, _ in marks:
+        entry = summary.setdefault(label, [0, 0.0, begin, end])
+        entry[0] += 1
+        entry[1] += end - begin
+        entry[2], entry[3] = min(entry[2], begin), max(entry[3], end)
+    for label, (count, total, first, last) in summary.items():
+        lines.append(f"  {label:24s} {int(count):4d} calls, {total:.3f} s in all, {first:.3f}-{last:.3f}")
+    for label, begin, end, thread in sorted(marks, key=lambda mark: mark[1]):
+        if label in MARKS_IN_FULL:
+            lines.append(f"    {begin:.3f}-{end:.3f} ({end - begin:.3f}) {label} [{thread}]")
+    return "\n".join(lines)
 
 
 def bench_e2e(
@@ -649,6 +738,12 @@ def bench_e2e(
                                    limit_s=full_limit_s)
                 full["step_times_s"] = steps
                 log("device unit steps (s, calls): " + ", ".join(f"{k} {v[0]:.3f}/{v[1]}" for k, v in steps.items()))
+            elif MARKS and repeat == PIPELINE_REPEATS - 1:  # chosen calls and the collector, in time
+                with _call_marks(time.perf_counter()) as marks:
+                    full = e2e_run(frames_dir, work / f"full{repeat}", {"gpu_strict": True, **PIPELINE_SET},
+                                   limit_s=full_limit_s)
+                full["marks"] = marks
+                log(_report_marks(marks))
             elif SAMPLE and repeat == PIPELINE_REPEATS - 1:  # every thread, by phase (thread_sampler.py)
                 from thread_sampler import ThreadSampler
 
@@ -726,14 +821,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true", help="e2e --pipeline-only: profile the last run")
     parser.add_argument("--step-times", action="store_true",
                         help="e2e --pipeline-only: wall time of the device unit's steps in the last run")
+    parser.add_argument("--marks", action="store_true",
+                        help="e2e --pipeline-only: when chosen calls and the collector's passes ran, in the last run")
     parser.add_argument("--sample", action="store_true",
                         help="e2e --pipeline-only: sample every thread's stack during the last run")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="e2e --pipeline-only: config")
     parser.add_argument("--keep-page-cache", action="store_true", help="e2e: do not drop the page cache first")
     parser.add_argument("--quick", action="store_true", help="small sizes, to check the script")
     args = parser.parse_args(argv)
-    global STAGE_REJECTION, PIPELINE_ONLY, PIPELINE_REPEATS, KEEP_PAGE_CACHE, PROFILE, SAMPLE, STEP_TIMES
+    global STAGE_REJECTION, PIPELINE_ONLY, PIPELINE_REPEATS, KEEP_PAGE_CACHE, PROFILE, SAMPLE, STEP_TIMES, MARKS
     KEEP_PAGE_CACHE, PROFILE, SAMPLE, STEP_TIMES = args.keep_page_cache, args.profile, args.sample, args.step_times
+    MARKS = args.marks
     for item in args.set:
         key, _, value = item.partition("=")
         try:
