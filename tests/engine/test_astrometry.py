@@ -242,6 +242,11 @@ def test_frame_with_wcs_swaps_in_the_solution(solved) -> None:
     assert updated.wcs.pixel_shape == (frames[0].shape[1], frames[0].shape[0])
     assert frames[0].wcs is None  # the original is untouched
     assert updated.centre is not None
+    # A resume digest computed with another WCS does not follow the new one.
+    import dataclasses
+
+    digested = dataclasses.replace(frames[0], resume_token=({"path": "x"}, "0" * 24))
+    assert frame_with_wcs(digested, outcomes[0].wcs, outcomes[0].wcs_status).resume_token is None
 
 
 def test_mosaic_from_solved_frames_matches_the_truth_catalog(night, solved, tmp_path) -> None:

@@ -1309,10 +1309,11 @@ def _cache_store(cache_dir: Path, key: str, outcome: SolveOutcome) -> None:
 
 
 def frame_with_wcs(info: FrameInfo, wcs: Any, status: str = "solved") -> FrameInfo:
-    """A copy of ``info`` carrying ``wcs`` (status "solved", "propagated" or "valid")."""
+    """A copy of ``info`` carrying ``wcs`` (status "solved", "propagated" or "valid"), without the
+    resume digest a reader may have computed with the former one (``FrameInfo.resume_token``)."""
     wcs = copy.deepcopy(wcs)
     wcs.pixel_shape = (info.shape[1], info.shape[0])
-    return dataclasses.replace(info, wcs=wcs, wcs_status=status, wcs_reason=None, wcs_detail="")
+    return dataclasses.replace(info, wcs=wcs, wcs_status=status, wcs_reason=None, wcs_detail="", resume_token=None)
 
 
 def _separation_deg(ra1: float, dec1: float, ra2: float, dec2: float) -> float:
