@@ -22,6 +22,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import signal
 import tempfile
 import threading
@@ -29,6 +30,7 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -37,6 +39,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from napari_zemosaic.config import DEFAULT_CONFIG, OPTIONS, ConfigError, load_config, validate_config
+from napari_zemosaic.engine import frames
 from napari_zemosaic.engine.debayer import PATTERNS, correct_hot_pixels, debayer_bilinear
 from napari_zemosaic.engine.frames import FrameError, FrameInfo, load_frame, read_frame_info, validate_wcs
 from napari_zemosaic.i18n import load_catalog, tr
@@ -392,6 +395,82 @@ def test_raw_headers_give_a_frame_or_a_clean_rejection(blob: bytes, force_seesta
         path = Path(folder) / "frame.fits"
         path.write_bytes(blob)
         check_frame(path, force_seestar_mode=force_seestar)
+
+
+def _outcome(path: Path) -> Any:
+    """read_frame_info's outcome, comparable: its fields, header cards and WCS pickle, or its rejection."""
+    try:
+        info = read_frame_info(path)
+    except FrameError as exc:
+        return "error", exc.reason_key, exc.detail, repr(sorted(exc.params.items()))
+    fields = {name: getattr(info, name) for name in info.__dataclass_fields__ if name not in ("wcs", "header")}
+    return "frame", repr(sorted(fields.items())), _card_texts(info.header), pickle.dumps(info.wcs) if info.wcs is not None else None
+
+
+def _card_texts(header: fits.Header) -> list[str]:
+    """Each card's image, or what astropy says of a card it cannot write (it fixes cards as it formats them)."""
+    texts = []
+    for each in header.cards:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                texts.append(each.image)
+            except Exception as exc:
+                texts.append(f"{type(exc).__name__}: {exc}")
+    return texts
+
+
+@fuzz_settings(600)
+@given(raw_fits_files())
+def test_plain_primary_read_is_astropy_s_read(blob: bytes) -> None:
+    """Hostile files read from their primary header blocks give what astropy's ``fits.open`` path gives."""
+    with _scratch() as folder:
+        path = Path(folder) / "frame.fits"
+        path.write_bytes(blob)
+        with time_limit(CASE_TIME_LIMIT_S):
+            plain = _outcome(path)
+            with mock.patch.object(frames, "_plain_primary_image", lambda *args: None):
+                through_astropy = _outcome(path)
+    assert plain == through_astropy
+
+
+_LOOKUP_KEYWORDS = sorted({*_METADATA_VALUES, *_STRUCTURE_MUTATIONS, "CTYPE1", "CRVAL1", "CD1_1", "A_ORDER", "DP1"})
+
+
+@st.composite
+def header_texts(draw: Any) -> str:
+    """Cards of the metadata and structure keywords with any value, odd cards among them (no END)."""
+    images: list[bytes] = []
+    for _ in range(draw(st.integers(1, 14))):
+        if draw(st.integers(0, 5)) == 0:
+            image = draw(st.sampled_from([c for c in _ODD_CARDS if not c.startswith(b"END")]
+                                         + [card("DP1", "'AXIS.1: 1'"), card("CPLX", "(1, 2)"), card("UNDEF", "")]))
+        else:
+            key = draw(st.sampled_from(_LOOKUP_KEYWORDS))
+            choices = _METADATA_VALUES.get(key) or _STRUCTURE_MUTATIONS.get(key) or ["1"]
+            value = draw(st.one_of(st.sampled_from(choices), _ANY_VALUE))
+            image = card(key, value) + b" / " + draw(st.sampled_from([b"", b"a comment", b"'quoted'"]))
+        images.append(image[:80].ljust(80))
+    return b"".join(images).decode("ascii", "replace").replace("\ufffd", "?")
+
+
+@fuzz_settings(1000)
+@given(header_texts())
+def test_header_lookup_answers_as_astropy(text: str) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        header = fits.Header.fromstring(text)
+        lookup = frames.HeaderLookup.of(header, text)
+        if lookup is None:
+            return
+
+        def typed(value: Any) -> Any:
+            return type(value).__name__, repr(value)
+
+        assert [(c.keyword, typed(c.value)) for c in lookup.cards] == [(c.keyword, typed(c.value)) for c in header.cards]
+        for keyword in _LOOKUP_KEYWORDS + ["COMMENT", "HISTORY", "ABSENT"]:
+            assert typed(lookup.get(keyword)) == typed(header.get(keyword)), keyword
+            assert (keyword in lookup) == (keyword in header), keyword
 
 
 _DTYPES = [np.uint8, np.int16, np.uint16, np.int32, np.float32, np.float64]

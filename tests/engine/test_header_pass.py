@@ -375,6 +375,77 @@ def test_serial_pass_is_the_astropy_only_pass(night: list[Path], monkeypatch: py
     assert sum(status == "valid" for status in statuses.values()) == 24 + 4
 
 
+def test_plain_primary_read_gives_astropy_s_outcomes(night: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reading a plain primary image from its header blocks (no ``fits.open``) and its values through
+    HeaderLookup gives the outcomes of astropy's path: fields, header cards, WCS bit for bit."""
+    taken: list[str] = []
+    original = frames._plain_primary_image
+
+    def spy(path: Path, header_blocks: bytes, file_size: int) -> Any:
+        plan = original(path, header_blocks, file_size)
+        if plan is not None and plan.lookup is not None:
+            taken.append(path.name)
+        return plan
+
+    monkeypatch.setattr(frames, "_plain_primary_image", spy)
+    plain = list(iter_frame_infos(night, min_files=10**9))
+    monkeypatch.setattr(frames, "_plain_primary_image", lambda path, header_blocks, file_size: None)
+    through_astropy = list(iter_frame_infos(night, min_files=10**9))
+    assert_same_outcomes(plain, through_astropy)
+    # every primary image of the night but the truncated one; neither extension nor compressed file
+    assert len(taken) == 24 + 4 and not any(name.startswith(("light_009a", "light_019a", "light_021a")) for name in taken)
+
+
+@pytest.mark.parametrize(
+    "image, why",
+    [
+        ("CONTINUE= '&'", "long-string continuation"),
+        ("HIERARCH= 5", "HIERARCH convention"),
+        ("DP1     = 'AXIS.1: 1'", "record-valued card"),
+        ("CPLX    = (1.0, 2.0)", "complex value"),
+        ("UNDEF   =", "undefined value"),
+        ("QUOTED  = 'it''s'", "quote inside a string"),
+        ("lower   = 1", "lower-case keyword"),
+        ("EXPTIME = 10 s", "value followed by text"),
+        ("EXPTIME =10", "no blank after the value indicator"),
+    ],
+)
+def test_header_lookup_leaves_unusual_cards_to_astropy(image: str, why: str) -> None:
+    plain = "".join(card.ljust(80) for card in ("SIMPLE  =                    T", "NAXIS   =                    2"))
+    text = plain + image.ljust(80)
+    header = fits.Header.fromstring(text)
+    assert frames.HeaderLookup.of(fits.Header.fromstring(plain), text) is None  # not that header's text
+    assert frames.HeaderLookup.of(header, text) is None, why
+    assert frames.HeaderLookup.of(fits.Header.fromstring(plain), plain) is not None
+
+
+def test_header_lookup_reads_values_as_astropy_does() -> None:
+    cards = [
+        "SIMPLE  =                    T / comment", "BITPIX  =                  -32", "NAXIS   = 2",
+        "EXPTIME =                 10.0", "GAIN    =                  +80 / no unit", "TEMP    = -0.0",
+        "BIG     = 99999999999999999999999", "FORTRAN =               1.5D-3", "LOWEXP  = 2.5e3", "DOT     = .5",
+        "TRAIL   = 5.", "INTEXP  = 1E5", "HUGE    = 1E400", "LEADING = 007", "FLAG    = F/comment",
+        "OBJECT  = 'M42     '           / target", "EMPTY   = ''", "BLANKS  = '    '", "INDENT  = '  x  '",
+        "DATE-OBS= '2024-02-10T20:15:31.123'", "NOTRVKC = '1: 2'", "COMMENT   a comment = 'x'",
+        "HISTORY written by hand", "", "EXPTIME = 99.0 / a duplicate: the first one counts",
+    ]
+    text = "".join(card.ljust(80) for card in cards)
+    header = fits.Header.fromstring(text)
+    lookup = frames.HeaderLookup.of(header, text)
+    assert lookup is not None
+
+    def typed(value: Any) -> Any:
+        return type(value).__name__, repr(value)
+
+    assert [(card.keyword, typed(card.value)) for card in lookup.cards] == [
+        (card.keyword, typed(card.value)) for card in header.cards
+    ]
+    for keyword in [card.keyword for card in header.cards] + ["ABSENT", "date-obs", "exptime"]:
+        assert typed(lookup.get(keyword, "default")) == typed(header.get(keyword, "default")), keyword
+        assert (keyword in lookup) == (keyword in header), keyword
+    assert lookup.get("EXPTIME") == 10.0 and lookup.get("GAIN") == 80 and lookup.get("FLAG") is False
+
+
 def test_primary_header_is_not_copied_but_compressed_one_is(night: list[Path]) -> None:
     by_name = {path.name: path for path in night}
     primary = read_frame_info(by_name["light_000.fit"])
