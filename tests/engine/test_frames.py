@@ -12,6 +12,7 @@ import pytest
 from astropy.io import fits
 from astropy.wcs import WCS, Sip
 
+from napari_zemosaic.engine import frames
 from napari_zemosaic.engine.frames import (
     FrameError,
     FrameInfo,
@@ -678,6 +679,10 @@ def test_reader_process_frames_give_the_pixels_of_a_direct_read(tmp_path: Path) 
         np.testing.assert_array_equal(mosaic_first.frame_pixels(in_reader, info, config, 3, np), a)
         wrong = (fingerprint[0], fingerprint[1], fingerprint[2], (b"x",) + fingerprint[3][1:])
         assert mosaic_first._prepare_in_reader_process(light, index, 0.01, None, wrong) == mosaic_first.NEEDS_WCS
+        # The reader reads the header again as the header pass does (a Seestar file: HeaderLookup).
+        again = frames.header_values_from_file(info.path, info.hdu_index)
+        assert isinstance(again, frames.HeaderLookup) and again.header == info.header
+        assert frames.header_values_from_file(tmp_path / "gone.fit", 0) is None
         # ... and the frame's resume digest, the one the run's manifest computes for the frame.
         from napari_zemosaic.engine.resume import UnitManifest
 

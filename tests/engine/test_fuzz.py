@@ -398,13 +398,19 @@ def test_raw_headers_give_a_frame_or_a_clean_rejection(blob: bytes, force_seesta
 
 
 def _outcome(path: Path) -> Any:
-    """read_frame_info's outcome, comparable: its fields, header cards and WCS pickle, or its rejection."""
+    """read_frame_info's outcome, comparable (its fields, header cards, WCS pickle and raw pixel
+    plan), or its rejection."""
     try:
         info = read_frame_info(path)
     except FrameError as exc:
         return "error", exc.reason_key, exc.detail, repr(sorted(exc.params.items()))
     fields = {name: getattr(info, name) for name in info.__dataclass_fields__ if name not in ("wcs", "header")}
-    return "frame", repr(sorted(fields.items())), _card_texts(info.header), pickle.dumps(info.wcs) if info.wcs is not None else None
+    try:
+        plan: Any = frames.raw_pixel_plan(info)  # where the pixels lie in the file, for readers that skip astropy
+    except FrameError as exc:
+        plan = exc.reason_key
+    wcs = pickle.dumps(info.wcs) if info.wcs is not None else None
+    return "frame", repr(sorted(fields.items())), _card_texts(info.header), wcs, repr(plan)
 
 
 def _card_texts(header: fits.Header) -> list[str]:
@@ -423,7 +429,8 @@ def _card_texts(header: fits.Header) -> list[str]:
 @fuzz_settings(600)
 @given(raw_fits_files())
 def test_plain_primary_read_is_astropy_s_read(blob: bytes) -> None:
-    """Hostile files read from their primary header blocks give what astropy's ``fits.open`` path gives."""
+    """Hostile files read from their primary header blocks give what astropy's ``fits.open`` path
+    gives: the frame, and where its integer pixels lie."""
     with _scratch() as folder:
         path = Path(folder) / "frame.fits"
         path.write_bytes(blob)

@@ -1164,6 +1164,25 @@ def _plain_primary_image(path: Path, header_blocks: bytes, file_size: int) -> _I
     return _ImagePlan(0, header, shape, layout, pattern, lookup)
 
 
+def header_values_from_file(path: str | os.PathLike[str], hdu_index: int) -> HeaderValues | None:
+    """The header of a frame's image HDU read again from its file, as the header pass reads it
+    (a plain primary image's through :class:`HeaderLookup`), e.g. by a reader process that rebuilds
+    the frame's WCS; None if it cannot be read."""
+    path = Path(path)
+    try:
+        if hdu_index == 0:
+            file_size, header_blocks = _read_file_start(path)
+            plain = _plain_primary_image(path, header_blocks, file_size) if header_blocks else None
+            if plain is not None:
+                return plain.lookup
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with _open_fits(path, memmap=True) as hdul:
+                return fits.Header(hdul[hdu_index].header, copy=True)
+    except Exception:  # the reader then asks for the frame with its WCS
+        return None
+
+
 def _open_fits(path: Path, **options: Any) -> fits.HDUList:
     return fits.open(path, mode="readonly", lazy_load_hdus=True, **options)
 
@@ -1734,22 +1753,27 @@ def raw_pixel_plan(info: FrameInfo) -> RawPixels | None:
     gives the exact reason). Raises :class:`FrameError` for a file cut before its data ends."""
     path = Path(info.path)
     try:
-        file_size = _check_file_start(path)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with _open_fits(path, memmap=True, do_not_scale_image_data=True) as hdul:
-                _check_data_present(hdul, info.hdu_index, path, file_size)
-                hdu = hdul[info.hdu_index]
-                if type(hdu) not in (fits.PrimaryHDU, fits.ImageHDU):
-                    return None
-                header = hdu.header
-                offset = int(hdu.fileinfo()["datLoc"])
-                bitpix = int(header["BITPIX"])
-                n_axes = int(header["NAXIS"])
-                shape = tuple(int(header[f"NAXIS{axis}"]) for axis in range(n_axes, 0, -1))
-                has_blank = "BLANK" in header
-                bscale = _header_float(header, "BSCALE")
-                bzero = _header_float(header, "BZERO")
+        file_size, header_blocks = _read_file_start(path)
+        plain = _plain_primary_image(path, header_blocks, file_size) if info.hdu_index == 0 and header_blocks else None
+        if plain is not None:  # the header pass's plain read: the data follow the header blocks
+            header: HeaderValues = plain.lookup if plain.lookup is not None else plain.header
+            offset = len(header_blocks or b"")
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                with _open_fits(path, memmap=True, do_not_scale_image_data=True) as hdul:
+                    _check_data_present(hdul, info.hdu_index, path, file_size)
+                    hdu = hdul[info.hdu_index]
+                    if type(hdu) not in (fits.PrimaryHDU, fits.ImageHDU):
+                        return None
+                    header = hdu.header
+                    offset = int(hdu.fileinfo()["datLoc"])
+        bitpix = int(header.get("BITPIX"))
+        n_axes = int(header.get("NAXIS"))
+        shape = tuple(int(header.get(f"NAXIS{axis}")) for axis in range(n_axes, 0, -1))
+        has_blank = "BLANK" in header
+        bscale = _header_float(header, "BSCALE")
+        bzero = _header_float(header, "BZERO")
     except FrameError as exc:
         if exc.reason_key == REASON_TRUNCATED:
             raise

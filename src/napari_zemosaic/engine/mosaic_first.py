@@ -99,6 +99,7 @@ from .frames import (
     _scaled_pixels,
     _to_chw,
     estimate_background_noise,
+    header_values_from_file,
     load_frame,
     stamped_identity,
     validate_wcs,
@@ -781,23 +782,6 @@ def _wcs_fingerprint(wcs: Any) -> tuple[Any, ...] | None:
     )
 
 
-def _header_from_file(info: FrameInfo) -> Any:
-    """The header of the frame's image HDU, read again from its file (None if that fails): what
-    a reader rebuilds the WCS from when the frame came without header (pickling a header costs
-    the sending process a millisecond or two per frame)."""
-    import warnings
-
-    from astropy.io import fits
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with fits.open(info.path, memmap=True, lazy_load_hdus=True) as hdul:
-                return fits.Header(hdul[info.hdu_index].header, copy=True)
-    except Exception:  # the fingerprint check then asks for the whole frame
-        return None
-
-
 def _prepare_in_reader_process(
     info: FrameInfo, index: int, tol_px: float, bbox: BBox | None, fingerprint: tuple[Any, ...] | None = None
 ) -> HostFrame | str | None:
@@ -810,7 +794,7 @@ def _prepare_in_reader_process(
     """
     assert _READER_CANVAS is not None, "reader process started without its canvas"
     if info.wcs is None:
-        header = info.header if info.header is not None else _header_from_file(info)
+        header = info.header if info.header is not None else header_values_from_file(info.path, info.hdu_index)
         wcs = validate_wcs(header, info.shape)[0] if header is not None else None
         if wcs is None or _wcs_fingerprint(wcs) != fingerprint:
             return NEEDS_WCS
