@@ -34,6 +34,7 @@ import math
 import os
 import re
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -1572,21 +1573,27 @@ def _out_of_range_to_nan(values: np.ndarray) -> bool:
     return True
 
 
+@contextmanager
+def _unscaled_image_hdu(path: Path, hdu_index: int, file_size: int, memmap: bool) -> Iterator[Any]:
+    """The frame's image HDU opened by astropy without scaling, once the file is known to hold its data."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with _open_fits(path, memmap=memmap, do_not_scale_image_data=True) as hdul:
+            _check_data_present(hdul, hdu_index, path, file_size)
+            yield hdul[hdu_index]
+
+
 def _read_raw_image(info: FrameInfo) -> tuple[np.ndarray, fits.Header]:
     """The unscaled data array of the frame's image HDU and that HDU's header."""
     path = Path(info.path)
     file_size = _check_file_start(path)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with _open_fits(path, memmap=False, do_not_scale_image_data=True) as hdul:
-                _check_data_present(hdul, info.hdu_index, path, file_size)
-                hdu = hdul[info.hdu_index]
-                raw = hdu.data
-                header = hdu.header
-                if raw is None:
-                    raise FrameError(REASON_NO_IMAGE, f"HDU {info.hdu_index} has no data", path=str(path))
-                raw = np.asarray(raw)
+        with _unscaled_image_hdu(path, info.hdu_index, file_size, memmap=False) as hdu:
+            raw = hdu.data
+            header = hdu.header
+            if raw is None:
+                raise FrameError(REASON_NO_IMAGE, f"HDU {info.hdu_index} has no data", path=str(path))
+            raw = np.asarray(raw)
     except FrameError:
         raise
     except Exception as exc:
@@ -1759,15 +1766,11 @@ def raw_pixel_plan(info: FrameInfo) -> RawPixels | None:
             header: HeaderValues = plain.lookup if plain.lookup is not None else plain.header
             offset = len(header_blocks or b"")
         else:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                with _open_fits(path, memmap=True, do_not_scale_image_data=True) as hdul:
-                    _check_data_present(hdul, info.hdu_index, path, file_size)
-                    hdu = hdul[info.hdu_index]
-                    if type(hdu) not in (fits.PrimaryHDU, fits.ImageHDU):
-                        return None
-                    header = hdu.header
-                    offset = int(hdu.fileinfo()["datLoc"])
+            with _unscaled_image_hdu(path, info.hdu_index, file_size, memmap=True) as hdu:
+                if type(hdu) not in (fits.PrimaryHDU, fits.ImageHDU):
+                    return None
+                header = hdu.header
+                offset = int(hdu.fileinfo()["datLoc"])
         bitpix = int(header.get("BITPIX"))
         n_axes = int(header.get("NAXIS"))
         shape = tuple(int(header.get(f"NAXIS{axis}")) for axis in range(n_axes, 0, -1))
