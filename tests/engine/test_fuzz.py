@@ -952,6 +952,28 @@ def test_absurd_naxis_in_an_extension_is_never_opened(tmp_path: Path) -> None:
     assert check_frame(usable) == "ok"
 
 
+@pytest.mark.parametrize(
+    "image",
+    [b"NAXIS  = 2147483647", b"naxis   = 2147483647", b" NAXIS  = 2147483647", b"Naxis = 1000000 / axes", b"NAXIS   2147483647"],
+)
+@pytest.mark.parametrize("where", ["primary", "extension"])
+def test_naxis_cards_astropy_reads_leniently_cannot_hang_the_pass(tmp_path: Path, image: bytes, where: str) -> None:
+    """astropy takes a lower-case keyword, or a value indicator before column 9, for NAXIS: such an
+    absurd card (found by the property test at a larger scale) hung the header pass."""
+    cards = [card("BITPIX", "16"), image.ljust(80), card("NAXIS1", "4"), card("NAXIS2", "4")]
+    if where == "primary":
+        blob = fits_bytes([card("SIMPLE", "T"), *cards], bytes(32))
+    else:
+        empty = fits_bytes([card("SIMPLE", "T"), card("BITPIX", "8"), card("NAXIS", "0"), card("EXTEND", "T")])
+        blob = empty + fits_bytes([card("XTENSION", "'IMAGE   '"), *cards, card("PCOUNT", "0"), card("GCOUNT", "1")], bytes(32))
+    path = tmp_path / "frame.fits"
+    path.write_bytes(blob)
+    with time_limit(5.0):
+        error = frame_error_of(read_frame_info, path)
+    assert error.reason_key in ("frame_excluded_unsupported_shape", "frame_excluded_unreadable", "frame_excluded_no_image")
+    assert "Took" not in error.detail
+
+
 def test_conflicting_duplicate_naxis_is_rejected(tmp_path: Path) -> None:
     """``NAXIS1 = 3`` then ``NAXIS1 = 1``: the header pass saw an RGB image (the first card), astropy
     read one plane (the last), and a 1-channel array went on as a 3-channel frame."""

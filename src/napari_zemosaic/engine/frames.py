@@ -957,6 +957,9 @@ def _find_image(hdul: fits.HDUList, path: Path) -> _ImagePlan:
         if isinstance(hdu, (fits.PrimaryHDU, fits.ImageHDU, fits.CompImageHDU)):
             header = hdu.header
             n_axes = int(header.get("NAXIS", 0) or 0)
+            if not 0 <= n_axes <= MAX_FITS_AXES:  # however astropy read it (e.g. a card it repaired)
+                unsupported = unsupported or f"HDU {index}: NAXIS = {n_axes} (FITS allows 0 to {MAX_FITS_AXES})"
+                break
             dims = [int(header.get(f"NAXIS{axis}", 0) or 0) for axis in range(1, n_axes + 1)]
             conflict = _conflicting_structure(header, n_axes)
             if conflict:
@@ -1025,12 +1028,25 @@ def _scan_header(handle: Any, first_block: bytes | None = None) -> tuple[list[in
             card = block[start : start + _CARD]
             if card[:8] == b"END     ":
                 return values, b"".join(blocks) if len(block) == _FITS_BLOCK else None
-            if card[:8] == b"NAXIS   " and card[8:10] == b"= ":
-                try:
-                    values.append(int(card[10:].split(b"/", 1)[0].strip()))
-                except ValueError:
-                    continue  # not an integer: astropy refuses it quickly by itself
+            value = _raw_naxis_value(card)
+            if value is not None:
+                values.append(value)
     return values, None
+
+
+def _raw_naxis_value(card: bytes) -> int | None:
+    """The integer astropy reads from a card image it takes for NAXIS; None for any other card.
+
+    astropy is lenient: the keyword in any case and the value indicator anywhere in the first
+    nine columns (``naxis  = 2147483647`` is NAXIS to it).
+    """
+    indicator = card.find(b"= ", 0, 10)
+    if indicator < 0 or card[:indicator].strip().upper() != b"NAXIS":
+        return None
+    try:
+        return int(card[indicator + 2 :].split(b"/", 1)[0].strip())
+    except ValueError:
+        return None  # not an integer: astropy refuses it quickly by itself
 
 
 def _naxis_problem(path: Path, offset: int, index: int, values: list[int] | None = None) -> str:
