@@ -444,6 +444,9 @@ def test_header_lookup_reads_values_as_astropy_does() -> None:
         assert typed(lookup.get(keyword, "default")) == typed(header.get(keyword, "default")), keyword
         assert (keyword in lookup) == (keyword in header), keyword
     assert lookup.get("EXPTIME") == 10.0 and lookup.get("GAIN") == 80 and lookup.get("FLAG") is False
+    assert lookup.repeats_a_keyword  # EXPTIME twice: the plain primary read declines such a header
+    single = "".join(card.ljust(80) for card in cards[:-1] + ["COMMENT again"])  # commentary may repeat
+    assert not frames.HeaderLookup.of(fits.Header.fromstring(single), single).repeats_a_keyword
 
 
 def test_primary_header_is_not_copied_but_compressed_one_is(night: list[Path]) -> None:
