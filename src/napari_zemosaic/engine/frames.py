@@ -1181,6 +1181,14 @@ def _plain_primary_image(path: Path, header_blocks: bytes, file_size: int) -> _I
     return _ImagePlan(0, header, shape, layout, pattern, lookup)
 
 
+def _read_plain_primary(path: Path) -> tuple[int, bytes | None, _ImagePlan | None]:
+    """:func:`_read_file_start`, and the plan of a plain primary image (:func:`_plain_primary_image`)
+    where the file is one."""
+    file_size, header_blocks = _read_file_start(path)
+    plain = _plain_primary_image(path, header_blocks, file_size) if header_blocks else None
+    return file_size, header_blocks, plain
+
+
 def header_values_from_file(path: str | os.PathLike[str], hdu_index: int) -> HeaderValues | None:
     """The header of a frame's image HDU read again from its file, as the header pass reads it
     (a plain primary image's through :class:`HeaderLookup`), e.g. by a reader process that rebuilds
@@ -1188,8 +1196,7 @@ def header_values_from_file(path: str | os.PathLike[str], hdu_index: int) -> Hea
     path = Path(path)
     try:
         if hdu_index == 0:
-            file_size, header_blocks = _read_file_start(path)
-            plain = _plain_primary_image(path, header_blocks, file_size) if header_blocks else None
+            plain = _read_plain_primary(path)[2]
             if plain is not None:
                 return plain.lookup
         with warnings.catch_warnings():
@@ -1222,8 +1229,7 @@ def _read_frame(
     frame_path: Path, auto_detect_seestar: bool, force_seestar_mode: bool
 ) -> tuple[FrameInfo, WcsRecipe | None]:
     """:func:`read_frame_info`, and the recipe of its WCS when the fast path built it."""
-    file_size, header_blocks = _read_file_start(frame_path)
-    plain = _plain_primary_image(frame_path, header_blocks, file_size) if header_blocks else None
+    file_size, _, plain = _read_plain_primary(frame_path)
     if plain is not None:
         return _frame_info_from_header(frame_path, plain, plain.header, auto_detect_seestar, force_seestar_mode)
     try:
@@ -1776,9 +1782,8 @@ def raw_pixel_plan(info: FrameInfo) -> RawPixels | None:
     gives the exact reason). Raises :class:`FrameError` for a file cut before its data ends."""
     path = Path(info.path)
     try:
-        file_size, header_blocks = _read_file_start(path)
-        plain = _plain_primary_image(path, header_blocks, file_size) if info.hdu_index == 0 and header_blocks else None
-        if plain is not None:  # the header pass's plain read: the data follow the header blocks
+        file_size, header_blocks, plain = _read_plain_primary(path)
+        if plain is not None and info.hdu_index == 0:  # the header pass's plain read: the data follow the header blocks
             header: HeaderValues = plain.lookup if plain.lookup is not None else plain.header
             offset = len(header_blocks or b"")
         else:
