@@ -641,6 +641,12 @@ def test_host_device_helpers_on_numpy() -> None:
     assert gpu.to_device([1.0, 2.0], np).tolist() == [1.0, 2.0]
 
 
+def test_capture_work_declines_without_a_cuda_device() -> None:
+    ran: list[int] = []
+    reason = gpu.capture_work(lambda values: ran.append(1), np.zeros(3), np)
+    assert reason == "not on a CUDA device" and ran == []  # the work itself is left to the caller
+
+
 def test_gpu_mode_overrides() -> None:
     assert gpu.config_overrides_for_gpu_mode("auto") == {}
     on = apply_overrides(default_config(), gpu.config_overrides_for_gpu_mode("ON"))

@@ -416,6 +416,69 @@ def test_fused_hot_pixel_kernels_equal_the_numpy_path_to_the_bit(device: int, ca
         gpu.fused_hot_pixel_residuals(plane, step, cp, [[0, 1], [1, 2]])
 
 
+def _cfa_case(case: str, seed: int) -> np.ndarray:
+    """A Seestar plane with hot pixels; ``flat_colour``/``no_colour`` make the hot-pixel status 2/1."""
+    cfa, _ = seestar_cfa(np.random.default_rng(seed))
+    if case == "flat_colour":  # red (GRBG: row 0, odd columns) without spread
+        cfa[0::2, 1::2] = SKY
+    if case == "no_colour":  # blue (GRBG: odd rows, even columns) missing
+        cfa[1::2, 0::2] = np.nan
+    return cfa
+
+
+@pytest.mark.parametrize("mode", ["cfa", "cfa_no_hot_pixels", "mono_in_colour"])
+def test_captured_corrections_replay_the_kernels_to_the_bit(device: int, mode: str) -> None:
+    """P3's corrections and noise of a frame, captured once as a CUDA graph (gpu.capture_work) and
+    replayed for other frames written into the same input, give each frame exactly what the
+    kernels give it one by one: corrected pixels, noise and hot-pixel status (0, 1 or 2)."""
+    from types import SimpleNamespace
+
+    from napari_zemosaic.engine.mosaic_first import corrections_and_noise
+
+    config = {**default_config(), "hot_pixel_correction": mode != "cfa_no_hot_pixels"}
+    info = SimpleNamespace(layout="mono" if mode == "mono_in_colour" else "cfa", shape=SEESTAR_SHAPE,
+                           bayer_pattern=None if mode == "mono_in_colour" else SEESTAR_PATTERN)
+    work = lambda plane: corrections_and_noise(plane, info, config, 3, cp)  # noqa: E731
+    planes = [_cfa_case(case, seed) for seed, case in enumerate(["plain", "plain", "flat_colour", "no_colour", "plain"])]
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        inputs = cp.asarray(planes[0])
+        captured = gpu.capture_work(work, inputs, cp)
+        assert isinstance(captured, gpu.CapturedWork), captured
+        for plane in planes:
+            wanted_data, wanted_noise, wanted_status = work(cp.asarray(plane))
+            inputs[...] = cp.asarray(plane)
+            data, noise, status = captured.replay(stream)
+            stream.synchronize()
+            assert data.shape == (3, *SEESTAR_SHAPE)
+            np.testing.assert_array_equal(gpu.to_host(data), gpu.to_host(wanted_data))
+            np.testing.assert_array_equal(gpu.to_host(noise), gpu.to_host(wanted_noise))
+            if mode == "cfa":
+                assert int(status.get()[0]) == int(wanted_status.get()[0])
+            else:
+                assert status is None and wanted_status is None
+        if mode == "cfa":  # the statuses the cases were made for, as replayed
+            inputs[...] = cp.asarray(planes[2])
+            assert int(captured.replay(stream)[2].get()[0]) == 2
+            inputs[...] = cp.asarray(planes[3])
+            assert int(captured.replay(stream)[2].get()[0]) == 1
+        captured.close()
+
+
+def test_capture_work_declines_work_that_waits_for_the_device(device: int) -> None:
+    """A copy to the host inside the work cannot be captured: the reason comes back, the stream
+    is left out of capture mode and runs the next work as usual; the legacy stream is declined."""
+    stream = cp.cuda.Stream(non_blocking=True)
+    values = cp.arange(1000, dtype=cp.float32)
+    with stream:
+        reason = gpu.capture_work(lambda x: float((x * 2).sum().get()), values, cp)
+        assert isinstance(reason, str) and reason
+        assert not stream.is_capturing()  # nothing left half-captured
+        assert float((values * 2).sum().get()) == 999_000.0
+    with cp.cuda.Stream.null:
+        assert gpu.capture_work(lambda x: x * 2, values, cp) == "the legacy default stream"
+
+
 @pytest.mark.parametrize("case", ["stars", "nan_and_inf", "integers", "tiny"])
 def test_fused_background_noise_equals_the_numpy_path_to_the_bit(device: int, case: str) -> None:
     """estimate_background_noise on CuPy (gpu.fused_clipped_mad_sigmas: one kernel, no sort)
@@ -1243,6 +1306,9 @@ def test_full_demo_run_on_the_gpu_matches_the_cpu_run(demo_cpu_and_gpu) -> None:
     # ...by the measuring process started before the header pass (engine/quality_device.py).
     device_p2 = [e.params for e in gpu_run.events if getattr(e, "key", "") == "quality_debug_device"]
     assert [(p["where"], p["frames"]) for p in device_p2] == [("process", used + rejected)]
+    # Every frame's corrections and noise were replayed from one CUDA graph (mosaic_first._FramePrepGraphs).
+    (p3,) = [e.params for e in gpu_run.events if getattr(e, "key", "") == "mf_debug_gpu_p3"]
+    assert p3["graphed"] == used + rejected
     # Short GIL slices from P3 until P2's verdicts (mosaic_first.P3_SWITCH_INTERVAL_S), the
     # interpreter's own again from the photometric solve on, and after the run.
     from napari_zemosaic.engine.mosaic_first import P3_SWITCH_INTERVAL_S
@@ -1309,6 +1375,34 @@ def test_forced_down_gpu_budget_gives_the_same_mosaic_through_chunking(
     print(f"256 MB GPU run vs unconstrained GPU run: {p5.params}; pixels {stats}")
     assert stats["nan_mismatch"] == 0.0 and stats["count_mismatch"] <= TOL["stack"]["flip_fraction"]
     assert stats["max_where_counts_agree"] <= 1e-3
+
+
+def test_frames_whose_corrections_cannot_be_captured_give_the_same_mosaic_kernel_by_kernel(
+    demo_night, demo_cpu_and_gpu, tmp_path, monkeypatch, device
+) -> None:
+    """A host wait inside the recorded work (here: in the noise estimate) makes the capture fail:
+    the reason is logged once, every frame runs its kernels one by one, and the mosaic is the
+    graph-replaying run's, to the bit."""
+    from napari_zemosaic.engine import mosaic_first as module
+
+    root, _ = demo_night
+    _, replayed, _ = demo_cpu_and_gpu
+    estimate = module.estimate_background_noise
+
+    def estimate_after_a_wait(data: Any, xp: Any) -> Any:
+        cp.cuda.get_current_stream().synchronize()  # not allowed while a stream is captured
+        return estimate(data, xp)
+
+    monkeypatch.setattr(module, "estimate_background_noise", estimate_after_a_wait)
+    events: list = []
+    eager = _run_demo(root / "frames", tmp_path, events, gpu_strict=True)
+    declined = [e.params for e in events if getattr(e, "key", "") == "mf_debug_gpu_graph_declined"]
+    assert len(declined) == 1 and declined[0]["reason"]
+    (p3,) = [e.params for e in events if getattr(e, "key", "") == "mf_debug_gpu_p3"]
+    assert p3["graphed"] == 0
+    assert eager.report["compute"]["gpu_fallbacks"] == []
+    np.testing.assert_array_equal(eager.data, replayed.data)
+    np.testing.assert_array_equal(eager.count, replayed.count)
 
 
 # ------------------------------------------------------------------------------ SDS feather

@@ -1696,23 +1696,29 @@ class RawPixels:
             return raw.astype(raw.dtype.newbyteorder("="))
         return self.decode_on_device(_upload(raw.view(np.uint16), xp), xp)
 
-    def decode_on_device(self, swapped: Any, xp: Any, with_float: bool = False) -> Any:
+    def decode_on_device(self, swapped: Any, xp: Any, with_float: bool = False, float_into: Any = None) -> Any:
         """:meth:`load`'s values from the file's bytes on the device (``swapped``: uint16 as read,
         or uint8 for BITPIX 8), decoded in place where one kernel applies. ``with_float``:
-        ``(values, the values as float32)``, both from that kernel where it applies."""
+        ``(values, the values as float32)``, both from that kernel where it applies; the float32
+        values are written into ``float_into`` (a device array of the plane's size) when given."""
         if self.bitpix == 8:
-            return (swapped, swapped.astype(xp.float32)) if with_float else swapped
-        from .gpu import fused_decode_big_endian_16
+            values, as_float = swapped, None
+        else:
+            from .gpu import fused_decode_big_endian_16
 
-        as_float = xp.empty(swapped.shape, dtype=xp.float32) if with_float else None
-        if fused_decode_big_endian_16(swapped, self.flip_sign, xp, as_float) is None:  # one kernel where it applies
-            swapped = xp.bitwise_or(xp.right_shift(swapped, 8), xp.left_shift(swapped, 8))  # uint16: wraps
-            if self.flip_sign:
-                swapped = xp.bitwise_xor(swapped, np.uint16(0x8000))
-            as_float = None
-        values = swapped if self.flip_sign else swapped.view(xp.int16)
+            as_float = (xp.empty(swapped.shape, dtype=xp.float32) if float_into is None
+                        else float_into.reshape(swapped.shape)) if with_float else None
+            if fused_decode_big_endian_16(swapped, self.flip_sign, xp, as_float) is None:  # one kernel where it applies
+                swapped = xp.bitwise_or(xp.right_shift(swapped, 8), xp.left_shift(swapped, 8))  # uint16: wraps
+                if self.flip_sign:
+                    swapped = xp.bitwise_xor(swapped, np.uint16(0x8000))
+                as_float = None
+            values = swapped if self.flip_sign else swapped.view(xp.int16)
         if not with_float:
             return values
+        if as_float is None and float_into is not None:
+            as_float = float_into.reshape(values.shape)
+            as_float[...] = values
         return values, (values.astype(xp.float32) if as_float is None else as_float)
 
 
@@ -1755,14 +1761,15 @@ class PrefetchedRaw:
     pending: Any  # concurrent.futures.Future of the StagedPixels
     extra_on_device: Any = None
 
-    def load(self, xp: Any = np, with_float: bool = False) -> Any:
-        """:meth:`RawPixels.load` of the staged values; ``with_float``: ``(values, values as float32)``."""
+    def load(self, xp: Any = np, with_float: bool = False, float_into: Any = None) -> Any:
+        """:meth:`RawPixels.load` of the staged values; ``with_float``: ``(values, values as float32)``,
+        the float32 values in ``float_into`` when given (on the device)."""
         staged = self.pending.result()
         if getattr(xp, "cuda", None) is None:
             values = self.plan.load(xp, staged.raw)
             return (values, values.astype(np.float32)) if with_float else values
         swapped, self.extra_on_device = staged.upload(xp)
-        return self.plan.decode_on_device(swapped, xp, with_float)
+        return self.plan.decode_on_device(swapped, xp, with_float, float_into)
 
 
 def _upload(host: np.ndarray, xp: Any) -> Any:

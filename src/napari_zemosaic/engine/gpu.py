@@ -665,6 +665,65 @@ class WorkerStreams:
             self._streams.clear()
 
 
+class CapturedWork:
+    """Device work recorded once as a CUDA graph (:func:`capture_work`) and replayed.
+
+    A replay runs the same kernels on the same device memory: whoever fills :attr:`inputs`
+    before a replay and reads :attr:`outputs` after it (on the same stream, before the next
+    replay) gets what the work itself would have given, for one launch instead of its Python
+    and its dozens of calls into CUDA. The memory lives in a pool of its own that nothing else
+    allocates from, so the blocks the work freed during the capture are not handed to anyone
+    else while the graph may still write them.
+    """
+
+    def __init__(self, graph: Any, inputs: Any, outputs: Any, pool: Any) -> None:
+        self._graph = graph
+        self.inputs = inputs
+        self.outputs = outputs
+        self._pool = pool
+
+    def replay(self, stream: Any) -> Any:
+        """Queue the work on ``stream``; its :attr:`outputs` once that stream has run it."""
+        self._graph.launch(stream)
+        return self.outputs
+
+    def close(self) -> None:
+        """Let the graph and its memory go (call once the streams that replayed it are synchronised)."""
+        self._graph = self.inputs = self.outputs = None
+        self._pool.free_all_blocks()
+
+
+def capture_work(work: Callable[[Any], Any], inputs: Any, xp: Any) -> CapturedWork | str:
+    """``work(inputs)`` (device work on the current stream that never waits for the device)
+    captured as a :class:`CapturedWork`, or the reason it cannot be, as a string: no CuPy, the
+    legacy default stream (it cannot be captured), or an operation of the work that CUDA does not
+    capture (a copy to the host, a synchronisation).
+
+    ``work`` runs once before the capture, on the real ``inputs``: that compiles its kernels and
+    fills the graph's own pool with the blocks the work asks for, so the capture allocates nothing
+    from the driver."""
+    if not is_device_module(xp):
+        return "not on a CUDA device"
+    stream = xp.cuda.get_current_stream()
+    if int(stream.ptr) == 0:
+        return "the legacy default stream"
+    pool = xp.cuda.MemoryPool()
+    try:
+        with xp.cuda.using_allocator(pool.malloc):
+            work(inputs)
+            stream.synchronize()
+            stream.begin_capture()
+            try:
+                outputs = work(inputs)
+            finally:
+                graph = stream.end_capture()
+    except Exception as exc:  # not capturable: the caller runs the work itself and logs why
+        stream.synchronize()
+        pool.free_all_blocks()
+        return f"{type(exc).__name__}: {exc}"
+    return CapturedWork(graph, inputs, outputs, pool)
+
+
 # ----------------------------------------------------------------------------- fused CUDA kernels
 #
 # A few hot loops of the xp-generic kernels are one CUDA kernel on the GPU instead of hundreds

@@ -79,6 +79,7 @@ import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Generator, Iterator, Protocol, Sequence
 
@@ -105,10 +106,13 @@ from .frames import (
     validate_wcs,
 )
 from .gpu import (
+    CapturedWork,
     WorkerStreams,
+    capture_work,
     chunk_slices,
     download_packed_async,
     fused_column_coverage,
+    is_device_module,
     kernel_bytes_per_pixel,
     plan_chunks,
     reserve_pool_block,
@@ -433,9 +437,21 @@ def frame_pixels(
     ``raw_sink(info, pixels, xp)`` is handed the decoded pixels ``(C, H, W)`` as read, before
     anything changes them (the device measurement of P2).
     """
+    data = decoded_frame(host, info, xp, raw_sink)
+    if host.may_hold_nan and not bool(xp.isfinite(data).any()):
+        raise FrameError(REASON_ALL_NAN, "no finite pixel", path=str(info.path))
+    return corrected_colour(data, info, config, n_channels, xp, checks)
+
+
+def decoded_frame(
+    host: HostFrame, info: FrameInfo, xp: Any, raw_sink: Callable[[FrameInfo, Any, Any], None] | None = None,
+    float_into: Any = None,
+) -> Any:
+    """The frame's pixels as read, float32 ``(C, H, W)`` on ``xp`` (see :func:`frame_pixels`),
+    written into ``float_into`` (an array of as many elements) when given."""
     pixels, as_float = host.pixels, None
     if isinstance(pixels, PrefetchedRaw):  # the float copy from the decoding kernel
-        pixels, as_float = pixels.load(xp, with_float=True)
+        pixels, as_float = pixels.load(xp, with_float=True, float_into=float_into)
     elif isinstance(pixels, RawPixels):
         pixels = pixels.load(xp)
     try:
@@ -445,9 +461,16 @@ def frame_pixels(
         raise FrameError(REASON_UNREADABLE, str(exc), path=str(info.path)) from None
     if raw_sink is not None:
         raw_sink(info, data, xp)
-    data = data.astype(xp.float32, copy=False) if as_float is None else as_float
-    if host.may_hold_nan and not bool(xp.isfinite(data).any()):
-        raise FrameError(REASON_ALL_NAN, "no finite pixel", path=str(info.path))
+    if as_float is None and float_into is not None:
+        as_float = float_into.reshape(data.shape)
+        as_float[...] = data
+    return data.astype(xp.float32, copy=False) if as_float is None else as_float
+
+
+def corrected_colour(
+    data: Any, info: FrameInfo, config: dict[str, Any], n_channels: int, xp: Any, checks: list[Any] | None = None
+) -> Any:
+    """:func:`frame_pixels`' corrections of the pixels as read: hot pixels, debayer, mono → colour."""
     if info.layout == "cfa" and info.bayer_pattern:
         plane = data[0]
         if bool(config["hot_pixel_correction"]):
@@ -458,6 +481,91 @@ def frame_pixels(
     if data.shape[0] != n_channels:  # a mono frame in a colour mosaic: same signal in R, G and B
         data = xp.repeat(data[:1], n_channels, axis=0)
     return data
+
+
+def corrections_and_noise(
+    plane: Any, info: FrameInfo, config: dict[str, Any], n_channels: int, xp: Any
+) -> tuple[Any, Any, Any]:
+    """What :class:`_FramePrepGraphs` records: the decoded plane's :func:`corrected_colour`, its
+    noise per channel, and the hot-pixel status (``None`` where none is computed), on the device
+    and without a wait."""
+    statuses: list[Any] = []
+    data = corrected_colour(_to_chw(plane, info.layout, info.shape, xp), info, config, n_channels, xp, statuses)
+    return data, estimate_background_noise(data, xp), (statuses[0] if statuses else None)
+
+
+@dataclass
+class PreparedOnDevice:
+    """A frame's corrected pixels ``(C, H, W)`` and their noise per channel, both on the device."""
+
+    data: Any
+    noise: Any
+
+
+class _FramePrepGraphs:
+    """P3's corrections and noise of a frame (:func:`corrected_colour`, then
+    :func:`.frames.estimate_background_noise`) as one CUDA graph per device thread and kind of
+    frame (:func:`.gpu.capture_work`): every Seestar frame of a night runs the same few dozen
+    kernels on the same shapes, so their Python and their calls into CUDA, a third of P3's device
+    thread, are paid once. The frame is decoded into the graph's input, and the graph's outputs
+    are read by the frame's later kernels on the same stream before the next replay.
+
+    Only the queued path takes it (``checks`` given: the hot-pixel status is read when the frame
+    is finished, and a frame whose status asks for it is redone eagerly). Where a graph cannot be
+    captured, the reason is logged once and the frames of that kind run eagerly.
+    """
+
+    def __init__(self, config: dict[str, Any], n_channels: int, reporter: Any) -> None:
+        self._config, self._n_channels, self._reporter = config, n_channels, reporter
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._captured: list[CapturedWork] = []
+        self.replays = 0
+
+    def prepare(
+        self, host: HostFrame, info: FrameInfo, xp: Any, checks: list[Any],
+        raw_sink: Callable[[FrameInfo, Any, Any], None] | None,
+    ) -> PreparedOnDevice | None:
+        """The frame through its graph, or ``None`` (nothing done) where it takes none."""
+        if not is_device_module(xp) or host.may_hold_nan:  # an all-NaN frame is refused after a host wait
+            return None
+        pixels = host.pixels
+        raw_shape = tuple(int(size) for size in (pixels.plan if isinstance(pixels, PrefetchedRaw) else pixels).shape)
+        key = (raw_shape, tuple(info.shape), info.layout, info.bayer_pattern)
+        graphs: dict[tuple[Any, ...], CapturedWork | None] = self._local.__dict__.setdefault("graphs", {})
+        captured = graphs.get(key, False)
+        if captured is None:
+            return None
+        plane = xp.empty(raw_shape, dtype=xp.float32) if captured is False else captured.inputs
+        decoded = decoded_frame(host, info, xp, raw_sink, float_into=plane)
+        if captured is False:
+            captured = graphs[key] = self._capture(plane, info, xp)
+            if captured is None:  # the frame is decoded already: the same work, kernel by kernel
+                data = corrected_colour(decoded, info, self._config, self._n_channels, xp, checks)
+                return PreparedOnDevice(data, estimate_background_noise(data, xp))
+        data, noise, status = captured.replay(xp.cuda.get_current_stream())
+        if status is not None:
+            checks.append(status)
+        with self._lock:
+            self.replays += 1
+        return PreparedOnDevice(data, noise)
+
+    def _capture(self, plane: Any, info: FrameInfo, xp: Any) -> CapturedWork | None:
+        work = partial(corrections_and_noise, info=info, config=self._config, n_channels=self._n_channels, xp=xp)
+        captured = capture_work(work, plane, xp)
+        if isinstance(captured, str):
+            self._reporter.debug("mf_debug_gpu_graph_declined", name=info.path.name, reason=captured)
+            return None
+        with self._lock:
+            self._captured.append(captured)
+        return captured
+
+    def close(self) -> None:
+        """Let every graph go (the device threads' streams are synchronised)."""
+        with self._lock:
+            captured, self._captured = self._captured, []
+        for work in captured:
+            work.close()
 
 
 def sample_control_grid(
@@ -530,13 +638,17 @@ def reproject_host_frame(
     ``budget_bytes`` sizes the sampling chunks (``None``: the module default of
     :mod:`.reproject` for ``xp``); ``chunk_scale`` < 1 (after an OOM) shrinks them further.
     ``prepare`` replaces :func:`frame_pixels` (the GPU path runs it as its own ``debayer``
-    unit). ``data`` stays on ``xp``; noise and coarse means are host arrays, or, with
+    unit); it may give a :class:`PreparedOnDevice`, whose noise is then not measured again.
+    ``data`` stays on ``xp``; noise and coarse means are host arrays, or, with
     ``host_stats=False``, stay on ``xp`` too (:func:`_stats_to_host` brings them over later,
     so that the device thread waits for the device once per frame).
     """
     data = prepare() if prepare is not None else frame_pixels(host, info, config, n_channels, xp)
-    data = to_device(data, xp)
-    noise = estimate_background_noise(data, xp)
+    if isinstance(data, PreparedOnDevice):
+        data, noise = data.data, data.noise
+    else:
+        data = to_device(data, xp)
+        noise = estimate_background_noise(data, xp)
     if host_stats:
         noise = np.asarray(to_host(noise), dtype=np.float64)
     height, width = host.grid.shape
@@ -1555,6 +1667,10 @@ def _reproject_frames_cpu(
 #: follow each other every few milliseconds, and each reading is a driver call of the device thread.
 P3_BUDGET_MAX_AGE_S = 0.25
 
+#: P3 replays each frame's corrections and noise as a captured CUDA graph (:class:`_FramePrepGraphs`);
+#: off, every frame runs them kernel by kernel (the same results; the tests compare both).
+P3_CAPTURE_GRAPHS = True
+
 #: The interpreter's thread switch interval while device threads feed the GPU. A device thread
 #: gives the GIL up at each wait for the device and must then not queue for Python's default
 #: 5 ms slice behind a thread running Python (P2's result handling, the run's loop, loaders).
@@ -1598,6 +1714,8 @@ def _reproject_frames_gpu(
     # as one block first (see gpu.reserve_pool_block).
     output_bytes = sum((bboxes[i][1] - bboxes[i][0]) * (bboxes[i][3] - bboxes[i][2]) for i in todo) * n_channels * 4
     reserved = threading.local()
+    graphs = (_FramePrepGraphs(config, n_channels, ctx.reporter)
+              if P3_CAPTURE_GRAPHS and on_device and not policy.memory_limit_bytes else None)
 
     def device_unit(host: HostFrame, queue: bool = True) -> ReprojectedFrame | _QueuedFrame:
         """One frame through the device; with ``queue`` (pieces kept on the device) nothing is
@@ -1614,8 +1732,13 @@ def _reproject_frames_gpu(
 
                 def prepare_on(xp: Any) -> Any:
                     device = xp is not np
+                    raw_sink = measurer.offer if device and measurer is not None else None
+                    if device and checks is not None and graphs is not None:
+                        prepared = graphs.prepare(host, info, xp, checks, raw_sink)
+                        if prepared is not None:
+                            return prepared
                     return frame_pixels(host, info, config, n_channels, xp, checks if device else None,
-                                        raw_sink=measurer.offer if device and measurer is not None else None)
+                                        raw_sink=raw_sink)
 
                 budget = policy.gpu_budget_bytes(device_threads, max_age_s=P3_BUDGET_MAX_AGE_S)
                 prepare = lambda: policy.run_stage(  # noqa: E731 - nested unit of the debayer stage
@@ -1716,6 +1839,8 @@ def _reproject_frames_gpu(
         loaders.shutdown(wait=True, cancel_futures=True)
         readers.shutdown(wait=True, cancel_futures=True)
         streams.close()
+        if graphs is not None:
+            graphs.close()
         restore_slices()
     ctx.reporter.debug(
         "mf_debug_gpu_p3",
@@ -1726,11 +1851,13 @@ def _reproject_frames_gpu(
         grid_s=round(timing["grid_s"], 2),
         device_threads=device_threads,
         device_s=round(timing["device_s"], 2),
+        graphed=0 if graphs is None else graphs.replays,
         storage="gpu" if on_device else "host",
     )
     ctx.extras.setdefault("mosaic_first_gpu", []).append(
         {"frames": len(todo), "readers": n_readers, "reader_kind": reader_kind, "device_threads": device_threads,
-         "storage": "gpu" if on_device else "host", **{k: round(v, 3) for k, v in timing.items()}}
+         "storage": "gpu" if on_device else "host", "graph_replays": 0 if graphs is None else graphs.replays,
+         **{k: round(v, 3) for k, v in timing.items()}}
     )
     yield from ctx.drain()
 
