@@ -77,6 +77,7 @@ import shutil
 import sys
 import threading
 import time
+from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -1195,6 +1196,11 @@ def _queue_frame_results(
     return _QueuedFrame(host, frame, done, noise, coarse, coverage, host_checks, rows, cols)
 
 
+def _device_has_run(queued: _QueuedFrame) -> bool:
+    """Whether the device has passed the frame's event (without waiting; host arrays: always)."""
+    return queued.done is None or bool(queued.done.done)
+
+
 def _finish_queued_or_redo(
     queued: _QueuedFrame, redo: Callable[[HostFrame], Future], reporter: Any = None
 ) -> ReprojectedFrame | Future:
@@ -1667,6 +1673,10 @@ def _reproject_frames_cpu(
 #: follow each other every few milliseconds, and each reading is a driver call of the device thread.
 P3_BUDGET_MAX_AGE_S = 0.25
 
+#: How long the run's thread waits for a reader's answer or a device unit before it looks again
+#: whether the device has run the queued frames (its CUDA events cannot be waited on beside futures).
+P3_FINISH_POLL_S = 0.001
+
 #: P3 replays each frame's corrections and noise as a captured CUDA graph (:class:`_FramePrepGraphs`);
 #: off, every frame runs them kernel by kernel (the same results; the tests compare both).
 P3_CAPTURE_GRAPHS = True
@@ -1774,61 +1784,88 @@ def _reproject_frames_gpu(
     loaders = ThreadPoolExecutor(max_workers=LOADER_THREADS, thread_name_prefix="zemosaic-load")
     reading: dict[Future, int] = {}
     computing: dict[Future, int] = {}
+    # Frames whose device work is queued, in order: finished once the device has run them, so
+    # that the run's thread hands the readers' answers to the loaders and the device thread
+    # first instead of waiting for the device (the loaders would then start late).
+    finishing: deque[tuple[int, _QueuedFrame]] = deque()
     queue = iter(todo)
     restore_slices = _shorten_gil_slices(P3_SWITCH_INTERVAL_S)
+
+    def counted(index: int, frame: ReprojectedFrame | None) -> None:
+        nonlocal done
+        if frame is not None:
+            with policy.device():  # pieces not cut by the device thread are cut here
+                accept(frame)
+        done += 1
+        ctx.reporter.progress("P3", done, len(todo), "progress_frames", name=frames[index].path.name)
+
     try:
         while True:
-            while len(reading) + len(computing) < in_flight:
+            while len(reading) + len(computing) + len(finishing) < in_flight:
                 index = next(queue, None)
                 if index is None:
                     break
                 future = submit_read(frames[index], index, tol_px, bboxes[index])
                 reading[future] = index
-            if not reading and not computing:
+            if not reading and not computing and not finishing:
                 break
-            finished, _ = wait([*reading, *computing], return_when=FIRST_COMPLETED)
-            for future in finished:
+            finished: set[Future] = set()
+            if reading or computing:
+                finished, _ = wait([*reading, *computing], return_when=FIRST_COMPLETED,
+                                   timeout=P3_FINISH_POLL_S if finishing else None)
+            for future in sorted(finished, key=lambda future: future in computing):  # the answers first
                 if future in reading:
                     index = reading.pop(future)
                     try:
                         host = future.result()
                     except FrameError as exc:
                         reject(index, exc)
-                        host = None
+                        counted(index, None)
+                        continue
                     if isinstance(host, str):  # the reader needs the frame's own WCS: send it whole
                         reading[submit_read(frames[index], index, tol_px, bboxes[index], True)] = index
                         continue
-                    if host is not None:
-                        timing["read_s"] += host.read_s
-                        timing["grid_s"] += host.grid_s
-                        if host.file_identity is not None:
-                            frames[index].file_identity = host.file_identity
-                            frames[index].resume_token = host.resume_token
-                        if isinstance(host.pixels, RawPixels):
-                            host.pixels = PrefetchedRaw(
-                                host.pixels, loaders.submit(host.pixels.read_for_device, control_points(host.grid))
-                            )
-                        computing[device_pool.submit(device_unit, host)] = index
+                    if host is None:
+                        counted(index, None)
                         continue
+                    timing["read_s"] += host.read_s
+                    timing["grid_s"] += host.grid_s
+                    if host.file_identity is not None:
+                        frames[index].file_identity = host.file_identity
+                        frames[index].resume_token = host.resume_token
+                    if isinstance(host.pixels, RawPixels):
+                        host.pixels = PrefetchedRaw(
+                            host.pixels, loaders.submit(host.pixels.read_for_device, control_points(host.grid))
+                        )
+                    computing[device_pool.submit(device_unit, host)] = index
+                    continue
+                index = computing.pop(future)
+                try:
+                    frame = future.result()
+                except FrameError as exc:
+                    reject(index, exc)
+                    counted(index, None)
+                    continue
+                if isinstance(frame, _QueuedFrame):
+                    finishing.append((index, frame))
                 else:
-                    index = computing.pop(future)
-                    try:
-                        frame = future.result()
-                        if isinstance(frame, _QueuedFrame):
-                            frame = _finish_queued_or_redo(
-                                frame, lambda host: device_pool.submit(device_unit, host, False), ctx.reporter
-                            )
-                            if isinstance(frame, Future):  # the frame goes again, through the waiting path
-                                computing[frame] = index
-                                continue
-                    except FrameError as exc:
-                        reject(index, exc)
-                    else:
-                        with policy.device():  # pieces not cut by the device thread are cut here
-                            accept(frame)
-                        del frame
-                done += 1
-                ctx.reporter.progress("P3", done, len(todo), "progress_frames", name=frames[index].path.name)
+                    counted(index, frame)
+            # Frames the device has run; all of them, waiting, once nothing else is under way.
+            while finishing and (not (reading or computing) or _device_has_run(finishing[0][1])):
+                index, queued = finishing.popleft()
+                try:
+                    frame = _finish_queued_or_redo(
+                        queued, lambda host: device_pool.submit(device_unit, host, False), ctx.reporter
+                    )
+                except FrameError as exc:
+                    reject(index, exc)
+                    counted(index, None)
+                    continue
+                if isinstance(frame, Future):  # the frame goes again, through the waiting path
+                    computing[frame] = index
+                    continue
+                counted(index, frame)
+                del frame
             yield from ctx.drain()
     except BaseException:
         for future in [*reading, *computing]:
