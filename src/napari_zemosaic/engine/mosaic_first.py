@@ -1673,6 +1673,9 @@ def _reproject_frames_cpu(
 #: follow each other every few milliseconds, and each reading is a driver call of the device thread.
 P3_BUDGET_MAX_AGE_S = 0.25
 
+#: What a P3 unit gave when it raised a :class:`FrameError` (the frame is rejected).
+_REJECTED = object()
+
 #: How long the run's thread waits for a reader's answer or a device unit before it looks again
 #: whether the device has run the queued frames (its CUDA events cannot be waited on beside futures).
 P3_FINISH_POLL_S = 0.001
@@ -1799,6 +1802,18 @@ def _reproject_frames_gpu(
         done += 1
         ctx.reporter.progress("P3", done, len(todo), "progress_frames", name=frames[index].path.name)
 
+    def redo_waiting(host: HostFrame) -> Future:
+        return device_pool.submit(device_unit, host, False)
+
+    def outcome(index: int, get: Callable[[], Any]) -> Any:
+        """``get()``, or :data:`_REJECTED` once a :class:`FrameError` it raised has rejected the frame."""
+        try:
+            return get()
+        except FrameError as exc:
+            reject(index, exc)
+            counted(index, None)
+            return _REJECTED
+
     try:
         while True:
             while len(reading) + len(computing) + len(finishing) < in_flight:
@@ -1816,11 +1831,8 @@ def _reproject_frames_gpu(
             for future in sorted(finished, key=lambda future: future in computing):  # the answers first
                 if future in reading:
                     index = reading.pop(future)
-                    try:
-                        host = future.result()
-                    except FrameError as exc:
-                        reject(index, exc)
-                        counted(index, None)
+                    host = outcome(index, future.result)
+                    if host is _REJECTED:
                         continue
                     if isinstance(host, str):  # the reader needs the frame's own WCS: send it whole
                         reading[submit_read(frames[index], index, tol_px, bboxes[index], True)] = index
@@ -1840,11 +1852,8 @@ def _reproject_frames_gpu(
                     computing[device_pool.submit(device_unit, host)] = index
                     continue
                 index = computing.pop(future)
-                try:
-                    frame = future.result()
-                except FrameError as exc:
-                    reject(index, exc)
-                    counted(index, None)
+                frame = outcome(index, future.result)
+                if frame is _REJECTED:
                     continue
                 if isinstance(frame, _QueuedFrame):
                     finishing.append((index, frame))
@@ -1853,13 +1862,8 @@ def _reproject_frames_gpu(
             # Frames the device has run; all of them, waiting, once nothing else is under way.
             while finishing and (not (reading or computing) or _device_has_run(finishing[0][1])):
                 index, queued = finishing.popleft()
-                try:
-                    frame = _finish_queued_or_redo(
-                        queued, lambda host: device_pool.submit(device_unit, host, False), ctx.reporter
-                    )
-                except FrameError as exc:
-                    reject(index, exc)
-                    counted(index, None)
+                frame = outcome(index, partial(_finish_queued_or_redo, queued, redo_waiting, ctx.reporter))
+                if frame is _REJECTED:
                     continue
                 if isinstance(frame, Future):  # the frame goes again, through the waiting path
                     computing[frame] = index
