@@ -56,7 +56,11 @@ unchanged. When ``reproject`` runs on the GPU, P3 becomes a two-stage pipeline:
   for photometry. Only the noise and the coarse means (a few kB) come back to the host.
   Pixels a reader left in the file are read into pinned memory by loader threads while
   the frame waits for its device thread, whose copy to the device is then asynchronous;
-  with pieces kept on the device the device thread also cuts them into blocks.
+  with pieces kept on the device the device thread also cuts them into blocks. The hot
+  pixels, debayer and noise of every frame of one kind are the same kernels on the same
+  shapes: they are recorded once per device thread as a CUDA graph and replayed
+  (:class:`_FramePrepGraphs`); the run's thread finishes a queued frame once the device has
+  run it, after handing the readers' answers on.
 
 Pieces stay in GPU memory when the stack stage is on the GPU too and all pieces fit in
 half the GPU budget (``storage=gpu`` in the plan message); otherwise each reprojected
