@@ -542,17 +542,17 @@ class _FramePrepGraphs:
         if captured is None:
             return None
         plane = xp.empty(raw_shape, dtype=xp.float32) if captured is False else captured.inputs
-        decoded = decoded_frame(host, info, xp, raw_sink, float_into=plane)
+        decoded_frame(host, info, xp, raw_sink, float_into=plane)
         if captured is False:
             captured = graphs[key] = self._capture(plane, info, xp)
-            if captured is None:  # the frame is decoded already: the same work, kernel by kernel
-                data = corrected_colour(decoded, info, self._config, self._n_channels, xp, checks)
-                return PreparedOnDevice(data, estimate_background_noise(data, xp))
-        data, noise, status = captured.replay(xp.cuda.get_current_stream())
+        if captured is None:  # the frame is decoded already: the same work, kernel by kernel
+            data, noise, status = corrections_and_noise(plane, info, self._config, self._n_channels, xp)
+        else:
+            data, noise, status = captured.replay(xp.cuda.get_current_stream())
+            with self._lock:
+                self.replays += 1
         if status is not None:
             checks.append(status)
-        with self._lock:
-            self.replays += 1
         return PreparedOnDevice(data, noise)
 
     def _capture(self, plane: Any, info: FrameInfo, xp: Any) -> CapturedWork | None:
