@@ -337,6 +337,29 @@ def test_pair_fit_processes_release_their_memory_and_stay_out_of_daemons(monkeyp
         photometry._PairFitRunner({"pieces": pieces}, 3.0, 12, len(edges))
 
 
+def test_graph_solve_of_several_columns_is_each_column_solved_alone() -> None:
+    """One factorisation for the plane's three coefficients gives, to the bit, what three solves
+    give, gauges included; and the solve recovers node values from exact differences."""
+    from napari_zemosaic.engine.photometry import _graph_solve
+
+    rng = np.random.default_rng(11)
+    n = 60
+    truth = rng.normal(0.0, 1.0, (n, 3))
+    truth[40:] += 5.0  # a second component, nodes 40-59
+    edges = np.array(sorted({(min(a, b), max(a, b)) for a in range(n) for b in rng.choice(n, 4)
+                             if a != b and (a < 40) == (b < 40)}))
+    weights = rng.uniform(1.0, 50.0, len(edges))
+    differences = truth[edges[:, 0]] - truth[edges[:, 1]]
+    for priority in (None, [7, 45]):
+        together = _graph_solve(n, edges, differences, weights, priority)
+        alone = np.stack([_graph_solve(n, edges, differences[:, k], weights, priority) for k in range(3)], axis=1)
+        assert together.shape == (n, 3)
+        assert np.array_equal(together, alone)
+    for members, anchor in ((slice(0, 40), 7), (slice(40, n), 45)):  # x = 0 at each component's anchor
+        expected = truth[members] - truth[anchor]
+        assert np.allclose(together[members], expected, atol=1e-6)
+
+
 def test_coarser_piece_equals_coarse_piece() -> None:
     from napari_zemosaic.engine.photometry import _coarser_piece
 

@@ -1118,28 +1118,38 @@ def _graph_solve(
 
     Gauge: median(x) = 0 on each component, or, with ``anchor_priority``, x = 0 at the first
     listed node of each component (components without a listed node keep the median gauge).
+
+    ``differences`` of shape ``(E, K)`` solve K problems on the same graph and weights (e.g. the
+    three plane coefficients of an edge) with one factorisation; the result is then ``(n, K)``,
+    each column what a call with that column alone gives.
     """
     from scipy.sparse import coo_matrix
-    from scipy.sparse.linalg import spsolve
+    from scipy.sparse.linalg import splu
 
+    differences = np.asarray(differences, dtype=np.float64)
+    columns = differences.reshape(len(differences), -1)
     if len(edges) == 0:
-        return np.zeros(n)
+        return np.zeros((n,) + differences.shape[1:])
     i, j = edges[:, 0], edges[:, 1]
     laplacian = coo_matrix(
         (np.concatenate([weights, weights, -weights, -weights]), (np.concatenate([i, j, i, j]), np.concatenate([i, j, j, i]))),
         shape=(n, n),
     ).tocsc()
-    rhs = np.bincount(i, weights * differences, minlength=n) - np.bincount(j, weights * differences, minlength=n)
     # A tiny ridge makes each component's system non-singular (it pins the component mean near 0).
     ridge = 1e-9 * float(weights.max())
-    solution = spsolve(laplacian + ridge * _identity(n), rhs)
+    factors = splu(laplacian + ridge * _identity(n), permc_spec="COLAMD")
     labels = _components(n, edges)
     anchors = _component_anchors(labels, anchor_priority)
-    for label in np.unique(labels):
-        members = labels == label
-        anchor = anchors.get(int(label))
-        solution[members] -= solution[anchor] if anchor is not None else np.median(solution[members])
-    return np.asarray(solution)
+    solution = np.empty((n, columns.shape[1]))
+    for k in range(columns.shape[1]):
+        weighted = weights * columns[:, k]
+        rhs = np.bincount(i, weighted, minlength=n) - np.bincount(j, weighted, minlength=n)
+        solution[:, k] = factors.solve(rhs)
+        for label in np.unique(labels):
+            members = labels == label
+            anchor = anchors.get(int(label))
+            solution[members, k] -= solution[anchor, k] if anchor is not None else np.median(solution[members, k])
+    return solution.reshape((n,) + differences.shape[1:])
 
 
 def _component_anchors(labels: np.ndarray, priority: Sequence[int] | None) -> dict[int, int]:
@@ -1473,7 +1483,7 @@ def _solve_pieces(
         elif plane_edges:
             edges_array, diffs, weights = np.array(plane_edges), np.array(plane_diffs), np.array(plane_weights, float)
             # Planes in corrected units (frame/gain): c + a·X + b·Y; convert to frame units.
-            c, a, b = (_graph_solve(n_frames, edges_array, diffs[:, k], weights, priority) for k in range(3))
+            c, a, b = _graph_solve(n_frames, edges_array, diffs, weights, priority).T
             result.tilts[:, channel, 0] = a * gains
             result.tilts[:, channel, 1] = b * gains
             # offsets are stored at the frame centre: c + a·Xc + b·Yc
