@@ -360,6 +360,27 @@ def test_graph_solve_of_several_columns_is_each_column_solved_alone() -> None:
         assert np.allclose(together[members], expected, atol=1e-6)
 
 
+def test_channels_with_the_same_plane_graph_share_its_solve(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Channels fitted on the same edges with the same weights are solved in one call, others on
+    their own; every channel gets what its own solve gives, to the bit."""
+    from napari_zemosaic.engine import photometry
+
+    rng = np.random.default_rng(12)
+    n = 30
+    edges = np.array([(k, k + 1) for k in range(n - 1)] + [(k, k + 3) for k in range(n - 3)])
+    weights = rng.uniform(1.0, 9.0, len(edges))
+    graphs = {channel: (edges, rng.normal(size=(len(edges), 3)), weights) for channel in range(3)}
+    graphs[2] = (edges, graphs[2][1], weights * 2.0)  # another weighting: a graph of its own
+    calls: list[int] = []
+    solve = photometry._graph_solve
+    monkeypatch.setattr(photometry, "_graph_solve", lambda *a, **k: calls.append(1) or solve(*a, **k))
+    together = photometry._solve_plane_graphs(n, graphs, [4])
+    assert len(calls) == 2
+    for channel, (e, d, w) in graphs.items():
+        alone = solve(n, e, d, w, [4])
+        assert all(np.array_equal(together[channel][k], alone[:, k]) for k in range(3))
+
+
 def test_coarser_piece_equals_coarse_piece() -> None:
     from napari_zemosaic.engine.photometry import _coarser_piece
 

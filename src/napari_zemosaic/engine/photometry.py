@@ -1152,6 +1152,25 @@ def _graph_solve(
     return solution.reshape((n,) + differences.shape[1:])
 
 
+def _solve_plane_graphs(
+    n: int, graphs: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]], priority: Sequence[int] | None
+) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Each channel's plane coefficients (c, a, b) over the graph from its ``(edges, (E, 3)
+    differences, weights)``: channels whose edges and weights are the same (the usual case: every
+    channel fitted on the same cells) share one factorisation, with the numbers of a solve each."""
+    solved: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    groups: dict[tuple[bytes, bytes, tuple[int, ...]], list[int]] = {}
+    for channel, (edges, _, weights) in graphs.items():
+        groups.setdefault((edges.tobytes(), weights.tobytes(), edges.shape), []).append(channel)
+    for channels in groups.values():
+        edges, _, weights = graphs[channels[0]]
+        together = _graph_solve(n, edges, np.concatenate([graphs[c][1] for c in channels], axis=1), weights, priority)
+        for k, channel in enumerate(channels):
+            c, a, b = together[:, 3 * k : 3 * k + 3].T
+            solved[channel] = (c, a, b)
+    return solved
+
+
 def _component_anchors(labels: np.ndarray, priority: Sequence[int] | None) -> dict[int, int]:
     """The first node of ``priority`` in each component: {component label: node}."""
     anchors: dict[int, int] = {}
@@ -1443,6 +1462,7 @@ def _solve_pieces(
     batched_planes = batched and fit_gain and plane_solve == "graph"
     # Every channel's planes at once (their gains are all known): one pass of tasks for the runner.
     plane_fits = runner.plane_fits(key, range(n_channels), edge_list, result.gains) if batched_planes and not gains_only else []
+    plane_graphs: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     for channel in range(n_channels) if not gains_only else ():
         gains = result.gains[:, channel]
         plane_edges, plane_diffs, plane_weights = [], [], []
@@ -1481,13 +1501,14 @@ def _solve_pieces(
             result.tilts[:, channel, 1] = b * gains
             result.offsets[:, channel] = (c + a * result.centres[:, 0] + b * result.centres[:, 1]) * gains
         elif plane_edges:
-            edges_array, diffs, weights = np.array(plane_edges), np.array(plane_diffs), np.array(plane_weights, float)
-            # Planes in corrected units (frame/gain): c + a·X + b·Y; convert to frame units.
-            c, a, b = _graph_solve(n_frames, edges_array, diffs, weights, priority).T
-            result.tilts[:, channel, 0] = a * gains
-            result.tilts[:, channel, 1] = b * gains
-            # offsets are stored at the frame centre: c + a·Xc + b·Yc
-            result.offsets[:, channel] = (c + a * result.centres[:, 0] + b * result.centres[:, 1]) * gains
+            plane_graphs[channel] = (np.array(plane_edges), np.array(plane_diffs), np.array(plane_weights, float))
+    for channel, (c, a, b) in _solve_plane_graphs(n_frames, plane_graphs, priority).items():
+        # Planes in corrected units (frame/gain): c + a·X + b·Y; convert to frame units.
+        gains = result.gains[:, channel]
+        result.tilts[:, channel, 0] = a * gains
+        result.tilts[:, channel, 1] = b * gains
+        # offsets are stored at the frame centre: c + a·Xc + b·Yc
+        result.offsets[:, channel] = (c + a * result.centres[:, 0] + b * result.centres[:, 1]) * gains
     if priority is not None:
         labels = _components(n_frames, sample_edges)
         sizes = np.bincount(labels)
