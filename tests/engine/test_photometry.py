@@ -381,6 +381,48 @@ def test_channels_with_the_same_plane_graph_share_its_solve(monkeypatch: pytest.
         assert all(np.array_equal(together[channel][k], alone[:, k]) for k in range(3))
 
 
+def _overlap_edges_row_by_row(bounds: np.ndarray, neighbours: int, min_cells: int) -> set[tuple[int, int]]:
+    """The overlap graph's per-frame choice written plainly, one frame at a time: every overlap of
+    at least ``min_cells`` cells, or, beyond ``neighbours`` of them, the strongest half and half
+    spread over the rest of the ranking (area descending, then the highest index first)."""
+    edges = set()
+    for i, (y0, y1, x0, x1) in enumerate(bounds):
+        height = np.clip(np.minimum(y1, bounds[:, 1]) - np.maximum(y0, bounds[:, 0]), 0, None)
+        width = np.clip(np.minimum(x1, bounds[:, 3]) - np.maximum(x0, bounds[:, 2]), 0, None)
+        area = height * width
+        area[i] = 0
+        candidates = [j for j in range(len(bounds)) if area[j] >= min_cells]
+        if len(candidates) > neighbours:
+            ranked = sorted(candidates, key=lambda j: (area[j], j), reverse=True)
+            strong = neighbours - neighbours // 2
+            spread = np.linspace(strong, len(ranked) - 1, neighbours // 2).round().astype(int)
+            candidates = ranked[:strong] + [ranked[k] for k in spread]
+        edges.update((min(i, j), max(i, j)) for j in candidates)
+    return edges
+
+
+def test_overlap_edges_choose_each_frames_overlaps_as_the_plain_rule_does() -> None:
+    from napari_zemosaic.engine.photometry import overlap_edges
+
+    rng = np.random.default_rng(13)
+    for _ in range(60):
+        n = int(rng.integers(2, 120))
+        spread, size = int(rng.integers(2, 40)), int(rng.integers(2, 12))
+        y0, x0 = rng.integers(0, spread, n), rng.integers(0, spread, n)
+        bounds = np.stack([y0, y0 + rng.integers(1, size + 1, n), x0, x0 + rng.integers(1, size + 1, n)], axis=1)
+        neighbours, min_cells = int(rng.integers(0, 10)), int(rng.integers(1, 12))
+        got = set(overlap_edges(bounds, neighbours, min_cells))
+        expected = _overlap_edges_row_by_row(bounds, neighbours, min_cells)
+        assert expected <= got  # the links between components come on top
+        if len(expected) and got != expected:
+            from scipy.sparse.csgraph import connected_components
+            from scipy.sparse import coo_matrix
+
+            pairs = np.array(sorted(expected))
+            graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
+            assert connected_components(graph, directed=False)[0] > 1
+
+
 def test_coarser_piece_equals_coarse_piece() -> None:
     from napari_zemosaic.engine.photometry import _coarser_piece
 

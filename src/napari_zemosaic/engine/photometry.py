@@ -162,6 +162,34 @@ def _piece_centres(pieces: Sequence[CoarsePiece]) -> np.ndarray:
     return np.stack([(bounds[:, 2] + bounds[:, 3] - 1) / 2.0, (bounds[:, 0] + bounds[:, 1] - 1) / 2.0], axis=1)
 
 
+def _strongest_overlaps(area: np.ndarray, neighbours: int, min_cells: int) -> tuple[np.ndarray, np.ndarray]:
+    """(row, column) of the overlaps each row of ``area`` keeps: every overlap of at least
+    ``min_cells`` cells when there are at most ``neighbours``; else half the strongest and half
+    spread evenly over the weaker ones (panel-to-panel overlaps are weak but are what ties the
+    panels' flux scales together), ranked by area, then by column from the highest."""
+    eligible = area >= min_cells
+    counts = eligible.sum(axis=1)
+    few = counts <= neighbours
+    row_of, column = np.nonzero(eligible & few[:, None])
+    many = np.flatnonzero(~few)
+    if many.size:
+        # Descending area, ties from the highest column: one sort of area·columns + column, unique
+        # keys (twice as fast as a stable argsort of the areas).
+        n_columns = area.shape[1]
+        keys = area[many].astype(np.int64) * n_columns + np.arange(n_columns)
+        keys.sort(axis=1)
+        ranked = keys[:, ::-1] % n_columns
+        strong = neighbours - neighbours // 2
+        positions = [np.broadcast_to(np.arange(strong), (many.size, strong))]
+        if neighbours // 2:
+            spread = np.linspace(np.full(many.size, strong), counts[many] - 1, neighbours // 2, axis=1)
+            positions.append(spread.round().astype(int))
+        picked = np.take_along_axis(ranked, np.concatenate(positions, axis=1), axis=1)
+        row_of = np.concatenate([row_of, np.repeat(many, picked.shape[1])])
+        column = np.concatenate([column, picked.ravel()])
+    return row_of, column
+
+
 def overlap_edges(bounds: np.ndarray, neighbours: int = 8, min_cells: int = 12) -> list[tuple[int, int]]:
     """Edges of the overlap graph: each frame's largest overlaps, plus links between components."""
     from scipy.sparse import coo_matrix
@@ -175,18 +203,11 @@ def overlap_edges(bounds: np.ndarray, neighbours: int = 8, min_cells: int = 12) 
         height = np.minimum(rows[:, None, 1], bounds[None, :, 1]) - np.maximum(rows[:, None, 0], bounds[None, :, 0])
         width = np.minimum(rows[:, None, 3], bounds[None, :, 3]) - np.maximum(rows[:, None, 2], bounds[None, :, 2])
         area = np.clip(height, 0, None) * np.clip(width, 0, None)
-        for local, row in enumerate(area):
-            i = start + local
-            row[i] = 0
-            candidates = np.flatnonzero(row >= min_cells)
-            if candidates.size > neighbours:
-                # Half the strongest overlaps, half spread over the weaker ones: panel-to-panel
-                # overlaps are weak but are what ties the panels' flux scales together.
-                ranked = candidates[np.argsort(row[candidates], kind="stable")[::-1]]
-                strong = neighbours - neighbours // 2
-                spread = np.linspace(strong, ranked.size - 1, neighbours // 2).round().astype(int)
-                candidates = np.unique(np.concatenate([ranked[:strong], ranked[spread]]))
-            edges.update((min(i, int(j)), max(i, int(j))) for j in candidates)
+        local = np.arange(len(rows))
+        area[local, start + local] = 0
+        row_of, column = _strongest_overlaps(area, neighbours, min_cells)
+        first, second = start + row_of, column
+        edges.update(zip(np.minimum(first, second).tolist(), np.maximum(first, second).tolist()))
     if not edges:
         return []
     pairs = np.array(sorted(edges))
