@@ -423,18 +423,25 @@ def test_overlap_edges_choose_each_frames_overlaps_as_the_plain_rule_does() -> N
             assert connected_components(graph, directed=False)[0] > 1
 
 
-def test_coarser_piece_equals_coarse_piece() -> None:
-    from napari_zemosaic.engine.photometry import _coarser_piece
+@pytest.mark.parametrize("chunk_cells", [2**18, 500])
+def test_coarser_pieces_equal_coarse_piece(monkeypatch: pytest.MonkeyPatch, chunk_cells: int) -> None:
+    """Pieces of every shape and alignment coarsened together (in one padded stack, or a few at a
+    time) give what :func:`coarse_piece` gives each one alone, to the bit."""
+    from napari_zemosaic.engine import photometry
+    from napari_zemosaic.engine.photometry import _coarser_pieces
 
+    monkeypatch.setattr(photometry, "COARSEN_CHUNK_CELLS", chunk_cells)
     rng = np.random.default_rng(6)
     for factor in (2, 4):
         for dtype in (np.float32, np.float64):
-            for y0, x0, h, w in ((0, 0, 40, 56), (3, 5, 37, 29), (-7, 11, 9, 3), (1, 1, 2, 2)):
+            pieces = []
+            for y0, x0, h, w in ((0, 0, 40, 56), (3, 5, 37, 29), (-7, 11, 9, 3), (1, 1, 2, 2), (-2, 9, 6, 30)):
                 data = (rng.gamma(2.0, 300.0, (3, h, w)) - 50.0).astype(dtype)
                 data[:, rng.random((h, w)) < 0.05] = np.nan
                 data[1, 0, :] = 1e-7  # a wide range of magnitudes in one block
-                got = _coarser_piece(CoarsePiece(y0, x0, data), factor)
-                expected = coarse_piece(data, (y0, 0, x0, 0), factor)
+                pieces.append(CoarsePiece(y0, x0, data))
+            for piece, got in zip(pieces, _coarser_pieces(pieces, factor), strict=True):
+                expected = coarse_piece(piece.data, (piece.y0, 0, piece.x0, 0), factor)
                 assert (got.y0, got.x0) == (expected.y0, expected.x0)
                 assert got.data.dtype == expected.data.dtype
                 np.testing.assert_array_equal(got.data, expected.data)

@@ -1271,30 +1271,66 @@ def coarsened_pieces(pieces: Sequence[CoarsePiece]) -> tuple[list[CoarsePiece], 
     factor = coarsening_factor(pieces)
     if factor == 1:
         return list(pieces), 1
-    return [_coarser_piece(p, factor) for p in pieces], factor
+    return _coarser_pieces(pieces, factor), factor
 
 
-def _coarser_piece(piece: CoarsePiece, factor: int) -> CoarsePiece:
-    """``coarse_piece(piece.data, (piece.y0, 0, piece.x0, 0), factor)`` for a piece on the coarse grid.
+#: Cells of the padded stack :func:`_coarser_pieces` coarsens at once: a few pieces, small enough to
+#: stay in the processor's cache (larger stacks took twice as long).
+COARSEN_CHUNK_CELLS = 2**18
 
-    The block means as ``factor²`` strided float64 sums, in the block's row-major order, then one
-    division: about 4x faster than the mean over two axes of a 5-D view (the largest serial step of
-    a solve on many cores), the same numbers (tested against :func:`coarse_piece`).
+
+def _coarser_pieces(pieces: Sequence[CoarsePiece], factor: int) -> list[CoarsePiece]:
+    """``coarse_piece(piece.data, (piece.y0, 0, piece.x0, 0), factor)`` of every piece on the coarse grid.
+
+    The whole blocks of a few pieces at a time (``COARSEN_CHUNK_CELLS``) are copied into one padded
+    stack, whose block means are ``factor²`` strided float64 sums, in the block's row-major order,
+    then one division: the same numbers (tested against :func:`coarse_piece`) in a third of the
+    NumPy calls of a piece at a time. (P4.5 waits for this while P2's metrics are digested on
+    another thread: each call gives the GIL away and queues to take it back.)
     """
-    channels, height, width = piece.data.shape
-    cy0, cx0 = -(-piece.y0 // factor), -(-piece.x0 // factor)
-    top, left = cy0 * factor - piece.y0, cx0 * factor - piece.x0
-    n_rows, n_cols = (height - top) // factor, (width - left) // factor
-    if n_rows <= 0 or n_cols <= 0:
-        return CoarsePiece(cy0, cx0, np.zeros((channels, 0, 0), np.float32))
-    view = piece.data[:, top : top + n_rows * factor, left : left + n_cols * factor]
-    total = view[:, ::factor, ::factor].astype(np.float64)
+    coarser: list[CoarsePiece] = []
+    chunk: list[tuple[CoarsePiece, int, int, int, int, int, int]] = []
+    chunk_cells = 0
+    for piece in pieces:
+        channels, height, width = piece.data.shape
+        cy0, cx0 = -(-piece.y0 // factor), -(-piece.x0 // factor)
+        top, left = cy0 * factor - piece.y0, cx0 * factor - piece.x0
+        n_rows, n_cols = max((height - top) // factor, 0), max((width - left) // factor, 0)
+        cells = channels * n_rows * n_cols * factor * factor
+        if chunk and chunk_cells + cells > COARSEN_CHUNK_CELLS:
+            coarser.extend(_coarsen_chunk(chunk, factor))
+            chunk, chunk_cells = [], 0
+        chunk.append((piece, cy0, cx0, top, left, n_rows, n_cols))
+        chunk_cells += cells
+    if chunk:
+        coarser.extend(_coarsen_chunk(chunk, factor))
+    return coarser
+
+
+def _coarsen_chunk(chunk: Sequence[tuple[CoarsePiece, int, int, int, int, int, int]], factor: int) -> list[CoarsePiece]:
+    """The coarser pieces of ``chunk`` (piece, first coarser cell, offset of its first whole block,
+    whole blocks): their blocks in one zero-padded stack, whose padding no kept cell reads."""
+    channels = max(entry[0].data.shape[0] for entry in chunk)
+    rows = max(entry[5] for entry in chunk)
+    cols = max(entry[6] for entry in chunk)
+    dtype = np.result_type(*[entry[0].data.dtype for entry in chunk])
+    stack = np.zeros((len(chunk), channels, rows * factor, cols * factor), dtype=dtype)
+    for slot, (piece, _, _, top, left, n_rows, n_cols) in enumerate(chunk):
+        stack[slot, : piece.data.shape[0], : n_rows * factor, : n_cols * factor] = piece.data[
+            :, top : top + n_rows * factor, left : left + n_cols * factor
+        ]
+    total = stack[:, :, ::factor, ::factor].astype(np.float64)
     for dy in range(factor):
         for dx in range(factor):
             if dy or dx:
-                total += view[:, dy::factor, dx::factor]
+                total += stack[:, :, dy::factor, dx::factor]
     total /= factor * factor
-    return CoarsePiece(cy0, cx0, total.astype(np.float32))
+    means = total.astype(np.float32)
+    return [
+        CoarsePiece(cy0, cx0, means[slot, : piece.data.shape[0], :n_rows, :n_cols] if n_rows and n_cols
+                    else np.zeros((piece.data.shape[0], 0, 0), np.float32))
+        for slot, (piece, cy0, cx0, _, _, n_rows, n_cols) in enumerate(chunk)
+    ]
 
 
 def solve_normalisation(
