@@ -192,3 +192,79 @@ def test_adler32_combine_matches_zlib() -> None:
         first, second = (rng.integers(0, 256, size, dtype=np.uint8).tobytes() for size in sizes)
         combined = outputs._adler32_combine(zlib.adler32(first), zlib.adler32(second), len(second))
         assert combined == zlib.adler32(first + second)
+
+
+def _samples(rng: np.random.Generator, size: int) -> dict[str, np.ndarray]:
+    """Samples that a probe of every 64th value can misjudge: ties, order, heavy tails, a plateau."""
+    plateau = rng.exponential(5.0, size).astype(np.float32)
+    plateau[: size // 3] = 7.0
+    return {
+        "noise": rng.normal(100.0, 10.0, size).astype(np.float32),
+        "ties": rng.integers(0, 50, size).astype(np.float32),
+        "sorted": np.sort(rng.normal(0.0, 1.0, size)),
+        "reversed": np.sort(rng.normal(0.0, 1.0, size).astype(np.float32))[::-1].copy(),
+        "plateau": plateau,
+        "cauchy": rng.standard_cauchy(size).astype(np.float32),
+        "stars": np.where(rng.random(size) < 0.004, 60000.0, rng.normal(300.0, 3.0, size)).astype(np.float32),
+    }
+
+
+@pytest.mark.parametrize("size", [65_536, 100_003, 1_000_000])
+def test_percentiles_of_equals_numpy_to_the_bit(size: int) -> None:
+    rng = np.random.default_rng(size)
+    for name, sample in _samples(rng, size).items():
+        for percentiles in ((0.5, 99.8), (1.0, 99.0), (0.1, 99.9), (0.001, 99.999), (4.0, 96.0), (2.5, 50.0)):
+            want = np.percentile(sample, percentiles)
+            got = outputs.percentiles_of(sample, percentiles)
+            assert got.dtype == want.dtype, (name, percentiles)
+            np.testing.assert_array_equal(got.view(np.uint64), want.view(np.uint64), err_msg=f"{name} {percentiles}")
+
+
+def test_percentiles_of_takes_the_display_ranks_from_the_tails() -> None:
+    # The fast path itself must be what the test above checked, not NumPy's fallback.
+    rng = np.random.default_rng(3)
+    for name, sample in _samples(rng, 500_000).items():
+        ordered = np.sort(sample)
+        for fraction in (0.005, 0.998):
+            rank = int(np.floor((sample.size - 1) * fraction))
+            pair = outputs._ranked_pair(sample, rank)
+            assert pair is not None, (name, fraction)
+            assert (pair[0], pair[1]) == (ordered[rank], ordered[rank + 1]), (name, fraction)
+    assert outputs._ranked_pair(rng.normal(size=500_000), 250_000) is None  # the median is left to NumPy
+
+
+def test_alpha_from_coverage_is_opaque_where_covered_and_every_channel_is_finite() -> None:
+    rng = np.random.default_rng(11)
+    data = rng.normal(0.0, 1.0, (3, 301, 97)).astype(np.float32)
+    weight = rng.uniform(0.0, 2.0, (301, 97)).astype(np.float32)
+    weight[:20] = 0.0
+    data[1, 100:120, 10:20] = np.nan
+    data[2, 200, 50] = np.inf
+    data[0, 250, 3] = -np.inf
+    alpha = outputs.alpha_from_coverage(weight, data)
+    want = np.where((weight > 0) & np.all(np.isfinite(data), axis=0), 255, 0).astype(np.uint8)
+    assert alpha.dtype == np.uint8 and alpha.shape == weight.shape
+    np.testing.assert_array_equal(alpha, want)
+    assert set(np.unique(alpha)) == {0, 255}
+    mono = outputs.alpha_from_coverage(weight, data[:1])
+    np.testing.assert_array_equal(mono, np.where((weight > 0) & np.isfinite(data[0]), 255, 0).astype(np.uint8))
+
+
+def test_interpolation_between_ranks_is_numpys() -> None:
+    # Two values: the percentile p of [a, b] interpolates between them with the fraction p / 100.
+    rng = np.random.default_rng(12)
+    below = np.sort(rng.normal(0.0, 1e3, (4000, 2)).astype(np.float32), axis=1)
+    fractions = rng.uniform(0.0, 1.0, 4000)
+    fractions[::2] = 0.5 + fractions[::2] / 2  # half of them from the upper end
+    want = np.array([np.percentile(pair, 100 * fraction) for pair, fraction in zip(below, fractions)])
+    got = outputs._interpolated(below[:, 0], below[:, 1], np.true_divide(100 * fractions, 100))
+    np.testing.assert_array_equal(got.view(np.uint64), want.view(np.uint64))
+
+
+def test_contiguous_copy_is_a_contiguous_copy_of_the_view() -> None:
+    rng = np.random.default_rng(13)
+    canvas = rng.normal(size=(3, 700, 333)).astype(np.float32)
+    for view in (canvas[:, 17:650, 5:300], canvas[0, 3:4, :], canvas[1, :, 7], canvas[:, ::2, ::3]):
+        copy = outputs.contiguous_copy(view)
+        assert copy.flags.c_contiguous and copy.dtype == view.dtype and not np.shares_memory(copy, canvas)
+        np.testing.assert_array_equal(copy, view)

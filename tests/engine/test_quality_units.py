@@ -79,7 +79,7 @@ def _check_units(manifest, infos, metrics):
     files = set()
     for index in unit_frames:
         info, metric = infos[index], metrics[index]
-        signature = manifest.signature("metrics", {"frame": info})
+        signature = manifest.signature("metrics", {"frame": manifest.frame_digest(info)})
         record = manifest.lookup_record("metrics", str(info.path), signature)
         assert record is not None, index  # found, with this very signature, and intact
         values = {f.name: getattr(metric, f.name) for f in dataclasses.fields(metric) if f.name != "stars"}
@@ -200,7 +200,7 @@ def test_each_frame_signature_is_computed_once(night, tmp_path, monkeypatch):
 def test_an_outdated_record_is_dropped_before_its_star_file_is_rewritten(night, tmp_path):
     first, metrics, _ = _judge(night, tmp_path / "cache")
     key = str(night[2].path)
-    record = first.lookup_record("metrics", key, first.signature("metrics", {"frame": night[2]}))
+    record = first.lookup_record("metrics", key, first.signature("metrics", {"frame": first.frame_digest(night[2])}))
     first.record("metrics", key, "an older signature", record.path, meta=record.meta)
     first.flush()
 
@@ -276,3 +276,33 @@ def test_measurement_data_read_from_the_file_equals_astropy_read_and_scaling(nig
     info = read_frame_info(tmp_path / "float.fits")
     assert raw_pixel_plan(info) is None
     assert np.array_equal(q.load_measurement_data(info), data)
+
+
+def test_the_metrics_signature_follows_the_frame_and_takes_a_readers_token(night, tmp_path):
+    """A frame's signature is the same from its own canonical form and from the token a P3 reader
+    process computed; another WCS or another file gives another signature."""
+    from napari_zemosaic.engine.frames import stamped_identity
+    from napari_zemosaic.engine.resume import frame_token
+
+    manifest = UnitManifest(tmp_path / "cache", __version__, config={})
+    info = night[2]
+    plain = pipeline._metrics_signature(manifest, info)
+    identity = stamped_identity(info.path)
+    tokened = dataclasses.replace(info, file_identity=identity)
+    tokened.resume_token = frame_token(tokened)
+    assert tokened.resume_token is not None
+    assert pipeline._metrics_signature(manifest, tokened) == plain
+    moved = info.wcs.deepcopy()
+    moved.wcs.crval = [moved.wcs.crval[0] + 1e-6, moved.wcs.crval[1]]
+    assert pipeline._metrics_signature(manifest, dataclasses.replace(info, wcs=moved)) != plain
+    assert pipeline._metrics_signature(manifest, night[3]) != plain
+    # The reader's token is taken as it is while the file keeps that identity (nothing recomputed).
+    trusted = dataclasses.replace(info, file_identity=identity)
+    trusted.resume_token = (tokened.resume_token[0], "0" * 64)
+    assert pipeline._metrics_signature(manifest, trusted) != plain
+    # A token computed for another state of the file (its identity then) is not taken: the frame
+    # is canonicalised again here, and its digest is the plain one.
+    stamp, then = identity
+    older = dataclasses.replace(info, file_identity=((stamp[0], stamp[1] - 1, stamp[2]), {**then, "mtime_ns": stamp[1] - 1}))
+    older.resume_token = ({**tokened.resume_token[0], "mtime_ns": stamp[1] - 1}, "0" * 64)
+    assert pipeline._metrics_signature(UnitManifest(tmp_path / "other", __version__, config={}), older) == plain

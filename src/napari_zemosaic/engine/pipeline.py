@@ -38,6 +38,7 @@ from .outputs import (
     OutputError,
     alpha_from_coverage,
     check_output_dir,
+    contiguous_copy,
     write_json,
     write_preview_png,
     write_science_fits,
@@ -621,7 +622,10 @@ def judge_frames(
 
 
 def _metrics_signature(manifest: Any, info: FrameInfo) -> str:
-    return manifest.signature("metrics", {"frame": info})
+    # The frame by its digest: the same content as the frame itself, and where a reader process
+    # already computed it (Mosaic-First's P3), no canonical form of the frame is made again in
+    # this process (500 of them were a third of the deferred records' Python beside P5).
+    return manifest.signature("metrics", {"frame": manifest.frame_digest(info)})
 
 
 class _MetricsUnits:
@@ -961,13 +965,16 @@ def _stack_with_workflow(
 
 def _crop(stacked: CanvasStack, config: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray, Canvas]:
     data, weight, count, canvas = stacked.data, stacked.weight, stacked.count, stacked.canvas
-    if not config["autocrop"] or not (weight > 0).any():
+    if not config["autocrop"]:
         return data, weight, count, canvas
-    rows, cols = autocrop_slices(weight > 0, int(config["autocrop_margin_px"]))
+    covered = weight > 0
+    if not covered.any():
+        return data, weight, count, canvas
+    rows, cols = autocrop_slices(covered, int(config["autocrop_margin_px"]))
     return (
-        np.ascontiguousarray(data[:, rows, cols]),
-        np.ascontiguousarray(weight[rows, cols]),
-        np.ascontiguousarray(count[rows, cols]),
+        contiguous_copy(data[:, rows, cols]),
+        contiguous_copy(weight[rows, cols]),
+        contiguous_copy(count[rows, cols]),
         crop_canvas(canvas, (rows, cols)),
     )
 
