@@ -177,8 +177,13 @@ def _map_strips(task: Callable[[tuple[int, int]], Any], strips: list[tuple[int, 
 _TAIL_SELECT_MIN = 65_536
 #: A percentile whose rank lies within this fraction of either end of the sample is taken from that tail.
 _TAIL_FRACTION_MAX = 0.05
-#: Every ``_TAIL_PROBE_STEP``-th value of the sample estimates where a tail ends.
-_TAIL_PROBE_STEP = 64
+#: Every ``_TAIL_PROBE_STEP``-th value of the sample estimates where a tail ends. Odd and prime:
+#: a stacked image can keep a period of two pixels (pixels measured and interpolated by the debayer
+#: differ in noise, and the tails are made of noise); an even step would probe one of them only.
+_TAIL_PROBE_STEP = 61
+#: How far past a rank's share of the probe its threshold is put: the first try, then a second
+#: where the first took in too few values.
+_TAIL_PROBE_MARGINS = (1.5, 6.0)
 
 
 def percentiles_of(sample: np.ndarray, percentiles: tuple[float, ...]) -> np.ndarray:
@@ -227,22 +232,23 @@ def _ranked_pair(sample: np.ndarray, rank: int) -> tuple[Any, Any] | None:
     if depth > _TAIL_FRACTION_MAX * n:
         return None
     probe = sample[::_TAIL_PROBE_STEP]
-    # Half again as deep as the ranks' share of the probe, and a few values more, so that the
-    # probe's noise seldom leaves the threshold short of them.
-    reach = min(probe.size - 1, int(1.5 * depth * probe.size / n) + 16)
-    if from_top:
-        threshold = np.partition(probe, probe.size - 1 - reach)[probe.size - 1 - reach]
-        tail = sample[sample >= threshold]
-        offset = n - tail.size  # every value left out ranks below the tail
-    else:
-        threshold = np.partition(probe, reach)[reach]
-        tail = sample[sample <= threshold]
-        offset = 0
-    first, second = rank - offset, rank + 1 - offset
-    if first < 0 or second >= tail.size:
-        return None
-    ordered = np.partition(tail, (first, second))
-    return ordered[first], ordered[second]
+    for margin in _TAIL_PROBE_MARGINS:
+        # Deeper than the ranks' share of the probe, and a few values more, so that the probe's
+        # noise seldom leaves the threshold short of them.
+        reach = min(probe.size - 1, int(margin * depth * probe.size / n) + 16)
+        if from_top:
+            threshold = np.partition(probe, probe.size - 1 - reach)[probe.size - 1 - reach]
+            tail = sample[sample >= threshold]
+            offset = n - tail.size  # every value left out ranks below the tail
+        else:
+            threshold = np.partition(probe, reach)[reach]
+            tail = sample[sample <= threshold]
+            offset = 0
+        first, second = rank - offset, rank + 1 - offset
+        if first >= 0 and second < tail.size:
+            ordered = np.partition(tail, (first, second))
+            return ordered[first], ordered[second]
+    return None
 
 
 #: The display percentiles sample every ``max(1, n // _STRETCH_SAMPLE)``-th of the ``n`` covered pixels.
