@@ -11,7 +11,6 @@ only the policy's bookkeeping; the numerics on a real device are the job of
 from __future__ import annotations
 
 import ast
-import dataclasses
 import importlib.util
 import json
 import subprocess
@@ -543,38 +542,6 @@ def test_end_stage_frees_the_pools_only_when_the_gpu_is_used() -> None:
     cpu_policy, cpu_calls = gpu_policy(config=off)
     cpu_policy.end_stage("reproject")
     assert cpu_calls["free_pools"] == 0
-
-
-def test_end_stage_without_waiting_releases_on_a_thread_that_the_report_waits_for() -> None:
-    release_may_end = threading.Event()
-    released_in: list[str] = []
-
-    def slow_free_pools(_device_id: int) -> None:
-        released_in.append(threading.current_thread().name)
-        release_may_end.wait(5)
-
-    backend, _ = decision_logic_backend()
-    policy = ComputePolicy.from_config(default_config(), env={}, backend=dataclasses.replace(backend, free_pools=slow_free_pools))
-    policy.end_stage("stack", wait=False)  # returns while the release still runs
-    assert policy._releasing is not None and policy._releasing.is_alive()
-    release_may_end.set()
-    policy.to_report()
-    assert policy._releasing is None and released_in == ["zemosaic-release-pools"]
-
-
-def test_a_failed_release_on_its_thread_is_noted_in_the_report() -> None:
-    def failing_free_pools(_device_id: int) -> None:
-        raise RuntimeError("cudaErrorIllegalAddress")
-
-    reporter = Reporter()
-    backend, _ = decision_logic_backend()
-    policy = ComputePolicy.from_config(default_config(), reporter=reporter, env={},
-                                       backend=dataclasses.replace(backend, free_pools=failing_free_pools))
-    policy.end_stage("stack", wait=False)
-    policy.wait_released()
-    assert [entry["stage"] for entry in policy.gpu_errors] == ["stack"]
-    assert "cudaErrorIllegalAddress" in policy.gpu_errors[0]["error"]
-    assert "gpu_debug_gpu_error" in keys_logged(reporter)
 
 
 def test_summaries_render_in_both_languages() -> None:

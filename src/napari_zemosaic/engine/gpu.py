@@ -2794,8 +2794,6 @@ class ComputePolicy:
     _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
     #: The last device memory reading (perf_counter time, info) for :meth:`gpu_budget_bytes`' ``max_age_s``.
     _memory_reading: tuple[float, Any] | None = field(default=None, repr=False)
-    #: The thread releasing pool blocks after ``end_stage(wait=False)``.
-    _releasing: threading.Thread | None = field(default=None, repr=False)
 
     # ------------------------------------------------------------------ construction
 
@@ -3100,38 +3098,14 @@ class ComputePolicy:
             self.gpu_errors.append({"stage": stage, "error": error, **_jsonable(details)})
         self._log("debug", "gpu_debug_gpu_error", stage=stage, error=error)
 
-    def end_stage(self, stage: str | None = None, *, wait: bool = True) -> None:
-        """Stage boundary: release CuPy's unused pool blocks (only if the GPU was used).
-
-        ``wait=False``, for a boundary followed by host work only (the run's last device stage):
-        the blocks, gigabytes of them after Mosaic-First's stacking, are released by a thread of
-        their own while that work goes on; the next boundary, the report and :meth:`close` wait for it.
-        """
+    def end_stage(self, stage: str | None = None) -> None:
+        """Stage boundary: release CuPy's unused pool blocks (only if the GPU was used)."""
         if stage is not None:
             self._check_stage(stage)
-        self.wait_released()
         with self._lock:
             used = any(units["gpu"] for units in self._units.values()) or self.any_gpu
-        if not (used and self._gpu_xp is not None):
-            return
-        if wait:
+        if used and self._gpu_xp is not None:
             self.backend.free_pools(self.device_id)
-            return
-
-        def release() -> None:
-            try:
-                self.backend.free_pools(self.device_id)
-            except Exception as exc:  # the run's results are made: noted and logged, not raised
-                self._note_gpu_error(stage or "-", _describe(exc))
-
-        self._releasing = threading.Thread(target=release, name="zemosaic-release-pools", daemon=True)
-        self._releasing.start()
-
-    def wait_released(self) -> None:
-        """Wait for the pool blocks that :meth:`end_stage` is releasing on a thread, if any."""
-        releasing, self._releasing = self._releasing, None
-        if releasing is not None:
-            releasing.join()
 
     # ------------------------------------------------------------------ reporting
 
@@ -3177,7 +3151,6 @@ class ComputePolicy:
 
     def to_report(self) -> dict[str, Any]:
         """``compute`` section of ``run_report.json``: backend_by_stage, gpu, gpu_fallbacks."""
-        self.wait_released()  # its error, if any, belongs in the report
         with self._lock:
             fallbacks = [dict(entry) for entry in self.fallbacks]
         return {

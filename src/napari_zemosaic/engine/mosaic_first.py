@@ -1549,8 +1549,7 @@ def mosaic_first(
     if units.active and not label and not defer_records:
         units.manifest.log_summary("block", ctx.reporter)
     if policy is not None:
-        # Only host work follows in this run (the crop, the outputs); nested runs go on to more device work.
-        policy.end_stage("stack", wait=bool(label))
+        policy.end_stage("stack")
         if strip_stats.get("gpu_blocks"):
             ctx.reporter.debug("mf_debug_gpu_p5", blocks=strip_stats["gpu_blocks"], strips=strip_stats["strips"],
                                budget_mb=policy.gpu_budget_bytes() // 2**20)
