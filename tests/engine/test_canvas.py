@@ -255,3 +255,14 @@ def test_absurd_inputs_raise_clear_errors() -> None:
     assert too_wide.value.key == "canvas_error_too_wide"
     with pytest.raises(ValueError):
         build_canvas(frames, [FRAME_SHAPE] * 2, orientation="equatorial_east_up")
+
+
+def test_outline_pixels_walk_the_pixel_edges_and_are_shared_read_only() -> None:
+    from napari_zemosaic.engine.canvas import outline_pixels
+
+    points = outline_pixels((3, 5), 2)
+    expected = [(-0.5, -0.5), (2.0, -0.5), (4.5, -0.5), (4.5, 1.0), (4.5, 2.5), (2.0, 2.5), (-0.5, 2.5), (-0.5, 1.0)]
+    assert [tuple(p) for p in points.tolist()] == expected
+    assert outline_pixels((np.int64(3), np.int64(5)), 2) is points  # one array per frame shape
+    with pytest.raises(ValueError):
+        points[0, 0] = 0.0

@@ -21,6 +21,7 @@ frame of shape ``(H, W)`` covers ``x ∈ [-0.5, W - 0.5]``, ``y ∈ [-0.5, H - 0
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -121,9 +122,14 @@ def outline_pixels(shape: tuple[int, int], points_per_edge: int = 8) -> np.ndarr
     """``(4·n, 2)`` pixel (x, y) points around a frame's outer pixel edges, in order.
 
     Each edge contributes ``points_per_edge`` points starting at its corner; the polygon
-    is implicitly closed (the first point is not repeated).
+    is implicitly closed (the first point is not repeated). Read-only: one array per frame
+    shape, which a night's frames share (the canvas and the boxes asked for it 1000 times).
     """
-    height, width = shape
+    return _outline_pixels(int(shape[0]), int(shape[1]), int(points_per_edge))
+
+
+@functools.lru_cache(maxsize=64)
+def _outline_pixels(height: int, width: int, points_per_edge: int) -> np.ndarray:
     n = max(int(points_per_edge), 1)
     steps = np.arange(n, dtype=np.float64) / n
     left, right, bottom, top = -0.5, width - 0.5, -0.5, height - 0.5
@@ -135,7 +141,9 @@ def outline_pixels(shape: tuple[int, int], points_per_edge: int = 8) -> np.ndarr
     ]
     xs = np.concatenate([edge[0] for edge in edges])
     ys = np.concatenate([edge[1] for edge in edges])
-    return np.stack([xs, ys], axis=1)
+    points = np.stack([xs, ys], axis=1)
+    points.flags.writeable = False
+    return points
 
 
 def _unit_vectors(ra_deg: np.ndarray, dec_deg: np.ndarray) -> np.ndarray:
