@@ -85,9 +85,7 @@ def alpha_from_coverage(weight: np.ndarray, data: np.ndarray) -> np.ndarray:
             covered[start:stop] &= np.isfinite(channel[start:stop])
         alpha[start:stop] *= np.uint8(255)
 
-    workers = _worker_count()
-    for _ in _map_strips(strip, _row_strips(weight.shape[0], workers), workers):
-        pass
+    _in_row_strips(strip, weight.shape[0])
     return alpha
 
 
@@ -134,9 +132,7 @@ def contiguous_copy(view: np.ndarray) -> np.ndarray:
     def strip(rows: tuple[int, int]) -> None:
         copy[..., rows[0] : rows[1], :] = view[..., rows[0] : rows[1], :]
 
-    workers = _worker_count()
-    for _ in _map_strips(strip, _row_strips(view.shape[-2], workers), workers):
-        pass
+    _in_row_strips(strip, view.shape[-2])
     return copy
 
 
@@ -171,6 +167,13 @@ def _map_strips(task: Callable[[tuple[int, int]], Any], strips: list[tuple[int, 
             pool.shutdown(wait=True, cancel_futures=True)
 
     return ordered()
+
+
+def _in_row_strips(task: Callable[[tuple[int, int]], None], height: int, workers: int | None = None) -> None:
+    """``task`` over :func:`_row_strips` of ``height`` rows, on a thread pool (see :func:`_map_strips`)."""
+    workers = _worker_count() if workers is None else workers
+    for _ in _map_strips(task, _row_strips(height, workers), workers):
+        pass
 
 
 #: Samples shorter than this go to ``np.percentile`` whole (selecting the tails first would not pay).
@@ -330,8 +333,7 @@ def stretch_for_display(
             out[channel, start:stop] = _stretch_rows(data[channel, start:stop], limits[channel], softening)
             np.copyto(out[channel, start:stop], 0.0, where=hidden)
 
-    for _ in _map_strips(strip, _row_strips(height, workers), workers):
-        pass
+    _in_row_strips(strip, height, workers)
     return out
 
 
@@ -485,8 +487,7 @@ def write_preview_png(
         def fill(strip: tuple[int, int]) -> None:
             whole[strip[0] : strip[1]] = preview_rows(*strip)
 
-        for _ in _map_strips(fill, _row_strips(height, workers), workers):
-            pass
+        _in_row_strips(fill, height, workers)
         factor = max_side / long_side
         image = Image.fromarray(whole).resize(
             (max(1, round(width * factor)), max(1, round(height * factor))), Image.Resampling.LANCZOS
