@@ -1426,6 +1426,15 @@ def solve_normalisation(
             runner.close()
 
 
+def _set_planes(result: Normalisation, channel: int, c: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
+    """Store a channel's solved planes ``c + a·X + b·Y`` (corrected units, frame/gain) in frame
+    units: tilts, and offsets at each frame's centre."""
+    gains = result.gains[:, channel]
+    result.tilts[:, channel, 0] = a * gains
+    result.tilts[:, channel, 1] = b * gains
+    result.offsets[:, channel] = (c + a * result.centres[:, 0] + b * result.centres[:, 1]) * gains
+
+
 def _solve_pieces(
     pieces: Sequence[CoarsePiece],
     key: str,
@@ -1553,19 +1562,11 @@ def _solve_pieces(
             plane_weights.append(va.size)
             constrained[i] = constrained[j] = True
         if joint_rows:
-            c, a, b = _joint_plane_solve(n_frames, joint_rows, fit_gain, priority)
-            result.tilts[:, channel, 0] = a * gains
-            result.tilts[:, channel, 1] = b * gains
-            result.offsets[:, channel] = (c + a * result.centres[:, 0] + b * result.centres[:, 1]) * gains
+            _set_planes(result, channel, *_joint_plane_solve(n_frames, joint_rows, fit_gain, priority))
         elif plane_edges:
             plane_graphs[channel] = (np.array(plane_edges), np.array(plane_diffs), np.array(plane_weights, float))
     for channel, (c, a, b) in _solve_plane_graphs(n_frames, plane_graphs, priority).items():
-        # Planes in corrected units (frame/gain): c + a·X + b·Y; convert to frame units.
-        gains = result.gains[:, channel]
-        result.tilts[:, channel, 0] = a * gains
-        result.tilts[:, channel, 1] = b * gains
-        # offsets are stored at the frame centre: c + a·Xc + b·Yc
-        result.offsets[:, channel] = (c + a * result.centres[:, 0] + b * result.centres[:, 1]) * gains
+        _set_planes(result, channel, c, a, b)
     if priority is not None:
         labels = _components(n_frames, sample_edges)
         sizes = np.bincount(labels)
