@@ -117,8 +117,44 @@ def write_science_fits(
             if card.keyword not in hdu.header:
                 hdu.header.append(card)
     with atomic_path(path) as temp:
-        fits.HDUList([primary, alpha_hdu, coverage_hdu]).writeto(temp, overwrite=True)
+        write_hdus_in_strips(temp, [primary, alpha_hdu, coverage_hdu])
     return path
+
+
+def write_hdus_in_strips(path: Path, hdus: list[Any]) -> None:
+    """The bytes of ``fits.HDUList(hdus).writeto(path)`` for image HDUs, each data array made
+    big-endian one row strip at a time into a small buffer.
+
+    astropy's ``writeto`` byteswaps a writable little-endian array in place while it writes it
+    and swaps it back after; the preview reads the same mosaic on another thread meanwhile, and
+    saw swapped bytes. Here the caller's arrays are only read. The headers are astropy's own
+    (``HDUList.verify`` and ``update_extend`` as ``writeto`` does), the padding FITS's.
+    """
+    from astropy.io import fits
+
+    hdu_list = fits.HDUList(hdus)
+    hdu_list.verify(option="exception")
+    hdu_list.update_extend()
+    with open(path, "wb") as handle:
+        for hdu in hdu_list:
+            handle.write(hdu.header.tostring().encode("ascii"))
+            array = hdu.data
+            if array is None or array.size == 0:
+                continue
+            if array.dtype.kind == "u" and array.dtype.itemsize > 1:
+                raise ValueError(f"{array.dtype} is written with BZERO by astropy, not by this helper")
+            big_endian = array.dtype.newbyteorder(">") if array.dtype.itemsize > 1 else array.dtype
+            planes = array.reshape((-1, *array.shape[-2:])) if array.ndim >= 2 else array.reshape(1, 1, -1)
+            for plane in planes:
+                for start in range(0, plane.shape[0], _FITS_STRIP_ROWS):
+                    handle.write(np.ascontiguousarray(plane[start : start + _FITS_STRIP_ROWS], dtype=big_endian).data)
+            handle.write(bytes(-array.nbytes % _FITS_BLOCK_BYTES))
+
+
+#: FITS files are made of 2880-byte blocks; a data unit is padded with zeros to a whole block.
+_FITS_BLOCK_BYTES = 2880
+#: Rows per big-endian strip of a science plane (a few megabytes for a wide mosaic).
+_FITS_STRIP_ROWS = 256
 
 
 def contiguous_copy(view: np.ndarray) -> np.ndarray:
