@@ -231,7 +231,7 @@ def write_tile_fits(
     """The tile as FITS: primary (C, h, w) + WCS + provenance; WEIGHT, COUNT, ALPHA extensions."""
     from astropy.io import fits
 
-    from .outputs import atomic_path
+    from .outputs import atomic_path, write_hdus_in_strips
 
     header = canvas.header()
     del header["NAXIS"], header["NAXIS1"], header["NAXIS2"]
@@ -245,7 +245,7 @@ def write_tile_fits(
         hdus.append(fits.ImageHDU(np.ascontiguousarray(plane, dtype=np.float32), header=canvas.header(), name=name))
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as temp:
-        fits.HDUList(hdus).writeto(temp, overwrite=True)
+        write_hdus_in_strips(temp, hdus)
 
 
 def _read_tile_meta(path: Path) -> dict[str, Any] | None:
