@@ -136,6 +136,18 @@ def test_a_started_process_that_cannot_open_the_memory_says_why():
     assert shared.array is None
 
 
+def test_a_process_that_could_not_start_is_reported_at_attach():
+    """The process starts on a thread (the forkserver may still be importing): its failure to
+    start reaches attach(), whose caller then measures in the run's process."""
+    process = MeasuringProcess(0, "numpy", lambda: None)  # a warm-up the forkserver cannot be sent
+    try:
+        with pytest.raises(MeasuringProcessError, match="did not start"):
+            process.attach(16)
+    finally:
+        process.close()
+    assert not process._process.is_alive() and process.shared is None
+
+
 def test_a_failed_warm_up_is_reported_at_attach():
     process = MeasuringProcess(0, "numpy", ((4, 4), 0))  # too small to place a star: the warm-up fails
     try:

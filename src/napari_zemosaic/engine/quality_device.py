@@ -240,13 +240,35 @@ class MeasuringProcess:
         self._process = context.Process(
             target=_serve, args=(child, int(device_id), module_name, warm_up), name="zemosaic-quality-gpu", daemon=True
         )
-        self._process.start()
-        child.close()
+        self._start_error: BaseException | None = None
+        # Process.start() waits for the forkserver, which imports the engine and CuPy when it is
+        # new (a second or more in a new program): the run's thread goes on with the header
+        # pass meanwhile, whose own readers wait for the same server on a thread too.
+        self._starter = threading.Thread(target=self._start, args=(child,), name="zemosaic-quality-start", daemon=True)
+        self._starter.start()
+
+    def _start(self, child: Any) -> None:
+        try:
+            self._process.start()
+        except BaseException as exc:  # given to the caller of attach(), which falls back
+            self._start_error = exc
+        finally:
+            child.close()
+
+    def _wait_started(self, timeout_s: float) -> None:
+        self._starter.join(timeout_s)
+        if self._starter.is_alive():
+            raise MeasuringProcessError(f"the measuring process was not started within {timeout_s:g} s")
+        if self._start_error is not None:
+            error = self._start_error
+            raise MeasuringProcessError(f"the measuring process did not start: {type(error).__name__}: {error}")
 
     def attach(self, nbytes: int, timeout_s: float = START_TIMEOUT_S) -> None:
         """Wait (at most ``timeout_s``) for the process to have started, then give it a buffer of
         ``nbytes`` (:attr:`shared`); raises :class:`MeasuringProcessError`."""
-        if not self._connection.poll(timeout_s):
+        began = time.monotonic()
+        self._wait_started(timeout_s)
+        if not self._connection.poll(max(0.0, timeout_s - (time.monotonic() - began))):
             raise MeasuringProcessError(f"the measuring process was not ready within {timeout_s:g} s")
         reply = self._receive()
         if reply[0] != "started":
@@ -311,6 +333,7 @@ class MeasuringProcess:
         if self._closed:
             return
         self._closed = True
+        self._starter.join(START_TIMEOUT_S)
         if self._process.is_alive():
             self.stop()
             self._process.join(CLOSE_TIMEOUT_S)
