@@ -15,7 +15,9 @@ Three measurements, each a side-by-side comparison taken in one run (medians aft
 * ``e2e`` — ``zemosaic``'s pipeline (Mosaic-First, kappa-sigma) on N full-size demo frames
   written to disk first (process pool). Reports frames/s, the phases, the P3 breakdown
   (reading and decoding vs canvas mapping vs device work) and the read-only ceiling: the same
-  reader pool reading and decoding every file with nothing else to do.
+  reader pool reading and decoding every file with nothing else to do. ``--cli-runs K`` adds K
+  command-line runs (``zemosaic run FRAMES OUT --gpu on``), each a new process timed whole:
+  imports, CUDA's start and the worker processes' server included.
 
     python benchmarks/bench_gpu.py --out results/ [--frames 500] [--only resample stack e2e] [--quick]
 
@@ -51,6 +53,7 @@ PROFILE = False  # --profile: cProfile of the main thread during the last --pipe
 SAMPLE = False  # --sample: every thread's stacks sampled during the last --pipeline-only run
 STEP_TIMES = False  # --step-times: the device unit's steps timed during the last --pipeline-only run
 MARKS = False  # --marks: chosen calls and the collector's passes timed during the last --pipeline-only run
+CLI_RUNS = 0  # --cli-runs: command-line runs after the --pipeline-only runs, each a new process
 PIPELINE_SET: dict[str, Any] = {}  # --set KEY=VALUE: config of the --pipeline-only runs (JSON values)
 
 
@@ -711,6 +714,34 @@ def _report_marks(marks: list[tuple[str, float, float, str]]) -> str:
     return "\n".join(lines)
 
 
+def cli_runs(frames_dir: Path, work: Path, count: int) -> list[dict[str, Any]]:
+    """``count`` command-line runs on ``frames_dir``, each a new process into an empty folder, timed whole."""
+    import shutil
+    import subprocess
+
+    runs = []
+    for index in range(count):
+        out = work / f"cli{index}"
+        shutil.rmtree(out, ignore_errors=True)
+        command = [sys.executable, "-m", "napari_zemosaic.cli", "run", str(frames_dir), str(out),
+                   "--workflow", "mosaic-first", "--gpu", "on", "--lang", "en"]
+        start = time.perf_counter()
+        done = subprocess.run(command, capture_output=True, text=True)
+        wall = time.perf_counter() - start
+        row: dict[str, Any] = {"returncode": done.returncode, "wall_s": wall}
+        if done.returncode == 0:
+            report = json.loads((out / "run_report.json").read_text())
+            used = report["frames"]["used"]
+            row.update(frames=used, frames_per_s=used / wall, timings_s=report["timings_s"],
+                       peak_rss_mb=report["peak_rss_mb"])
+        else:
+            row["stderr_tail"] = done.stderr[-2000:]
+        runs.append(row)
+        log(f"command line, run {index + 1}: {wall:.2f} s, {row.get('frames_per_s', 0):.1f} frames/s "
+            f"(exit {done.returncode}), timings {row.get('timings_s')}")
+    return runs
+
+
 def bench_e2e(
     frames_dir: Path, work: Path, n_frames: int, cpu_frames: int, thread_counts: list[int], full_limit_s: float,
     out: Path,
@@ -762,6 +793,9 @@ def bench_e2e(
             save(out)
         runs = results["pipeline_runs"]
         results["pipeline_gpu_default_config"] = sorted(runs, key=lambda r: r.get("wall_s", 1e9))[len(runs) // 2]
+        if CLI_RUNS:
+            results["cli_runs"] = cli_runs(frames_dir, work, CLI_RUNS)
+            save(out)
         return results
     cold = False if KEEP_PAGE_CACHE else drop_page_cache()
     start = time.perf_counter()
@@ -818,6 +852,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--full-limit-s", type=float, default=240.0, help="stop the whole-pipeline run after this")
     parser.add_argument("--pipeline-only", action="store_true", help="e2e: only the whole pipeline, no stage runs")
     parser.add_argument("--pipeline-repeats", type=int, default=1, help="e2e --pipeline-only: runs (median reported)")
+    parser.add_argument("--cli-runs", type=int, default=0,
+                        help="e2e --pipeline-only: then this many command-line runs, each a new process timed whole")
     parser.add_argument("--profile", action="store_true", help="e2e --pipeline-only: profile the last run")
     parser.add_argument("--step-times", action="store_true",
                         help="e2e --pipeline-only: wall time of the device unit's steps in the last run")
@@ -832,6 +868,8 @@ def main(argv: list[str] | None = None) -> int:
     global STAGE_REJECTION, PIPELINE_ONLY, PIPELINE_REPEATS, KEEP_PAGE_CACHE, PROFILE, SAMPLE, STEP_TIMES, MARKS
     KEEP_PAGE_CACHE, PROFILE, SAMPLE, STEP_TIMES = args.keep_page_cache, args.profile, args.sample, args.step_times
     MARKS = args.marks
+    global CLI_RUNS
+    CLI_RUNS = max(0, args.cli_runs)
     for item in args.set:
         key, _, value = item.partition("=")
         try:
