@@ -614,6 +614,54 @@ def test_plan_block_side_fits_the_budget(bpp, budget, max_side) -> None:
         assert side == max_side or side % 32 == 0
 
 
+@settings(max_examples=200, deadline=None)
+@given(
+    boxes=st.lists(st.tuples(st.integers(0, 900), st.integers(1, 400), st.integers(0, 1500), st.integers(1, 600)),
+               min_size=1, max_size=30),
+    side=st.sampled_from([64, 128, 256, 512]),
+    share=st.floats(0.05, 1.5),
+)
+def test_device_passes_hold_every_piece_once_within_the_store(boxes, side, share) -> None:
+    """mosaic_first.plan_device_passes: groups of blocks in row-major order, each within the
+    store, covering every block once; None when everything fits, or a block alone does not."""
+    from napari_zemosaic.engine.mosaic_first import block_piece_bytes, plan_device_passes
+
+    canvas = (1300, 2100)
+    bboxes = [(y, min(y + h, canvas[0]), x, min(x + w, canvas[1])) for y, h, x, w in boxes]
+    per_block = block_piece_bytes(bboxes, side, canvas, 3)
+    total = sum(per_block.values())
+    assert total == sum((b[1] - b[0]) * (b[3] - b[2]) for b in bboxes) * 3 * 4  # the boxes, cut along block edges
+    store = int(total * share)
+    passes = plan_device_passes(per_block, store, max_passes=10_000)
+    if total <= store or max(per_block.values()) > store:
+        assert passes is None
+        return
+    assert passes is not None and len(passes) >= 2
+    assert sorted(b for group in passes for b in group) == sorted(per_block)  # each block once
+    assert all(sum(per_block[b] for b in group) <= store for group in passes)
+    order = [sorted(group) for group in passes]
+    assert all(a[-1] < b[0] for a, b in zip(order, order[1:]))  # row-major runs of blocks
+    # Each group was as full as it could go: the next group's first block did not fit in it.
+    assert all(sum(per_block[b] for b in a) + per_block[b[0]] > store for a, b in zip(order, order[1:]))
+    assert plan_device_passes(per_block, store, max_passes=len(passes) - 1) is None
+
+
+def test_device_passes_examples() -> None:
+    from napari_zemosaic.engine.mosaic_first import MAX_DEVICE_PASSES, plan_device_passes
+
+    blocks = {(0, 0): 40, (0, 1): 30, (1, 0): 50, (1, 1): 20}
+    assert plan_device_passes(blocks, 140) is None  # everything fits at once
+    assert plan_device_passes(blocks, 49) is None  # block (1, 0) alone does not fit
+    assert plan_device_passes(blocks, 70) == [{(0, 0), (0, 1)}, {(1, 0), (1, 1)}]
+    assert plan_device_passes(blocks, 90) == [{(0, 0), (0, 1)}, {(1, 0), (1, 1)}]
+    assert plan_device_passes(blocks, 120) == [{(0, 0), (0, 1), (1, 0)}, {(1, 1)}]
+    assert plan_device_passes(blocks, 50) == [{(0, 0)}, {(0, 1)}, {(1, 0)}, {(1, 1)}]
+    many = {(row, 0): 10 for row in range(MAX_DEVICE_PASSES + 1)}
+    assert plan_device_passes(many, 10) is None  # more passes than allowed
+    assert len(plan_device_passes(many, 20)) == -(-(MAX_DEVICE_PASSES + 1) // 2)
+    assert plan_device_passes(blocks, 0) is None
+
+
 def test_kernel_bytes_per_pixel_model() -> None:
     stack_20 = gpu.kernel_bytes_per_pixel("stack", channels=3, frames=20)
     # 20 frames × 3 channels × the kappa-sigma peak per value, plus pieces and outputs per channel
@@ -942,7 +990,37 @@ def test_process_readers_use_the_frame_wcs_even_when_it_is_not_the_header_one(
     assert not np.allclose(np.nan_to_num(unedited.data), np.nan_to_num(reference.data))  # the edit mattered
 
 
-def test_a_small_gpu_budget_stacks_in_strips_with_the_same_mosaic(small_night, cpu_reference, tmp_path) -> None:
+def test_pieces_that_do_not_fit_on_a_small_device_are_stacked_in_passes_with_the_same_mosaic(
+    small_night, cpu_reference, tmp_path
+) -> None:
+    """16 MB of "device": the pieces do not fit in its half, but the blocks do, a few at a time.
+    The first P3 reads every frame (P2's and the photometry's work too), each next pass only
+    the frames that touch its blocks; the mosaic is the CPU's."""
+    from napari_zemosaic.engine.mosaic_first import MAX_DEVICE_PASSES
+
+    reporter = Reporter()
+    device = LimitedNumpy(limit_bytes=16 * MIB)
+    policy = standin_policy(device, reporter, **{gpu.CONFIG_MEMORY_LIMIT_KEY: 16})
+    stacked, ctx = run_mosaic_first(small_night, tmp_path, policy)
+    assert_same_mosaic(stacked, cpu_reference)
+    assert device.refused == 0 and policy.fallbacks == []
+    plan = next(e for e in reporter.log_events if e.key == "mf_info_plan")
+    (said,) = [e.params for e in reporter.log_events if e.key == "mf_info_device_passes"]
+    assert plan.params["storage"] == "gpu" and 2 <= said["passes"] <= MAX_DEVICE_PASSES
+    assert said["pieces_mb"] > said["device_mb"]
+    p3 = ctx.extras["mosaic_first_gpu"]
+    assert len(p3) == said["passes"] and all(entry["storage"] == "gpu" for entry in p3)
+    n_frames = len(cpu_reference.frames_used)
+    assert p3[0]["frames"] == n_frames and all(0 < entry["frames"] <= n_frames for entry in p3[1:])
+    assert policy.to_report()["gpu"]["units_by_stage"]["reproject"]["gpu"] == sum(entry["frames"] for entry in p3)
+
+
+def test_a_small_gpu_budget_stacks_in_strips_with_the_same_mosaic(
+    small_night, cpu_reference, tmp_path, monkeypatch
+) -> None:
+    from napari_zemosaic.engine import mosaic_first as module
+
+    monkeypatch.setattr(module, "MAX_DEVICE_PASSES", 1)  # no passes: the pieces must go to the host
     reporter = Reporter()
     # 16 MB of "device": a frame's pass fits, the pieces go back to the host, every block is
     # stacked in strips, and no allocation is refused because the plan fits the budget.

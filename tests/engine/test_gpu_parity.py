@@ -1377,6 +1377,44 @@ def test_forced_down_gpu_budget_gives_the_same_mosaic_through_chunking(
     assert stats["max_where_counts_agree"] <= 1e-3
 
 
+def test_a_night_whose_pieces_do_not_fit_on_the_device_is_stacked_in_passes_to_the_bit(
+    demo_night, demo_cpu_and_gpu, tmp_path, monkeypatch, device
+) -> None:
+    """Pieces that do not fit on the device at once: the blocks are stacked in passes (here one
+    block a pass), each pass after the first reading its frames again; the mosaic is the one of
+    the run that kept every piece on the device, to the bit."""
+    from napari_zemosaic.engine import mosaic_first as module
+
+    root, _ = demo_night
+    _, reference, _ = demo_cpu_and_gpu
+    planned: list = []
+    plan = module.plan_device_passes
+
+    def one_block_a_pass(per_block: dict, store_bytes: int, max_passes: int = module.MAX_DEVICE_PASSES) -> Any:
+        planned.append(plan(per_block, max(per_block.values()), max_passes=len(per_block)))
+        return planned[-1]
+
+    monkeypatch.setattr(module, "DEVICE_STORE_SHARE", 1e-9)  # nothing fits at once
+    monkeypatch.setattr(module, "plan_device_passes", one_block_a_pass)
+    events: list = []
+    passed = _run_demo(root / "frames", tmp_path, events, gpu_strict=True)
+    (passes,) = planned
+    assert passes is not None and len(passes) >= 2
+    assert [e.params["passes"] for e in events if getattr(e, "key", "") == "mf_info_device_passes"] == [len(passes)]
+    p3 = [e.params for e in events if getattr(e, "key", "") == "mf_debug_gpu_p3"]
+    assert len(p3) == len(passes) and all(params["storage"] == "gpu" for params in p3)
+    frames_read = [params["frames"] for params in p3]
+    assert frames_read[0] == passed.report["frames"]["found"] - len(passed.report["frames"]["excluded"]) + sum(
+        e["reason_key"].startswith("frame_excluded_quality") for e in passed.report["frames"]["excluded"])
+    assert all(0 < count <= passed.report["frames"]["used"] for count in frames_read[1:])
+    compute = passed.report["compute"]
+    assert compute["gpu_fallbacks"] == [] and compute["gpu"]["errors"] == []
+    assert passed.report["frames"]["used"] == reference.report["frames"]["used"]
+    np.testing.assert_array_equal(passed.data, reference.data)
+    np.testing.assert_array_equal(passed.coverage, reference.coverage)
+    np.testing.assert_array_equal(passed.count, reference.count)
+
+
 def test_frames_whose_corrections_cannot_be_captured_give_the_same_mosaic_kernel_by_kernel(
     demo_night, demo_cpu_and_gpu, tmp_path, monkeypatch, device
 ) -> None:

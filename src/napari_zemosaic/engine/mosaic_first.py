@@ -63,10 +63,17 @@ unchanged. When ``reproject`` runs on the GPU, P3 becomes a two-stage pipeline:
   run it, after handing the readers' answers on.
 
 Pieces stay in GPU memory when the stack stage is on the GPU too and all pieces fit in
-half the GPU budget (``storage=gpu`` in the plan message); otherwise each reprojected
-frame is copied back once and stored as on the CPU. P5 stacks each block on the GPU in
-strips of rows sized from the GPU budget and the stack kernel's bytes per pixel
-(:func:`.gpu.kernel_bytes_per_pixel`), so a small card or a forced-down budget
+half the GPU budget (``storage=gpu`` in the plan message). When they do not, but the blocks
+can be grouped, in row-major order, into at most :data:`MAX_DEVICE_PASSES` groups whose
+pieces each fit (:func:`plan_device_passes`), the night is stacked in passes
+(``storage=gpu`` with ``passes`` > 1): the first P3 keeps the first group's pieces (copies,
+so that each frame's box is freed at once) and does everything else P3 does for every frame
+(P2's planes, the photometry's coarse cells); after P4.5 the group is stacked, and each next
+group's frames are read and resampled again for its blocks only, then stacked. Reading is
+what bounds P3, and reading a frame again costs less than taking its pieces to host memory
+and back. Otherwise each reprojected frame is copied back once and stored as on the CPU.
+P5 stacks each block on the GPU in strips of rows sized from the GPU budget and the stack
+kernel's bytes per pixel (:func:`.gpu.kernel_bytes_per_pixel`), so a small card or a forced-down budget
 (``gpu_memory_limit_mb``) gives the same mosaic with more strips. Pools are freed at the
 stage boundaries (:meth:`~.gpu.ComputePolicy.end_stage`). The photometric solve of P4.5 is one
 unit of the ``intertile`` stage (:func:`solve_photometry`): on the GPU its pair fits run in
@@ -167,6 +174,10 @@ MIN_SAMPLE_ROWS = 8
 MIN_STACK_ROWS = 8
 #: Share of the GPU budget that the reprojected pieces may occupy to stay on the device.
 DEVICE_STORE_SHARE = 0.5
+#: Most passes over the frames when their pieces do not fit on the device at once (each pass
+#: after the first reads and resamples again the frames that touch its blocks). On one H100,
+#: 1000 frames whose pieces went to host memory instead ran at 14 frames/s.
+MAX_DEVICE_PASSES = 4
 #: Threads that record stacked blocks of an in-memory store (each record is a file of about
 #: 20 MB for a 1024 px block and its SHA-256: one thread fell behind P5 on one H100 host).
 BLOCK_WRITERS = 2
@@ -253,6 +264,43 @@ def plan_block_side(
     return 32
 
 
+def block_piece_bytes(
+    bboxes: Sequence[BBox], side: int, canvas_shape: tuple[int, int], n_channels: int
+) -> dict[tuple[int, int], int]:
+    """Bytes of the float32 pieces each block will hold (every frame box cut along block edges)."""
+    per_block: dict[tuple[int, int], int] = {}
+    for bbox in bboxes:
+        rows, cols = _piece_layout(bbox, side, canvas_shape)
+        for by, top, bottom in rows:
+            for bx, left, right in cols:
+                per_block[(by, bx)] = per_block.get((by, bx), 0) + (bottom - top) * (right - left) * n_channels * 4
+    return per_block
+
+
+def plan_device_passes(
+    per_block: dict[tuple[int, int], int], store_bytes: int, max_passes: int = MAX_DEVICE_PASSES
+) -> list[set[tuple[int, int]]] | None:
+    """The blocks in row-major order, grouped into passes whose pieces each fit in ``store_bytes``
+    (each group as full as it goes). None when all pieces fit at once, when one block alone does
+    not fit, or when more than ``max_passes`` passes would be needed."""
+    if store_bytes <= 0 or sum(per_block.values()) <= store_bytes:
+        return None
+    passes: list[set[tuple[int, int]]] = []
+    current: set[tuple[int, int]] = set()
+    held = 0
+    for block in sorted(per_block):
+        size = per_block[block]
+        if size > store_bytes:
+            return None
+        if current and held + size > store_bytes:
+            passes.append(current)
+            current, held = set(), 0
+        current.add(block)
+        held += size
+    passes.append(current)
+    return passes if len(passes) <= max_passes else None
+
+
 # ------------------------------------------------------------------------------ piece store
 
 
@@ -276,6 +324,9 @@ class PieceStore:
         self.on_device = bool(on_device) and spill_dir is None
         self.names = names or {}
         self.only: set[tuple[int, int]] | None = None
+        #: Device pieces are copied instead of kept as views of their frame's box (a night
+        #: stacked in passes keeps only some blocks' pieces: the box is then freed at once).
+        self.copy_device_pieces = False
         #: Keep spilled files when a block is dropped (a kept cache: a rerun with other stacking
         #: settings then stacks again without resampling).
         self.keep_files = False
@@ -296,6 +347,8 @@ class PieceStore:
             return
         if not (self.on_device and not isinstance(piece, np.ndarray)):
             piece = np.ascontiguousarray(to_host(piece), dtype=np.float32)
+        elif self.copy_device_pieces:
+            piece = piece.copy()
         if self.spill_dir is None:
             self._entries.setdefault(block, {})[frame_index] = (y0, x0, piece)
             return
@@ -1106,6 +1159,10 @@ def _split_into_blocks(
     if frame.pieces is not None:
         for block, sy0, sx0, piece in frame.pieces:
             store.add(block, frame.index, sy0, sx0, piece)
+        if store.copy_device_pieces and frame.pieces and not isinstance(frame.pieces[0][3], np.ndarray):
+            # The copies run on this thread's stream; the box they read returns to the pool of
+            # the device thread's stream once the frame is dropped, and is reused there.
+            _array_module(frame.pieces[0][3]).cuda.get_current_stream().synchronize()
         return
     y0, y1, x0, x1 = frame.bbox
     for by, bx in _blocks_touched(frame.bbox, side):
@@ -1271,12 +1328,18 @@ def mosaic_first(
     side = plan_block_side(list(bboxes.values()), n_channels, canvas.shape, budget)
     piece_bytes = sum((b[1] - b[0]) * (b[3] - b[2]) for b in bboxes.values()) * n_channels * 4
     gpu_reproject = policy is not None and policy.uses_gpu("reproject")
-    on_device = (
-        gpu_reproject
-        and policy.uses_gpu("stack")
-        and piece_bytes <= int(policy.gpu_budget_bytes() * DEVICE_STORE_SHARE)
-    )
     from .distributed import executor_of, reproject_frames_remote, stack_blocks_remote
+
+    device_passes: list[set[tuple[int, int]]] | None = None
+    per_block: dict[tuple[int, int], int] = {}
+    on_device = False
+    if gpu_reproject and policy.uses_gpu("stack"):
+        device_store = int(policy.gpu_budget_bytes() * DEVICE_STORE_SHARE)
+        on_device = piece_bytes <= device_store
+        if not on_device and executor_of(ctx) is None:
+            per_block = block_piece_bytes(list(bboxes.values()), side, canvas.shape, n_channels)
+            device_passes = plan_device_passes(per_block, device_store, MAX_DEVICE_PASSES)
+            on_device = device_passes is not None
 
     # On a scheduler the blocks are stacked by tasks that read their pieces from the cache.
     spill = not on_device and (piece_bytes > budget // 4 or executor_of(ctx) is not None)
@@ -1288,6 +1351,9 @@ def mosaic_first(
     # Only spilled pieces are files named after their frames; the other stores need no names.
     store = PieceStore(spill_dir, on_device=on_device, names=units.names(sorted(bboxes)) if spill else None)
     store.keep_files = spill and units.active and config.get("cache_retention") == "keep"
+    if device_passes is not None:
+        store.copy_device_pieces = True
+        store.only = device_passes[0]
     ctx.reporter.info(
         "mf_info_plan",
         frames=len(frames),
@@ -1296,6 +1362,9 @@ def mosaic_first(
         budget_mb=budget // 2**20,
         storage="gpu" if on_device else "disk" if spill else "ram",
     )
+    if device_passes is not None:
+        ctx.reporter.info("mf_info_device_passes", passes=len(device_passes), pieces_mb=piece_bytes // 2**20,
+                          device_mb=device_store // 2**20)
     yield from ctx.drain()
 
     # --- P3: reproject every frame once (frames finished by an interrupted run are reused) ----
@@ -1343,15 +1412,18 @@ def mosaic_first(
         coarse[index], noises[index] = frame_coarse, noise
         units.save_frame(ReprojectedFrame(index, bboxes[index], None, noise), frame_coarse, store.frame_pieces(index))
 
-    def reproject(indices: list[int]) -> Generator[Event, None, None]:
+    def reproject(indices: list[int], measure: bool = True) -> Generator[Event, None, None]:
         if executor_of(ctx) is not None and spill:  # one task per frame (engine/distributed.py)
             yield from reproject_frames_remote(
                 ctx, frames, indices, canvas, n_channels, side, store, accept_remote,
                 lambda index, key, detail: reject(index, FrameError(key, detail)),
             )
         elif gpu_reproject:
+            if device_passes is not None:  # the pieces kept are copies made on this thread's stream
+                reserve_pool_block(sum(per_block[block] for block in store.only or ()), policy.xp_for("reproject"))
             yield from _reproject_frames_gpu(frames, indices, bboxes, canvas, ctx, n_channels, on_device, side, accept,
-                                             reject, measurer)
+                                             reject, measurer if measure else None,
+                                             reserve_outputs=device_passes is None)
         else:
             yield from _reproject_frames_cpu(frames, indices, canvas, ctx, n_channels, accept, reject)
 
@@ -1516,26 +1588,42 @@ def mosaic_first(
         return _stack_block_unit(policy, pieces, box_of(block), n_channels, block_norm, block_weights, params, stats,
                                  on_split=host_split(block), concurrent=concurrent), stats
 
+    # A night stacked in passes: each group of blocks after the first has its frames resampled
+    # again (for its blocks only) before it is stacked.
+    block_passes = [blocks] if device_passes is None else [[b for b in blocks if b in group] for group in device_passes]
+    stacked_count = 0
     try:
-        with ctx.timed("P5"):
-            # Nested runs (SDS batches, classic tiles) stack one block at a time: their few blocks do
-            # not pay for new threads and streams each call (whose pools would strand memory).
-            stacked_blocks = _stack_blocks_in_order(store, blocks, policy, stack_one, threaded=not label)
-            for number, (block, outcome) in enumerate(stacked_blocks, start=1):
-                if outcome is not None:
-                    (data, weight, count), stats = outcome
-                    for key, value in stats.items():
-                        strip_stats[key] = strip_stats.get(key, 0) + value
-                    place(block, data, weight, count)
-                    if block in signatures and writer is not None:
-                        saving.append(writer.submit(units.save_block, block, signatures[block], data, weight, count,
-                                                    durable=False))
-                    elif block in signatures:
-                        units.save_block(block, signatures[block], data, weight, count)
-                store.drop(block)
-                ctx.reporter.progress("P5", number, len(blocks), "progress_blocks")
-                yield from ctx.drain()
-            if not defer_records:
+        for position, pass_blocks in enumerate(block_passes):
+            if not pass_blocks:
+                continue
+            if position > 0 and device_passes is not None:
+                store.only = device_passes[position]
+                again = [i for i in used if any(b in store.only for b in _blocks_touched(bboxes[i], side))]
+                with ctx.timed("P3"):
+                    yield from reproject(again, measure=False)
+                policy.end_stage("reproject")
+            with ctx.timed("P5"):
+                # Nested runs (SDS batches, classic tiles) stack one block at a time: their few blocks do
+                # not pay for new threads and streams each call (whose pools would strand memory).
+                stacked_blocks = _stack_blocks_in_order(store, pass_blocks, policy, stack_one, threaded=not label)
+                for block, outcome in stacked_blocks:
+                    if outcome is not None:
+                        (data, weight, count), stats = outcome
+                        for key, value in stats.items():
+                            strip_stats[key] = strip_stats.get(key, 0) + value
+                        place(block, data, weight, count)
+                        if block in signatures and writer is not None:
+                            saving.append(writer.submit(units.save_block, block, signatures[block], data, weight,
+                                                        count, durable=False))
+                        elif block in signatures:
+                            units.save_block(block, signatures[block], data, weight, count)
+                    store.drop(block)
+                    stacked_count += 1
+                    ctx.reporter.progress("P5", stacked_count, len(blocks), "progress_blocks")
+                    yield from ctx.drain()
+        store.only = None
+        if not defer_records:
+            with ctx.timed("P5"):
                 for job in saving:
                     job.result()
     except BaseException:
@@ -1716,11 +1804,13 @@ def _reproject_frames_gpu(
     accept: Callable[[ReprojectedFrame], None],
     reject: Callable[[int, FrameError], None],
     measurer: Any = None,
+    reserve_outputs: bool = True,
 ) -> Generator[Event, None, None]:
     """P3 with the GPU: readers (processes or threads) feed device threads (see the module docstring).
 
     ``measurer`` (a :class:`~.quality_device.DeviceMeasurer`) is offered each raw plane decoded
-    on the device."""
+    on the device. ``reserve_outputs``: the device threads reserve pool memory for the boxes
+    of all frames (kept until P5 as views); not when the store copies the pieces it keeps."""
     config, policy = ctx.config, ctx.policy
     tol_px = float(config["control_grid_tolerance_px"])
     device_threads = _gpu_thread_count(config)
@@ -1742,7 +1832,7 @@ def _reproject_frames_gpu(
 
         def on_gpu(xp: Any, chunk_scale: float) -> ReprojectedFrame | _QueuedFrame:
             with streams.scope() as stream:
-                if on_device and not getattr(reserved, "done", False):
+                if on_device and reserve_outputs and not getattr(reserved, "done", False):
                     reserved.done = True
                     reserve_pool_block(output_bytes // device_threads, xp)
                 checks: list[Any] | None = [] if queue and on_device else None
