@@ -915,7 +915,7 @@ def test_gpu_path_with_a_standin_device_gives_the_cpu_mosaic(small_night, cpu_re
     (p3,) = ctx.extras["mosaic_first_gpu"]
     assert p3["frames"] == n_frames and p3["reader_kind"] == "threads"
     plan = next(e for e in reporter.log_events if e.key == "mf_info_plan")
-    assert plan.params["storage"] == "gpu"  # the pieces fit in half the (stand-in) GPU budget
+    assert plan.params["storage"] == "gpu"  # the pieces fit in the (stand-in) GPU budget's share
 
 
 def test_a_frame_whose_device_check_fails_is_computed_again_by_the_waiting_path(
@@ -991,13 +991,15 @@ def test_process_readers_use_the_frame_wcs_even_when_it_is_not_the_header_one(
 
 
 def test_pieces_that_do_not_fit_on_a_small_device_are_stacked_in_passes_with_the_same_mosaic(
-    small_night, cpu_reference, tmp_path
+    small_night, cpu_reference, tmp_path, monkeypatch
 ) -> None:
     """16 MB of "device": the pieces do not fit in its half, but the blocks do, a few at a time.
     The first P3 reads every frame (P2's and the photometry's work too), each next pass only
     the frames that touch its blocks; the mosaic is the CPU's."""
+    from napari_zemosaic.engine import mosaic_first as module
     from napari_zemosaic.engine.mosaic_first import MAX_DEVICE_PASSES
 
+    monkeypatch.setattr(module, "DEVICE_STORE_SHARE", 0.5)  # this small night's pieces: 2 to 4 passes
     reporter = Reporter()
     device = LimitedNumpy(limit_bytes=16 * MIB)
     policy = standin_policy(device, reporter, **{gpu.CONFIG_MEMORY_LIMIT_KEY: 16})
@@ -1020,6 +1022,7 @@ def test_a_small_gpu_budget_stacks_in_strips_with_the_same_mosaic(
 ) -> None:
     from napari_zemosaic.engine import mosaic_first as module
 
+    monkeypatch.setattr(module, "DEVICE_STORE_SHARE", 0.5)  # this small night's pieces do not fit at once
     monkeypatch.setattr(module, "MAX_DEVICE_PASSES", 1)  # no passes: the pieces must go to the host
     reporter = Reporter()
     # 16 MB of "device": a frame's pass fits, the pieces go back to the host, every block is
