@@ -7,7 +7,8 @@ Memory strategy (peak set by ``max_memory_mb`` and the canvas size, not by the f
    frames ``n_max`` over any block. The block side is the largest one for which a block
    cube (``n_max × C × side²`` float32, times the stacker's temporaries) fits in half the
    budget. More frames → smaller blocks, never more memory.
-2. **Reprojection pass (P3), each frame read once.** A bounded pool of threads loads,
+2. **Reprojection pass (P3), each frame read once** (on the GPU, a night larger than the
+   device holds is read once per pass: see *On the GPU*). A bounded pool of threads loads,
    hot-pixel-corrects, debayers and reprojects frames (only their bounding box). Each
    reprojected frame is cut along block edges and its pieces go to a :class:`PieceStore`:
    kept in RAM when all pieces fit in a quarter of the budget, otherwise written to one
