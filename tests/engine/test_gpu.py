@@ -1017,6 +1017,40 @@ def test_pieces_that_do_not_fit_on_a_small_device_are_stacked_in_passes_with_the
     assert policy.to_report()["gpu"]["units_by_stage"]["reproject"]["gpu"] == sum(entry["frames"] for entry in p3)
 
 
+def test_a_frame_that_cannot_be_read_again_in_a_later_pass_stays_in_the_earlier_blocks(
+    small_night, cpu_reference, tmp_path, monkeypatch
+) -> None:
+    """Its file gone bad between two passes: the frame stays used (its pixels are in the blocks
+    stacked before), is not reported as failed, and the log says which pass went without it."""
+    from napari_zemosaic.engine import mosaic_first as module
+    from napari_zemosaic.engine.frames import FrameError
+
+    monkeypatch.setattr(module, "DEVICE_STORE_SHARE", 0.5)  # this small night's pieces: 2 to 4 passes
+    reads: list[int] = []
+    original = module.frame_pixels
+
+    def frame_pixels(host, info, config, n_channels, xp, checks=None, raw_sink=None):  # type: ignore[no-untyped-def]
+        reads.append(host.index)
+        if host.index == 1 and reads.count(1) == 2:
+            raise FrameError("frame_excluded_empty_file", "truncated since the first pass")
+        return original(host, info, config, n_channels, xp, checks, raw_sink=raw_sink)
+
+    monkeypatch.setattr(module, "frame_pixels", frame_pixels)
+    reporter = Reporter()
+    policy = standin_policy(LimitedNumpy(limit_bytes=16 * MIB), reporter, **{gpu.CONFIG_MEMORY_LIMIT_KEY: 16})
+    stacked, _ = run_mosaic_first(small_night, tmp_path, policy)
+    (passes,) = [e.params["passes"] for e in reporter.log_events if e.key == "mf_info_device_passes"]
+    assert reads.count(1) == 2  # read in the first pass and once more, where it failed
+    assert 1 in stacked.frames_used and stacked.frames_failed == []
+    (missing,) = [e.params for e in reporter.log_events if e.key == "mf_warn_frame_missing_from_pass"]
+    assert missing["number"] >= 2 and missing["passes"] == passes and missing["path"].endswith(".fit")
+    assert any(e.key == "frame_excluded_empty_file" for e in reporter.log_events)
+    assert stacked.frames_used == cpu_reference.frames_used
+    # Where the frame was stacked (the first pass), the mosaic is the CPU's; elsewhere it lacks it.
+    differs = np.abs(np.nan_to_num(stacked.data) - np.nan_to_num(cpu_reference.data)).max(axis=0) > 1e-3
+    assert differs.any() and not differs.all()
+
+
 def test_a_small_gpu_budget_stacks_in_strips_with_the_same_mosaic(
     small_night, cpu_reference, tmp_path, monkeypatch
 ) -> None:

@@ -1415,20 +1415,22 @@ def mosaic_first(
         coarse[index], noises[index] = frame_coarse, noise
         units.save_frame(ReprojectedFrame(index, bboxes[index], None, noise), frame_coarse, store.frame_pieces(index))
 
-    def reproject(indices: list[int], measure: bool = True) -> Generator[Event, None, None]:
+    def reproject(indices: list[int], measure: bool = True,
+                  on_failure: Callable[[int, FrameError], None] | None = None) -> Generator[Event, None, None]:
+        reject_frame = on_failure or reject
         if executor_of(ctx) is not None and spill:  # one task per frame (engine/distributed.py)
             yield from reproject_frames_remote(
                 ctx, frames, indices, canvas, n_channels, side, store, accept_remote,
-                lambda index, key, detail: reject(index, FrameError(key, detail)),
+                lambda index, key, detail: reject_frame(index, FrameError(key, detail)),
             )
         elif gpu_reproject:
             if device_passes is not None:  # the pieces kept are copies made on this thread's stream
                 reserve_pool_block(sum(per_block[block] for block in store.only or ()), policy.xp_for("reproject"))
             yield from _reproject_frames_gpu(frames, indices, bboxes, canvas, ctx, n_channels, on_device, side, accept,
-                                             reject, measurer if measure else None,
+                                             reject_frame, measurer if measure else None,
                                              reserve_outputs=device_passes is None)
         else:
-            yield from _reproject_frames_cpu(frames, indices, canvas, ctx, n_channels, accept, reject)
+            yield from _reproject_frames_cpu(frames, indices, canvas, ctx, n_channels, accept, reject_frame)
 
     # P2 on the device, when it runs beside: the raw planes the device threads decode are measured there.
     measurer = getattr(verdicts, "device_measurer", None)
@@ -1602,8 +1604,16 @@ def mosaic_first(
             if position > 0 and device_passes is not None:
                 store.only = device_passes[position]
                 again = [i for i in used if any(b in store.only for b in _blocks_touched(bboxes[i], side))]
+
+                def missing_from_pass(index: int, exc: FrameError, number: int = position + 1) -> None:
+                    # The frame is in the blocks stacked before (and stays used): only this
+                    # group's blocks go without it, which the log says.
+                    ctx.reporter.warning(exc.reason_key, path=str(frames[index].path), detail=exc.detail)
+                    ctx.reporter.warning("mf_warn_frame_missing_from_pass", path=str(frames[index].path),
+                                         number=number, passes=len(block_passes))
+
                 with ctx.timed("P3"):
-                    yield from reproject(again, measure=False)
+                    yield from reproject(again, measure=False, on_failure=missing_from_pass)
                 policy.end_stage("reproject")
             with ctx.timed("P5"):
                 # Nested runs (SDS batches, classic tiles) stack one block at a time: their few blocks do
