@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from astropy.io import fits
 
@@ -138,3 +139,88 @@ def test_console_script_is_installed() -> None:
     assert command, "the zemosaic console script is not installed"
     completed = subprocess.run([command, "--version"], capture_output=True, text=True)
     assert completed.returncode == 0 and "napari-zemosaic" in completed.stdout
+
+
+SERVER_ORDER_PROBE = """
+import json, sys
+from napari_zemosaic.engine import worker_env
+
+def record_and_stop(device=False):
+    print(json.dumps({name: name in sys.modules for name in ("numpy", "astropy", "napari_zemosaic.engine.frames")}))
+    raise SystemExit(0)
+
+worker_env.start_process_server = record_and_stop
+from napari_zemosaic.cli import main
+main(["run", sys.argv[1], sys.argv[2], "--gpu", "auto"])
+"""
+
+
+def test_a_run_starts_the_worker_server_before_numpy_loads(tmp_path: Path) -> None:
+    """The worker processes' server imports the engine (about 1 s in a new program) while the
+    command line does: parsing the arguments and the config must not import the engine first."""
+    script = tmp_path / "order_probe.py"
+    script.write_text(SERVER_ORDER_PROBE)
+    result = subprocess.run([sys.executable, str(script), str(tmp_path / "in"), str(tmp_path / "out")],
+                            capture_output=True, text=True, timeout=120, check=True)
+    loaded = json.loads(result.stdout.strip().splitlines()[-1])
+    assert loaded == {"numpy": False, "astropy": False, "napari_zemosaic.engine.frames": False}
+
+
+def test_solve_parser_is_part_of_the_command_line(tmp_path: Path, capsys) -> None:
+    from napari_zemosaic.cli import build_parser
+
+    args = build_parser().parse_args(["solve", str(tmp_path), "--solver", "astap", "--timeout", "5", "--json"])
+    assert (args.solver, args.timeout, args.json) == ("astap", 5.0, True)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["solve", str(tmp_path), "--solver", "nova"])
+
+
+LEFT_RUNNING_PROBE = """
+import json, multiprocessing, threading, time
+from napari_zemosaic.cli import _nothing_left_running
+
+if __name__ == "__main__":
+    seen = {"nothing": _nothing_left_running()}
+    release = threading.Event()
+    for name, daemon in (("a-user-thread", False), ("zemosaic-units-blocks", True), ("tqdm_monitor", True)):
+        thread = threading.Thread(target=release.wait, name=name, daemon=daemon)
+        thread.start()
+        seen[name] = _nothing_left_running()
+        release.set()
+        thread.join()
+        release.clear()
+    child = multiprocessing.get_context("spawn").Process(target=time.sleep, args=(30,))
+    child.start()
+    seen["child"] = _nothing_left_running()
+    child.terminate()
+    child.join()
+    print(json.dumps(seen))
+"""
+
+
+def test_the_program_skips_the_interpreter_teardown_only_when_nothing_is_left_running(tmp_path: Path) -> None:
+    script = tmp_path / "left_running_probe.py"
+    script.write_text(LEFT_RUNNING_PROBE)
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, check=True)
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    assert seen == {"nothing": True, "a-user-thread": False, "zemosaic-units-blocks": False, "tqdm_monitor": True,
+                    "child": False}
+
+
+def test_a_program_run_writes_what_an_in_process_run_writes(tiny_demo: Path, tmp_path: Path) -> None:
+    """``python -m napari_zemosaic.cli`` (the console script's path, which ends the process
+    without the interpreter's teardown) leaves the same mosaic, a finished report and a whole log."""
+    frames, out_here, out_program = tiny_demo / "frames", tmp_path / "here", tmp_path / "program"
+    options = ["--set", "max_memory_mb=256", "--lang", "en"]
+    assert main(["run", str(frames), str(out_here), *options]) == 0
+    completed = subprocess.run([sys.executable, "-m", "napari_zemosaic.cli", "run", str(frames), str(out_program),
+                                *options], capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr
+    assert "Done." in completed.stdout or "science:" in completed.stdout
+    np.testing.assert_array_equal(fits.getdata(out_program / "mosaic_science.fits"),
+                                  fits.getdata(out_here / "mosaic_science.fits"))
+    report = json.loads((out_program / "run_report.json").read_text())
+    assert report["status"] == "ok"
+    last_keys = [[line.split("[", 1)[1].split("]", 1)[0] for line in (out / "zemosaic.log").read_text().splitlines()[-3:]]
+                 for out in (out_here, out_program)]
+    assert last_keys[0] == last_keys[1] and last_keys[1][-1] == "gpu_summary_end_fallbacks"

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from . import __version__
-from .config import ConfigError, apply_overrides, gpu_mode_overrides, load_config, parse_set_option
+from .config import OPTIONS, ConfigError, apply_overrides, gpu_mode_overrides, load_config, parse_set_option
 from .events import Event, LogEvent, ProgressEvent
 from .i18n import set_language, tr
 
@@ -62,14 +62,33 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_options(plan)
     plan.add_argument("--json", action="store_true", help=tr("cli_help_json"))
 
-    from .engine.astrometry import add_solve_parser
-
-    add_solve_parser(commands)
+    _add_solve_parser(commands)
 
     info = commands.add_parser("info", help=tr("cli_help_info"))
     info.add_argument("--json", action="store_true", help=tr("cli_help_json"))
     info.add_argument("--lang", choices=("en", "fr"), help=tr("cli_help_lang"))
     return parser
+
+
+def _add_solve_parser(commands: Any) -> argparse.ArgumentParser:
+    """``zemosaic solve INPUT [--index-dir DIR] [--solver ...] [--json]`` (plus --config/--set/--lang).
+    Built without importing the engine: a run's worker server starts before NumPy loads."""
+    parser = commands.add_parser("solve", help=tr("cli_help_solve"))
+    parser.add_argument("input", help=tr("cli_help_solve_input"))
+    parser.add_argument("--index-dir", metavar="DIR", help=tr("cli_help_index_dir"))
+    parser.add_argument("--solver", choices=OPTIONS["solver"].choices, help=tr("cli_help_solver"))
+    parser.add_argument("--cache-dir", metavar="DIR", help=tr("cli_help_solve_cache_dir"))
+    parser.add_argument("--timeout", type=float, metavar="S", help=tr("cli_help_solve_timeout"))
+    parser.add_argument("--json", action="store_true", help=tr("cli_help_json"))
+    _add_config_options(parser)
+    parser.set_defaults(handler=_cmd_solve)
+    return parser
+
+
+def _cmd_solve(args: argparse.Namespace) -> int:
+    from .engine.astrometry import cli_solve
+
+    return cli_solve(args)
 
 
 def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
@@ -280,5 +299,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     return EXIT_USER
 
 
+def _nothing_left_running() -> bool:
+    """No thread of the engine's (nor any that Python would wait for) and no child process left:
+    what the program wrote is written."""
+    import multiprocessing
+    import threading
+
+    others = [t for t in threading.enumerate() if t is not threading.current_thread()
+              and t.is_alive() and (not t.daemon or t.name.startswith("zemosaic-"))]
+    return not others and not multiprocessing.active_children()
+
+
+def console_main() -> None:
+    """The ``zemosaic`` program: :func:`main`, then the end of the process. Once the run has
+    closed its files, pools and processes, the interpreter's teardown (every module's
+    finalisation, CuPy's memory pools and CUDA context freed block by block) only delays the
+    shell's prompt, so it is skipped then (``os._exit`` after the streams and logs are flushed)."""
+    code = main()
+    if _nothing_left_running():
+        import logging
+        import os
+
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    console_main()

@@ -8,7 +8,6 @@ against a small fake executable.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import inspect
 import json
@@ -25,6 +24,7 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
+from napari_zemosaic.cli import build_parser
 from napari_zemosaic.engine import astrometry
 from napari_zemosaic.engine.astrometry import (
     METHOD_CACHED,
@@ -33,7 +33,6 @@ from napari_zemosaic.engine.astrometry import (
     METHOD_PROPAGATED,
     METHOD_SOLVED,
     SolverInfo,
-    add_solve_parser,
     build_astap_command,
     cli_solve,
     detect_stars,
@@ -668,12 +667,10 @@ def test_cli_solve_prints_method_cards_and_residual(night, solved, capsys, tmp_p
     folder.mkdir()
     for path in truth.frame_paths[:3]:
         shutil.copy(path, folder)
-    parser = argparse.ArgumentParser()
-    add_solve_parser(parser.add_subparsers(dest="command"))
+    parser = build_parser()
     args = parser.parse_args(["solve", str(folder), "--index-dir", str(index_dir), "--json",
                               "--cache-dir", str(tmp_path / "cache")])
-    assert args.handler is cli_solve
-    assert cli_solve(args) == 0
+    assert args.handler(args) == 0
     document = json.loads(capsys.readouterr().out)
     rows = document["frames"]
     assert len(rows) == 3 and {r["method"] for r in rows} <= {METHOD_SOLVED, METHOD_PROPAGATED}

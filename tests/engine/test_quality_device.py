@@ -17,7 +17,13 @@ import pytest
 from napari_zemosaic.engine import quality as q
 from napari_zemosaic.engine.demo import DemoSpec, generate_demo
 from napari_zemosaic.engine.frames import read_frame_info
-from napari_zemosaic.engine.quality_device import MeasuringProcess, MeasuringProcessError, SharedPlanes, plane_view
+from napari_zemosaic.engine.quality_device import (
+    SEESTAR_WARM_UP,
+    MeasuringProcess,
+    MeasuringProcessError,
+    SharedPlanes,
+    plane_view,
+)
 
 COMPARED = ("fwhm_px", "elongation", "background", "noise", "star_flux", "trail_length_px", "saturated_fraction")
 
@@ -155,6 +161,17 @@ def test_a_failed_warm_up_is_reported_at_attach():
             process.attach(16)
     finally:
         process.close()
+
+
+def test_a_process_never_attached_is_ended_without_waiting_for_its_warm_up():
+    """A run that fails before P2 (no usable frame) closes a measuring process it never gave a
+    buffer: it is terminated, not asked to end once its warm-up is done."""
+    import signal
+
+    process = MeasuringProcess(0, "numpy", SEESTAR_WARM_UP)
+    process._wait_started(60)
+    process.close()
+    assert process._process.exitcode == -signal.SIGTERM and process.shared is None
 
 
 def test_plane_views_and_capacity():

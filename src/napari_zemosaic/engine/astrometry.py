@@ -100,7 +100,6 @@ REASON_BAD_SOLUTION = "frame_excluded_bad_wcs"
 
 SOLVER_ASTROMETRY_NET = "astrometry.net"
 SOLVER_ASTAP = "astap"
-SOLVER_CHOICES = ("auto", SOLVER_ASTROMETRY_NET, SOLVER_ASTAP)
 
 #: Fewest detected stars worth handing to a solver.
 MIN_STARS_TO_SOLVE = 8
@@ -1774,24 +1773,6 @@ def write_wcs_to_input(info: FrameInfo, wcs: Any) -> None:
 
 
 # ============================================================================ CLI
-
-
-def add_solve_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """``zemosaic solve INPUT [--index-dir DIR] [--solver ...] [--json]`` (plus --config/--set/--lang)."""
-    from ..i18n import tr
-
-    parser = subparsers.add_parser("solve", help=tr("cli_help_solve"))
-    parser.add_argument("input", help=tr("cli_help_solve_input"))
-    parser.add_argument("--index-dir", metavar="DIR", help=tr("cli_help_index_dir"))
-    parser.add_argument("--solver", choices=SOLVER_CHOICES, help=tr("cli_help_solver"))
-    parser.add_argument("--cache-dir", metavar="DIR", help=tr("cli_help_solve_cache_dir"))
-    parser.add_argument("--timeout", type=float, metavar="S", help=tr("cli_help_solve_timeout"))
-    parser.add_argument("--json", action="store_true", help=tr("cli_help_json"))
-    parser.add_argument("--config", metavar="FILE", help=tr("cli_help_config"))
-    parser.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], help=tr("cli_help_set"))
-    parser.add_argument("--lang", choices=("en", "fr"), help=tr("cli_help_lang"))
-    parser.set_defaults(handler=cli_solve)
-    return parser
 
 
 def user_cache_dir() -> Path:

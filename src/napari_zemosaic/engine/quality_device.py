@@ -328,15 +328,19 @@ class MeasuringProcess:
                 self._lock.release()
 
     def close(self) -> None:
-        """End the process (waiting for a batch it measures, at most ``CLOSE_TIMEOUT_S``), then
-        release the buffer. Closing twice does nothing."""
+        """End the process (waiting for a batch it measures, at most ``CLOSE_TIMEOUT_S``; at once
+        when it was never attached), then release the buffer. Closing twice does nothing."""
         if self._closed:
             return
         self._closed = True
         self._starter.join(START_TIMEOUT_S)
         if self._process.is_alive():
-            self.stop()
-            self._process.join(CLOSE_TIMEOUT_S)
+            if self.shared is not None:
+                self.stop()
+                self._process.join(CLOSE_TIMEOUT_S)
+            # Never given its buffer (a run that failed or measured elsewhere), it holds nothing
+            # of the run's: not waiting for its warm-up, which on a machine that never ran the
+            # measurement compiles its kernels for many seconds.
             if self._process.is_alive():
                 self._process.terminate()
                 self._process.join()
