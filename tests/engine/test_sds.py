@@ -783,6 +783,12 @@ def test_pipeline_sds_run_reports_the_plan_helper_batches(multi_panel, tmp_path:
     preview = sds.plan_sds(multi_panel.frames, multi_panel.canvas, multi_panel.config).to_report(multi_panel.frames)
     assert [b["frames"] for b in result.report["sds"]["batches"]] == [b["frames"] for b in preview["batches"]]
     assert "sds_error_no_valid_batches" not in _sds_keys(events)
+    # The run's P3 is the batch loop (the mega-tiles); the batches' own Mosaic-First phases are
+    # reported beside it, not added to the run's P4.5 and P5 (SDS's photometry and final stack).
+    timings, batches = result.report["timings_s"], result.report["sds"]["batch_stack_timings_s"]
+    assert set(batches) == {"P3", "P4.5", "P5"} and all(v > 0 for v in batches.values())
+    assert timings["P3"] >= batches["P3"] + batches["P4.5"] + batches["P5"]
+    assert timings["P5"] < timings["P3"]
 
 
 def test_injected_batch_failure_falls_back_to_mosaic_first(tiny_night, tmp_path: Path) -> None:

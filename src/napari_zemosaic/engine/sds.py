@@ -81,6 +81,7 @@ import dataclasses
 import hashlib
 import math
 import os
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -1332,6 +1333,30 @@ def _log_plan(reporter: Reporter, plan: SdsBatchPlan) -> None:
         )
 
 
+#: The phases a nested Mosaic-First run (a batch's stack) times into the run's context.
+NESTED_PHASES = ("P3", "P4.5", "P5")
+
+
+@contextlib.contextmanager
+def _batches_timed(ctx: "RunContext", into: dict[str, float]) -> Iterator[None]:
+    """Time the batch loop as the run's P3 (the mega-tiles). The batches' own Mosaic-First runs
+    add their P3, P4.5 and P5 to the run's timings as they go; those are moved to ``into`` (where
+    the batches' time went), so that the run's P4.5 and P5 say what SDS itself spent on its
+    mega-tile photometry and its final stack."""
+    before = {phase: ctx.timings_s.get(phase) for phase in NESTED_PHASES}
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        for phase, value in before.items():
+            now = ctx.timings_s.pop(phase, None)
+            if now is not None and now != value:
+                into[phase] = round(now - (value or 0.0), 4)
+            if value is not None:
+                ctx.timings_s[phase] = value
+        ctx.timings_s["P3"] = round(ctx.timings_s.get("P3", 0.0) + time.perf_counter() - started, 4)
+
+
 def run_sds(
     frames: Sequence["FrameInfo"], canvas: Canvas, ctx: "RunContext", n_channels: int = 3
 ) -> Generator[Event, None, SdsOutcome]:
@@ -1389,7 +1414,7 @@ def run_sds(
             [frames[i] for i in batch], list(batch), number - 1, canvas, ctx.config, str(ctx.cache_dir), n_channels,
             feather_px))
         for number, batch in enumerate(plan.batches, start=1)
-    ], phase="P3")
+    ])  # its waits are the batch loop's, timed as P3 below
     def batch_failed(number: int, exc: Exception) -> Generator[Event, None, None]:
         from .context import RunCancelled
 
@@ -1436,28 +1461,30 @@ def run_sds(
             yield from batch_failed(number, exc)
         yield from accept(number, batch_frames, batch, tile)
 
+    batch_timings: dict[str, float] = {}
     try:
-        for number, batch in enumerate(plan.batches, start=1):
-            batch_frames = [frames[i] for i in batch]
-            stacked = None
-            try:
-                tile = reused.get(number)
-                if remote is not None:  # a task on the run's scheduler (engine/distributed.py), taken in order
-                    result = yield from remote.result(number - 1)
-                    tile = tile if result == LOCAL else result
-                elif tile is None:
-                    stacked = yield from stack_megatile(batch_frames, batch, number - 1, canvas, ctx, n_channels)
-                    if isinstance(stacked, MegaTile):
-                        tile, stacked = stacked, None
-            except Exception as exc:
-                yield from batch_failed(number, exc)
+        with _batches_timed(ctx, batch_timings):
+            for number, batch in enumerate(plan.batches, start=1):
+                batch_frames = [frames[i] for i in batch]
+                stacked = None
+                try:
+                    tile = reused.get(number)
+                    if remote is not None:  # a task on the run's scheduler (engine/distributed.py), taken in order
+                        result = yield from remote.result(number - 1)
+                        tile = tile if result == LOCAL else result
+                    elif tile is None:
+                        stacked = yield from stack_megatile(batch_frames, batch, number - 1, canvas, ctx, n_channels)
+                        if isinstance(stacked, MegaTile):
+                            tile, stacked = stacked, None
+                except Exception as exc:
+                    yield from batch_failed(number, exc)
+                yield from take_pending()
+                if stacked is not None:
+                    assert finishing is not None
+                    pending = (number, batch_frames, batch, finishing.submit(finish_here, stacked, batch, number))
+                    continue
+                yield from accept(number, batch_frames, batch, tile)
             yield from take_pending()
-            if stacked is not None:
-                assert finishing is not None
-                pending = (number, batch_frames, batch, finishing.submit(finish_here, stacked, batch, number))
-                continue
-            yield from accept(number, batch_frames, batch, tile)
-        yield from take_pending()
     finally:
         if finishing is not None:
             finishing.shutdown(wait=True, cancel_futures=True)
@@ -1605,6 +1632,7 @@ def run_sds(
         "photometry_source": photometry_source,
         "block_side": side,
         "masked_pixels": masked,
+        "batch_stack_timings_s": batch_timings,
     })
     return SdsOutcome(stack=stack, plan=plan, report=report)
 
